@@ -1,0 +1,132 @@
+"""Tiny diffusers models built from configs, for tests and benchmarks. No download.
+
+- ``make_tiny_unet2d``: a pixel-space UNet2DModel folder (optionally class-conditional, optionally with a
+  learned-range variance channel), plus a DDPM scheduler config beside it.
+- ``make_tiny_sd_pipeline``: a StableDiffusionPipeline folder with a tiny UNet2DConditionModel, a tiny CLIP
+  text encoder and a byte-level tokenizer written by hand, a tiny VAE and a DDIM scheduler.
+- ``perturbed_copy``: an "expert" of the same architecture: the source weights plus seeded noise, so experts
+  really differ from the base.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+def tiny_unet2d_config(*, learned_variance: bool = True, num_class_embeds: int | None = None,
+                       sample_size: int = 8, channels: int = 1) -> dict:
+    return dict(
+        sample_size=sample_size, in_channels=channels,
+        out_channels=2 * channels if learned_variance else channels,
+        layers_per_block=1, block_out_channels=(16, 32), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=num_class_embeds,
+    )
+
+
+def make_tiny_unet2d(path, *, learned_variance: bool = True, num_class_embeds: int | None = None,
+                     seed: int = 0, sample_size: int = 8, channels: int = 1, scheduler: str = "ddpm"):
+    """Write a tiny UNet2DModel folder (``path/unet``) and a scheduler config (``path/scheduler``)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+    path = Path(path)
+    _seeded(seed)
+    unet = UNet2DModel(**tiny_unet2d_config(learned_variance=learned_variance, num_class_embeds=num_class_embeds,
+                                            sample_size=sample_size, channels=channels))
+    unet.save_pretrained(path / "unet", safe_serialization=True)
+    variance_type = "learned_range" if learned_variance else "fixed_small"
+    sched_cls = DDPMScheduler if scheduler == "ddpm" else DDIMScheduler
+    kwargs = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+    if sched_cls is DDPMScheduler:
+        kwargs["variance_type"] = variance_type
+    sched_cls(**kwargs).save_pretrained(path / "scheduler")
+    return path
+
+
+def perturbed_copy(src, dst, *, seed: int, scale: float = 0.02, subfolder: str = "unet"):
+    """Copy a model folder with every weight perturbed by seeded noise of relative size ``scale``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    weights = dst / subfolder / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    gen = torch.Generator().manual_seed(seed)
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32)
+            state[name] = (tensor.float() + scale * (tensor.float().std().nan_to_num(0.0) + 1e-3) * noise).to(tensor.dtype)
+    save_file(state, weights)
+    return dst
+
+
+def _write_tokenizer(path: Path) -> None:
+    """A byte-level BPE tokenizer with a tiny vocabulary: every printable ASCII character, its end-of-word
+    form, a few merges, and CLIP's special tokens."""
+    path.mkdir(parents=True, exist_ok=True)
+    chars = [chr(i) for i in range(33, 127)]
+    vocab = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = ["t h", "th e</w>", "a n", "an d</w>", "o f</w>"]
+    for m in merges:
+        vocab[m.replace(" ", "")] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}))
+    (path / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>"}))
+
+
+def tiny_sd_unet_config(sample_size: int = 16) -> dict:
+    return dict(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def make_tiny_sd_pipeline(path, *, seed: int = 0, sample_size: int = 16):
+    """Write a tiny StableDiffusionPipeline folder (latent 4 x sample_size^2, 77-token text, DDIM)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    _seeded(seed)
+    unet = UNet2DConditionModel(**tiny_sd_unet_config(sample_size))
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8,
+                        sample_size=2 * sample_size)
+    tok_dir = path / "_tok"
+    _write_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    import shutil
+    shutil.rmtree(tok_dir)
+    return path
