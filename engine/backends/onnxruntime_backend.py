@@ -1,0 +1,99 @@
+"""ONNX Runtime backend: one InferenceSession per network, from ONNX files that msdda.export writes.
+
+Sessions are created once, here. ``InferenceSession.run`` is thread-safe, so one backend serves concurrent
+calls. The execution provider is CUDA where onnxruntime-gpu sees a GPU, else CPU.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import torch
+
+from . import Conditioning
+
+
+def _session_options(threads: int | None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return opts
+
+
+def _providers(device: torch.device):
+    import onnxruntime as ort
+
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend:
+    """Runs each network's exported ONNX graph in ONNX Runtime; outputs come back as torch tensors."""
+
+    def __init__(self, networks: dict, *, device="cpu", dtype=None, sample_shape, cond: str,
+                 text_shape=None, cache_dir=None, threads: int | None = None, onnx_paths: dict | None = None):
+        import onnxruntime as ort
+
+        from msdda.export import ArtifactCache, onnx_for_unet
+
+        self.members = tuple(networks)
+        self.device = torch.device(device)
+        self.dtype = torch.float32
+        self._cache = ArtifactCache(cache_dir) if cache_dir is not None else None
+        self._export_args = dict(sample_shape=tuple(sample_shape), cond=cond,
+                                 text_shape=tuple(text_shape) if text_shape else None)
+        self._options = _session_options(threads)
+        self._providers = _providers(self.device)
+        paths = dict(onnx_paths or {})
+        for name, net in networks.items():
+            if name not in paths:
+                paths[name] = onnx_for_unet(net.float(), cache=self._cache, **self._export_args)
+        self.onnx_paths = paths
+        self._sessions = tuple(ort.InferenceSession(os.fspath(paths[n]), self._options, providers=self._providers)
+                               for n in self.members)
+        self._skeleton = copy.deepcopy(next(iter(networks.values()))).float()
+        self._state = {n: {k: v.float() for k, v in net.state_dict().items()} for n, net in networks.items()}
+
+    @staticmethod
+    def _feeds(x: torch.Tensor, t: int, cond: Conditioning) -> dict:
+        n = x.shape[0]
+        feeds = {"sample": x.detach().float().cpu().numpy(), "timestep": np.full((n,), float(t), np.float32)}
+        if cond.encoder_hidden_states is not None:
+            feeds["encoder_hidden_states"] = cond.encoder_hidden_states.detach().float().cpu().numpy()
+        if cond.class_labels is not None:
+            feeds["class_labels"] = cond.class_labels.detach().cpu().numpy().astype(np.int64)
+        return feeds
+
+    def _run(self, session, feeds) -> torch.Tensor:
+        return torch.from_numpy(session.run(["out"], feeds)[0])
+
+    def forward(self, x: torch.Tensor, t: int, cond: Conditioning, members: tuple[int, ...]) -> torch.Tensor:
+        """x [N, C, H, W] -> [len(members), N, C_out, H, W] (float32, on x's device)."""
+        feeds = self._feeds(x, t, cond)
+        out = torch.stack([self._run(self._sessions[m], feeds) for m in members])
+        return out.to(x.device, x.dtype)
+
+    def soup(self, coeffs: dict[int, float]):
+        """One network with parameters sum_k c_k theta_k, exported (or found in the cache) for this call."""
+        import onnxruntime as ort
+
+        from msdda.export import onnx_for_unet
+
+        names = [self.members[m] for m in coeffs]
+        state = {k: sum(c * self._state[self.members[m]][k] for m, c in coeffs.items())
+                 if v.is_floating_point() else v for k, v in self._state[names[0]].items()}
+        net = copy.deepcopy(self._skeleton)
+        net.load_state_dict(state)
+        path = onnx_for_unet(net, cache=self._cache, **self._export_args)
+        session = ort.InferenceSession(os.fspath(path), self._options, providers=self._providers)
+
+        def forward(x, t, cond: Conditioning):
+            return self._run(session, self._feeds(x, t, cond)).unsqueeze(0).to(x.device, x.dtype)
+
+        return forward

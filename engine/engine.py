@@ -1,0 +1,319 @@
+"""``Engine``: loaded networks + schedule, and ``generate`` as a pure function of its arguments.
+
+The Engine owns what it loaded (backend, text encoder, VAE, schedule tables) and nothing per call: every
+``generate`` builds its own latents, conditioning, coefficients and closures, so one Engine serves concurrent
+calls from several threads.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from msdda import schedule as sch
+from msdda.backends import Conditioning, make_backend
+from msdda.kernels import fused_expert_step, philox_normal, raise_if_bad
+from msdda.loading import BaseModel, LoadError, load_base, load_expert
+from msdda.sampling import sample
+from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
+
+__all__ = ["Engine", "GenerateOutput"]
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    """images: list of PIL images (or a tensor/array per ``output_type``); latents: x_0 [B, C, H, W]."""
+    images: object
+    latents: torch.Tensor
+    seeds: list[int] = field(default_factory=list)
+    weights: list[dict] = field(default_factory=list)
+    strategy: str = "msdda"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: str
+    sha256: str
+
+
+class Engine:
+    """A base model, K aligned experts, one backend and one schedule family, loaded once."""
+
+    def __init__(self, base: BaseModel, experts: Mapping[str, torch.nn.Module], *, backend="torch", device="cpu",
+                 dtype=None, scheduler: str | None = None, models: Sequence[ModelInfo] = (),
+                 backend_options: Mapping | None = None):
+        if "base" in experts:
+            raise LoadError("an expert may not be called 'base': that name is the base model")
+        self.device = torch.device(device)
+        self.base = base
+        self.members = ("base",) + tuple(experts)
+        self.models = tuple(models)
+        cfg = base.unet_config
+        self.is_text = base.unet_config.get("_class_name") == "UNet2DConditionModel"
+        self.num_classes = cfg.get("num_class_embeds")
+        self.sample_shape = (cfg["in_channels"], cfg["sample_size"], cfg["sample_size"]) \
+            if isinstance(cfg["sample_size"], int) else (cfg["in_channels"], *cfg["sample_size"])
+        self.sched_params = sch.schedule_from_diffusers_config(base.scheduler_config)
+        self.train_schedule = self.sched_params.schedule if hasattr(self.sched_params, "schedule") else None
+        kind = scheduler or ("ddim" if "DDIM" in base.scheduler_config.get("_class_name", "") else "ddpm")
+        if kind not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose 'ddpm' or 'ddim'")
+        self.scheduler = kind
+        self.learned_variance = cfg["out_channels"] == 2 * cfg["in_channels"]
+        networks = {"base": base.unet, **experts}
+        options = dict(backend_options or {})
+        if backend == "onnxruntime":
+            cond = "text" if self.is_text else ("class" if self.num_classes else "none")
+            text_shape = None
+            if self.is_text:
+                text_shape = (base.tokenizer.model_max_length if base.tokenizer else 77, cfg["cross_attention_dim"])
+            options.update(sample_shape=self.sample_shape, cond=cond, text_shape=text_shape)
+        self.backend_name = backend
+        self.backend = make_backend(backend, networks, device=self.device, dtype=dtype, **options)
+        self.dtype = self.backend.dtype
+        for part in (base.text_encoder, base.vae):
+            if part is not None:
+                part.to(self.device)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, base, experts: Mapping[str, str] | None = None, *, backend: str = "torch",
+                        device="cpu", dtype=None, scheduler: str | None = None, **backend_options) -> "Engine":
+        """Load a base (pipeline, ``unet/`` folder or UNet folder) and experts {name: folder} from local disk.
+
+        ``scheduler``: "ddpm" or "ddim"; None keeps the base's own scheduler class. Experts whose
+        architecture, prediction type, latent shape or scheduler differ from the base are refused here.
+        """
+        base_model = load_base(base, dtype)
+        loaded, infos = {}, [ModelInfo("base", str(base), base_model.weights_sha256)]
+        for name, path in (experts or {}).items():
+            if not name or not name.replace("_", "").replace("-", "").isalnum():
+                raise LoadError(f"bad expert name {name!r}: use letters, digits, '_' and '-'")
+            loaded[name], sha = load_expert(name, path, base_model, dtype)
+            infos.append(ModelInfo(name, str(path), sha))
+        return cls(base_model, loaded, backend=backend, device=device, dtype=dtype, scheduler=scheduler,
+                   models=infos, backend_options=backend_options)
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return self.members[1:]
+
+    # ------------------------------------------------------------------ conditioning
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.base.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.device)
+        return self.base.text_encoder(ids)[0].to(self.dtype)
+
+    def _conditioning(self, batch: int, cfg: bool, prompt, prompt_embeds, negative_prompt_embeds, negative_prompt,
+                      class_labels) -> Conditioning:
+        if self.is_text:
+            if prompt_embeds is None:
+                if prompt is None:
+                    raise ValueError("this base is text-conditioned: pass prompt= or prompt_embeds=")
+                prompts = _per_sample(prompt, batch, "prompt")
+                prompt_embeds = self._encode_text(prompts)
+            prompt_embeds = _batch_tensor(prompt_embeds, batch, "prompt_embeds").to(self.device, self.dtype)
+            if not cfg:
+                return Conditioning(encoder_hidden_states=prompt_embeds)
+            if negative_prompt_embeds is None:
+                negative_prompt_embeds = self._encode_text(_per_sample(negative_prompt or "", batch, "negative_prompt"))
+            negative_prompt_embeds = _batch_tensor(negative_prompt_embeds, batch, "negative_prompt_embeds")
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
+                                 f"{tuple(prompt_embeds.shape)} differ in shape")
+            return Conditioning(encoder_hidden_states=torch.cat([negative_prompt_embeds.to(prompt_embeds), prompt_embeds]))
+        if prompt is not None or prompt_embeds is not None:
+            raise ValueError("this base is not text-conditioned: use class_labels= (or nothing), not a prompt")
+        if self.num_classes:
+            if class_labels is None:
+                raise ValueError(f"this base is class-conditional: pass class_labels= (0..{self.num_classes - 2})")
+            labels = torch.as_tensor(_per_sample(class_labels, batch, "class_labels"), dtype=torch.int64)
+            if bool(((labels < 0) | (labels > self.num_classes - 2)).any()):
+                raise ValueError(f"class labels must lie in 0..{self.num_classes - 2} (class {self.num_classes - 1} "
+                                 "is the null class used for guidance)")
+            labels = labels.to(self.device)
+            if cfg:
+                labels = torch.cat([torch.full_like(labels, self.num_classes - 1), labels])
+            return Conditioning(class_labels=labels)
+        if class_labels is not None:
+            raise ValueError("this base is unconditional: class_labels are not accepted")
+        return Conditioning()
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt=None, prompt_embeds=None, negative_prompt_embeds=None, class_labels=None, *,
+                 weights=None, num_images: int = 1, steps: int = 50, eta: float = 1.0, guidance_scale: float = 7.5,
+                 seed=0, strategy: str = "msdda", latents=None, noise=None, output_type: str = "pil",
+                 negative_prompt=None, normalize: bool = False, expert_betas: Mapping[str, float] | None = None,
+                 beta: float = 1.0, callback: Callable[[int, int], None] | None = None) -> GenerateOutput:
+        """Generate ``num_images`` samples, composing the experts per ``strategy``.
+
+        weights: {expert: w} for every sample, or a list of such dicts (one per sample); experts not named get
+        weight 0. seed: an int (sample b gets seed + b) or a list of ints, one per sample. latents: x_T
+        [B, C, H, W]. noise: z for every step, [steps, B, C, H, W]. Returns images and x_0 latents.
+        """
+        if output_type not in ("pil", "pt", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'pt', 'np' or 'latent', not {output_type!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, not {steps!r}")
+        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
+            raise ValueError(f"guidance_scale must be a finite number, not {guidance_scale!r}")
+        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, not {eta!r}")
+        batch = _batch_size(num_images, weights, seed, latents)
+        seeds = _seeds(seed, batch)
+        per_sample = _per_sample_weights(weights, batch, self.experts, strategy)
+        coeff = coefficient_matrix(per_sample, self.members, normalize=normalize, expert_betas=expert_betas, beta=beta)
+        plan = resolve(strategy, self.members, coeff)
+
+        cfg = guidance_scale != 1.0 and (self.is_text or bool(self.num_classes))
+        cond = self._conditioning(batch, cfg, prompt, prompt_embeds, negative_prompt_embeds, negative_prompt,
+                                  class_labels)
+        timesteps, scalars = self._step_tables(steps, eta)
+        seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=self.device)
+        x = self._initial_latents(latents, seed_tensor, batch)
+        if noise is not None:
+            noise = _check_noise(noise, steps, x).to(self.device, self.dtype)
+
+        denoise = self._denoiser(plan, cond, cfg)
+        step_coeff = (plan.coeff if plan.kind == "product" else torch.ones(batch, 1, dtype=torch.float64))
+        step_coeff = step_coeff.to(self.device, torch.float32)
+        mix_coeff = plan.coeff.to(self.device, torch.float32)
+        error_count = torch.zeros(1, dtype=torch.int32, device=self.device)
+        g = float(guidance_scale) if cfg else None
+
+        def combine(raw: torch.Tensor, x_t: torch.Tensor, i: int) -> torch.Tensor:
+            if plan.kind == "mix":
+                raw = mix_outputs(raw, mix_coeff)
+            z = {"noise": noise[i]} if noise is not None else {"seed": seed_tensor, "offset": 1 + i}
+            return fused_expert_step(raw, x_t, step_coeff, scalars[i], guidance_scale=g, validate=(i == 0),
+                                     error_count=error_count, **z)
+
+        with torch.inference_mode():
+            x0 = sample(denoise, combine, x, timesteps, callback=callback)
+        raise_if_bad(error_count, plan.coeff)
+        images = self._decode(x0, output_type)
+        return GenerateOutput(images=images, latents=x0, seeds=seeds, weights=per_sample, strategy=strategy)
+
+    def _step_tables(self, steps: int, eta: float):
+        """Timesteps and per-step StepScalars, precomputed on the host once per (steps, eta) and cached."""
+        return sch.step_plan(self.sched_params, steps, kind=self.scheduler, eta=float(eta))
+
+    def _initial_latents(self, latents, seed_tensor: torch.Tensor, batch: int) -> torch.Tensor:
+        if latents is None:
+            return philox_normal(seed_tensor, 0, self.sample_shape).to(self.device, self.dtype)
+        latents = torch.as_tensor(latents)
+        if tuple(latents.shape) != (batch, *self.sample_shape):
+            raise ValueError(f"latents must have shape {(batch, *self.sample_shape)}, got {tuple(latents.shape)}")
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("latents contain NaN or Inf")
+        return latents.to(self.device, self.dtype)
+
+    def _denoiser(self, plan: Plan, cond: Conditioning, cfg: bool):
+        backend = self.backend
+        if plan.kind == "soup":
+            net = backend.soup({m: float(plan.coeff[0, j]) for j, m in enumerate(plan.members)})
+            call = lambda x_in, t: net(x_in, t, cond)  # noqa: E731
+        else:
+            members = plan.members
+            call = lambda x_in, t: backend.forward(x_in, t, cond, members)  # noqa: E731
+
+        def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
+            if not cfg:
+                return call(x, t)
+            raw = call(torch.cat([x, x]), t)                      # [K, 2B, C_out, H, W], unconditional first
+            return raw.unflatten(1, (2, x.shape[0]))              # [K, 2, B, C_out, H, W]
+
+        return denoise
+
+    def _decode(self, x0: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return x0
+        if self.base.vae is not None:
+            vae = self.base.vae
+            with torch.inference_mode():
+                pixels = vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        else:
+            pixels = x0
+        pixels = ((pixels.float().clamp(-1, 1) + 1) / 2).cpu()
+        if output_type == "pt":
+            return pixels
+        arr = pixels.permute(0, 2, 3, 1).numpy()
+        if output_type == "np":
+            return arr
+        from PIL import Image
+
+        u8 = (arr * 255).round().astype(np.uint8)
+        return [Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img) for img in u8]
+
+
+# ---------------------------------------------------------------------- argument helpers
+def _batch_size(num_images, weights, seed, latents) -> int:
+    if not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images must be a positive integer, not {num_images!r}")
+    batch = num_images
+    for name, value in (("weights", weights), ("seed", seed)):
+        if isinstance(value, (list, tuple)) and len(value) != batch:
+            if batch == 1:
+                batch = len(value)
+            else:
+                raise ValueError(f"{name} has {len(value)} entries for {batch} images")
+    if latents is not None and batch == 1 and len(latents) > 1:
+        batch = len(latents)
+    return batch
+
+
+def _seeds(seed, batch: int) -> list[int]:
+    values = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + b for b in range(batch)]
+    if len(values) != batch:
+        raise ValueError(f"seed list has {len(values)} entries for {batch} images")
+    for s in values:
+        if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or not 0 <= int(s) < 2**63:
+            raise ValueError(f"seeds must be integers in [0, 2**63), got {s!r}")
+    return [int(s) for s in values]
+
+
+def _per_sample_weights(weights, batch: int, experts: Sequence[str], strategy: str) -> list[dict]:
+    if weights is None:
+        if strategy in ("base",) or strategy.startswith("expert:"):
+            return [{experts[0]: 1.0} if experts else {} for _ in range(batch)] if experts else [{}] * batch
+        if not experts:
+            raise ValueError(f"strategy {strategy!r} needs experts; none are loaded")
+        return [{name: 1.0 / len(experts) for name in experts} for _ in range(batch)]
+    if isinstance(weights, Mapping):
+        return [dict(weights) for _ in range(batch)]
+    if isinstance(weights, (list, tuple)) and all(isinstance(w, Mapping) for w in weights):
+        return [dict(w) for w in weights]
+    raise ValueError("weights must be a dict {expert: weight} or a list of such dicts, one per sample")
+
+
+def _per_sample(value, batch: int, name: str) -> list:
+    if isinstance(value, (str, int, np.integer)):
+        return [value] * batch
+    if isinstance(value, torch.Tensor):
+        value = value.tolist() if value.dim() else [value.item()] * batch
+    value = list(value)
+    if len(value) != batch:
+        raise ValueError(f"{name} has {len(value)} entries for {batch} images")
+    return value
+
+
+def _batch_tensor(t, batch: int, name: str) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    if t.dim() != 3 or t.shape[0] not in (1, batch):
+        raise ValueError(f"{name} must be [B, L, D] with B = {batch} (or 1), got {tuple(t.shape)}")
+    return t.expand(batch, -1, -1)
+
+
+def _check_noise(noise, steps: int, x: torch.Tensor) -> torch.Tensor:
+    noise = torch.as_tensor(noise)
+    if tuple(noise.shape) != (steps, *x.shape):
+        raise ValueError(f"noise must have shape {(steps, *x.shape)} ([steps, B, C, H, W]), got {tuple(noise.shape)}")
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise contains NaN or Inf")
+    return noise
