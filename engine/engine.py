@@ -59,7 +59,6 @@ class Engine:
         self.sample_shape = (cfg["in_channels"], cfg["sample_size"], cfg["sample_size"]) \
             if isinstance(cfg["sample_size"], int) else (cfg["in_channels"], *cfg["sample_size"])
         self.sched_params = sch.schedule_from_diffusers_config(base.scheduler_config)
-        self.train_schedule = self.sched_params.schedule if hasattr(self.sched_params, "schedule") else None
         kind = scheduler or ("ddim" if "DDIM" in base.scheduler_config.get("_class_name", "") else "ddpm")
         if kind not in ("ddpm", "ddim"):
             raise ValueError(f"unknown scheduler {scheduler!r}; choose 'ddpm' or 'ddim'")
@@ -168,7 +167,11 @@ class Engine:
         batch = _batch_size(num_images, weights, seed, latents)
         seeds = _seeds(seed, batch)
         per_sample = _per_sample_weights(weights, batch, self.experts, strategy)
-        coeff = coefficient_matrix(per_sample, self.members, normalize=normalize, expert_betas=expert_betas, beta=beta)
+        if per_sample:
+            coeff = coefficient_matrix(per_sample, self.members, normalize=normalize, expert_betas=expert_betas,
+                                       beta=beta)
+        else:  # a single network (base / expert:NAME) needs no weights
+            coeff = torch.zeros(batch, len(self.members), dtype=torch.float64)
         plan = resolve(strategy, self.members, coeff)
 
         cfg = guidance_scale != 1.0 and (self.is_text or bool(self.num_classes))
@@ -279,9 +282,10 @@ def _seeds(seed, batch: int) -> list[int]:
 
 
 def _per_sample_weights(weights, batch: int, experts: Sequence[str], strategy: str) -> list[dict]:
+    """Per-sample weight dicts; [] when the strategy runs one network and no weights were given."""
     if weights is None:
-        if strategy in ("base",) or strategy.startswith("expert:"):
-            return [{experts[0]: 1.0} if experts else {} for _ in range(batch)] if experts else [{}] * batch
+        if strategy == "base" or strategy.startswith("expert:"):
+            return []
         if not experts:
             raise ValueError(f"strategy {strategy!r} needs experts; none are loaded")
         return [{name: 1.0 / len(experts) for name in experts} for _ in range(batch)]

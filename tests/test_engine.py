@@ -26,9 +26,10 @@ def pixel_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fixed_var_models(tmp_path_factory):
-    """Unconditional fixed-variance base and experts: equal variances, so msdda == mpa."""
+    """Unconditional fixed-variance base and experts: equal variances, so msdda == mpa (without x0 clipping,
+    which would make the step non-affine in the network output)."""
     root = tmp_path_factory.mktemp("fixed")
-    base = make_tiny_unet2d(root / "base", learned_variance=False)
+    base = make_tiny_unet2d(root / "base", learned_variance=False, clip_sample=False)
     return base, {"a": perturbed_copy(base, root / "a", seed=3, scale=0.3),
                   "b": perturbed_copy(base, root / "b", seed=4, scale=0.3)}
 
@@ -139,15 +140,21 @@ def test_four_threads_match_sequential(pixel_engine):
     results = [None] * len(jobs)
     barrier = threading.Barrier(len(jobs))
 
+    errors = []
+
     def work(i):
         barrier.wait()
-        results[i] = _gen(pixel_engine, **jobs[i])
+        try:
+            results[i] = _gen(pixel_engine, **jobs[i])
+        except BaseException as exc:  # surfaced below, with its message
+            errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors, repr(errors[0])
     for got, want in zip(results, sequential):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
@@ -215,7 +222,7 @@ def test_onnxruntime_backend_text_pipeline(sd_models, tmp_path):
     (dict(strategy="nope"), "unknown strategy"),
     (dict(strategy="expert:zzz"), "unknown expert 'zzz'"),
     (dict(class_labels=10), "class labels must lie in 0..9"),
-    (dict(seed=[1, 2]), "seed"),
+    (dict(seed=[1, 2], num_images=3), "seed has 2 entries for 3 images"),
     (dict(latents=torch.zeros(1, 3, 8, 8)), "latents must have shape"),
     (dict(noise=torch.zeros(1, 1, 1, 8, 8)), "noise must have shape"),
     (dict(latents=torch.full((1, 1, 8, 8), float("nan"))), "NaN"),

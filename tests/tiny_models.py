@@ -31,7 +31,8 @@ def tiny_unet2d_config(*, learned_variance: bool = True, num_class_embeds: int |
 
 
 def make_tiny_unet2d(path, *, learned_variance: bool = True, num_class_embeds: int | None = None,
-                     seed: int = 0, sample_size: int = 8, channels: int = 1, scheduler: str = "ddpm"):
+                     seed: int = 0, sample_size: int = 8, channels: int = 1, scheduler: str = "ddpm",
+                     clip_sample: bool = True):
     """Write a tiny UNet2DModel folder (``path/unet``) and a scheduler config (``path/scheduler``)."""
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
@@ -42,7 +43,7 @@ def make_tiny_unet2d(path, *, learned_variance: bool = True, num_class_embeds: i
     unet.save_pretrained(path / "unet", safe_serialization=True)
     variance_type = "learned_range" if learned_variance else "fixed_small"
     sched_cls = DDPMScheduler if scheduler == "ddpm" else DDIMScheduler
-    kwargs = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+    kwargs = dict(num_train_timesteps=1000, beta_schedule="linear", clip_sample=clip_sample)
     if sched_cls is DDPMScheduler:
         kwargs["variance_type"] = variance_type
     sched_cls(**kwargs).save_pretrained(path / "scheduler")
@@ -63,7 +64,7 @@ def perturbed_copy(src, dst, *, seed: int, scale: float = 0.02, subfolder: str =
     for name, tensor in state.items():
         if tensor.is_floating_point():
             noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32)
-            state[name] = (tensor.float() + scale * (tensor.float().std().nan_to_num(0.0) + 1e-3) * noise).to(tensor.dtype)
+            state[name] = (tensor.float() + scale * (tensor.float().abs().mean() + 1e-3) * noise).to(tensor.dtype)
     save_file(state, weights)
     return dst
 
