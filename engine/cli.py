@@ -334,7 +334,7 @@ def cmd_sweep(args) -> int:
         paths = run_batches(engine, args, weights, out_dir, args.num_images, f"{pair[0]}={w:.2f}")
         save_grid(paths, out_dir / "grid.png")
         atomic_write_json(out_dir / "manifest.json", {**manifest, "complete": True, "images": [p.name for p in paths]})
-        summary["points"].append({"weights": weights, "grid": str(out_dir / "grid.png"),
+        summary["points"].append({"weights": weights, "grid": f"{out_dir.name}/grid.png",
                                   **_zoo_rewards(engine, args, paths)})
     atomic_write_json(out_root / "summary.json", summary)
     print(f"wrote {args.points} grids and {out_root / 'summary.json'}")

@@ -197,9 +197,13 @@ class Engine:
             return fused_expert_step(raw, x_t, step_coeff, scalars[i], guidance_scale=g, validate=(i == 0),
                                      error_count=error_count, **z)
 
-        with torch.inference_mode():
-            x0 = sample(denoise, combine, x, timesteps, callback=callback)
-        raise_if_bad(error_count, plan.coeff)
+        try:
+            with torch.inference_mode():
+                x0 = sample(denoise, combine, x, timesteps, callback=callback)
+            raise_if_bad(error_count, plan.coeff)
+        except ValueError as exc:  # name the networks behind the coefficient columns
+            names = ", ".join(self.members[m] for m in plan.members)
+            raise ValueError(f"infeasible composition over ({names}): {exc}") from None
         images = self._decode(x0, output_type)
         return GenerateOutput(images=images, latents=x0, seeds=seeds, weights=per_sample, strategy=strategy)
 
