@@ -66,7 +66,7 @@ class Engine:
         self.learned_variance = cfg["out_channels"] == 2 * cfg["in_channels"]
         networks = {"base": base.unet, **experts}
         options = dict(backend_options or {})
-        if backend == "onnxruntime":
+        if backend in ("onnxruntime", "tensorrt"):
             cond = "text" if self.is_text else ("class" if self.num_classes else "none")
             text_shape = None
             if self.is_text:

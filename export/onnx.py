@@ -1,0 +1,608 @@
+"""Export diffusers UNets to ONNX, verified against torch in ONNX Runtime.
+
+The graph's I/O names are a contract the runtime relies on::
+
+    inputs   sample                 float [N, C, H, W]   (float16 for precision="fp16")
+             timestep               float32 [N]
+             class_labels           int64 [N]            (cond="class")
+             encoder_hidden_states  float [N, L, D]      (cond="text")
+    output   out                    float [N, C_out, H, W]
+
+N is a dynamic axis by default (H and W on request). Export uses torch's TorchScript-based exporter
+(``dynamo=False``, ``dynamic_axes``): about 0.3 s for a tiny UNet. Initializers are kept one per parameter
+(torch's by-value de-duplication is turned off), so every expert of one architecture exports to the same graph
+with the same initializer names: that is what lets a TensorRT engine built from one expert be refitted with
+another's weights (``msdda.export.tensorrt.match_refit_weights``). The graph is then cleaned with
+onnx-graphsurgeon (fold_constants, cleanup, toposort) when it is installed, else with ONNX's shape inference
+only. Graphs over 2 GB store their weights in one external ``<name>.data`` file beside the ``.onnx``.
+
+Every export is run in ONNX Runtime on seeded random inputs and compared with the torch module (float32) using
+``|ort - torch| <= atol + rtol * |torch|`` elementwise; defaults rtol = atol = 1e-3 for fp32 and 2e-2 for fp16.
+A graph that fails is deleted and ExportError raised. Files appear atomically: everything is written in a
+private folder beside the target and moved into place with os.replace only after verification.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from .cache import (ArtifactCache, CacheKey, ExportError, atomic_write_text, config_hash, file_sha256, one_line,
+                    runtime_versions, weights_hash)
+
+__all__ = ["ExportRecord", "export_unet_onnx", "onnx_for_unet", "onnx_cache_key", "export_pipeline",
+           "export_models", "unet_export_spec", "onnx_initializers", "INPUT_NAMES", "OUTPUT_NAME", "MIN_OPSET",
+           "DEFAULT_TOLERANCE", "cleanup_tool"]
+
+MIN_OPSET = 17
+MAX_OPSET = 20                    # the TorchScript exporter's newest
+OUTPUT_NAME = "out"
+INPUT_NAMES = {"none": ("sample", "timestep"), "class": ("sample", "timestep", "class_labels"),
+               "text": ("sample", "timestep", "encoder_hidden_states")}
+DEFAULT_TOLERANCE = {"fp32": (1e-3, 1e-3), "fp16": (2e-2, 2e-2)}     # (rtol, atol)
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000                              # bytes of weights; protobuf's hard cap is 2 GiB
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """What one export wrote and how it verified."""
+    path: Path
+    cond: str
+    sample_shape: tuple
+    text_shape: tuple | None
+    out_channels: int
+    opset: int
+    precision: str
+    dynamic_batch: bool
+    dynamic_hw: bool
+    input_names: tuple
+    output_names: tuple
+    external_data: bool
+    cleanup: str
+    weights_sha256: str
+    file_sha256: str
+    size_bytes: int
+    export_seconds: float
+    verified: bool
+    verify_seconds: float = 0.0
+    max_abs_err: float | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    verify_cases: tuple = field(default_factory=tuple)   # ((N, H, W), ...) the shapes run in ONNX Runtime
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def cleanup_tool() -> str:
+    """Which graph clean-up runs: onnx-graphsurgeon when importable, else ONNX shape inference only."""
+    try:
+        import onnx_graphsurgeon as gs
+
+        return f"onnx-graphsurgeon {gs.__version__} (fold_constants, cleanup, toposort)"
+    except Exception:
+        return "onnx shape inference (onnx-graphsurgeon not installed)"
+
+
+# ---------------------------------------------------------------------------------------------- the module
+class _UNetForExport(torch.nn.Module):
+    """Adapts a diffusers UNet (or any module taking (sample, timestep[, cond])) to positional tensors in,
+    one tensor out. Named ``unet`` so initializers are ``unet.<parameter name>``."""
+
+    def __init__(self, unet: torch.nn.Module, cond: str):
+        super().__init__()
+        self.unet = unet
+        self.cond = cond
+        try:
+            params = inspect.signature(unet.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        self._return_dict = "return_dict" in params
+
+    def forward(self, sample, timestep, cond=None):
+        kwargs = {"return_dict": False} if self._return_dict else {}
+        if self.cond == "class":
+            kwargs["class_labels"] = cond
+        elif self.cond == "text":
+            kwargs["encoder_hidden_states"] = cond
+        out = self.unet(sample, timestep, **kwargs)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if hasattr(out, "sample"):
+            out = out.sample
+        return out
+
+
+def _config(unet) -> dict:
+    return dict(getattr(unet, "config", None) or {})
+
+
+def unet_export_spec(unet, *, text_len: int | None = None) -> dict:
+    """sample_shape, cond and text_shape for a diffusers UNet, from its config."""
+    cfg = _config(unet)
+    if "in_channels" not in cfg or "sample_size" not in cfg:
+        raise ExportError(f"{type(unet).__name__} has no diffusers config: pass sample_shape and cond explicitly")
+    size = cfg["sample_size"]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    is_text = type(unet).__name__ == "UNet2DConditionModel" or cfg.get("_class_name") == "UNet2DConditionModel"
+    if is_text:
+        cross = cfg.get("cross_attention_dim")
+        if isinstance(cross, (list, tuple)):
+            cross = cross[0]
+        return dict(sample_shape=(cfg["in_channels"], h, w), cond="text", text_shape=(text_len or 77, int(cross)))
+    cond = "class" if cfg.get("num_class_embeds") else "none"
+    return dict(sample_shape=(cfg["in_channels"], h, w), cond=cond, text_shape=None)
+
+
+def _check_args(sample_shape, cond, text_shape, opset, precision):
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
+        raise ExportError(f"opset must be an integer >= {MIN_OPSET} (got {opset!r}): GroupNorm/LayerNorm/attention "
+                          "export and TensorRT 10 need opset 17 or newer")
+    if opset > MAX_OPSET:
+        raise ExportError(f"opset {opset} is newer than the exporter supports (<= {MAX_OPSET})")
+    if precision not in _DTYPES:
+        raise ExportError(f"precision must be 'fp32' or 'fp16', not {precision!r}")
+    if cond not in INPUT_NAMES:
+        raise ExportError(f"cond must be 'none', 'class' or 'text', not {cond!r}")
+    try:
+        shape = tuple(int(s) for s in sample_shape)
+    except (TypeError, ValueError):
+        raise ExportError(f"sample_shape must be (C, H, W), not {sample_shape!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ExportError(f"sample_shape must be three positive sizes (C, H, W), not {sample_shape!r}")
+    text = None
+    if cond == "text":
+        try:
+            text = tuple(int(s) for s in text_shape)
+        except (TypeError, ValueError):
+            raise ExportError(f"cond='text' needs text_shape=(L, D), not {text_shape!r}") from None
+        if len(text) != 2 or min(text) < 1:
+            raise ExportError(f"text_shape must be (L, D), not {text_shape!r}")
+    elif text_shape is not None:
+        raise ExportError(f"text_shape is only for cond='text' (cond={cond!r})")
+    return shape, text
+
+
+def _downsample_factor(unet) -> int:
+    blocks = _config(unet).get("block_out_channels")
+    return 2 ** (len(blocks) - 1) if blocks else 8
+
+
+def _example_inputs(unet, cond, batch, sample_shape, text_shape, dtype, device, seed, num_classes):
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randn((batch, *sample_shape), generator=gen).to(device, dtype)
+    timestep = (torch.rand(batch, generator=gen) * 999).round().to(device, torch.float32)
+    args = [sample, timestep]
+    if cond == "class":
+        args.append(torch.randint(0, num_classes, (batch,), generator=gen).to(device))
+    elif cond == "text":
+        args.append(torch.randn((batch, *text_shape), generator=gen).to(device, dtype))
+    return args
+
+
+def _params_device(module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _params_dtype(module) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _as(module, dtype):
+    """``module`` itself if it already has ``dtype``, else a converted deep copy (the caller's is untouched)."""
+    return module if _params_dtype(module) == dtype else copy.deepcopy(module).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- graph work
+def _tensor_nbytes(t) -> int:
+    import onnx
+
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return int(np.prod(t.dims, dtype=np.int64)) * itemsize if t.dims else itemsize
+
+
+def _clean_graph(model):
+    """Strip initializers from the graph inputs, then fold constants / remove dead nodes / sort."""
+    inits = {i.name for i in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    try:
+        import onnx_graphsurgeon as gs
+    except Exception:
+        return model, cleanup_tool()
+    ir_version, opsets = model.ir_version, list(model.opset_import)
+    graph = gs.import_onnx(model)
+    with contextlib.redirect_stdout(None), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            graph.fold_constants()
+        except Exception:                       # a fold that ORT cannot evaluate: keep the graph unfolded
+            pass
+        graph.cleanup().toposort()
+    cleaned = gs.export_onnx(graph)
+    cleaned.ir_version = ir_version
+    del cleaned.opset_import[:]
+    cleaned.opset_import.extend(opsets)
+    cleaned.producer_name, cleaned.producer_version = model.producer_name, model.producer_version
+    return cleaned, cleanup_tool()
+
+
+def onnx_initializers(path, *, include_constants: bool = True) -> dict[str, np.ndarray]:
+    """{name: array} of a graph's initializers (and Constant nodes' values), external data included."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(os.fspath(path), load_external_data=True)
+    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    if include_constants:
+        for node in model.graph.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        out[node.output[0]] = numpy_helper.to_array(attr.t)
+    return out
+
+
+def _save(model, path: Path, external: bool) -> None:
+    import onnx
+
+    if external:
+        onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, os.fspath(path))
+
+
+def _providers_for(device: torch.device) -> list:
+    import onnxruntime as ort
+
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _verify(path: Path, ref_module, names, cases, make_inputs, rtol, atol, device) -> float:
+    """Run the graph in ONNX Runtime on each case's inputs, compare with ``ref_module``; max |error|."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(os.fspath(path), opts, providers=_providers_for(device))
+    except Exception as exc:
+        raise ExportError(f"ONNX Runtime cannot load the exported graph ({one_line(exc, 200)})") from None
+    in_dtype = {i.name: i.type for i in sess.get_inputs()}
+    worst = 0.0
+    for case in cases:
+        args = make_inputs(*case)
+        feeds = {}
+        for name, a in zip(names, args):
+            arr = a.detach().cpu().numpy()
+            if name in ("sample", "encoder_hidden_states"):
+                arr = arr.astype(np.float16 if in_dtype[name] == "tensor(float16)" else np.float32)
+            feeds[name] = arr
+        try:
+            got = sess.run([OUTPUT_NAME], feeds)[0].astype(np.float64)
+        except Exception as exc:
+            raise ExportError(f"ONNX Runtime failed to run the exported graph at N,H,W={case} "
+                              f"({one_line(exc, 200)})") from None
+        ref_args = [a.float() if a.is_floating_point() else a for a in args]
+        with torch.no_grad():
+            ref = ref_module(*ref_args).detach().double().cpu().numpy()
+        if got.shape != ref.shape:
+            raise ExportError(f"exported graph's output has shape {got.shape}, torch gives {ref.shape}")
+        err = np.abs(got - ref)
+        bad = ~(err <= atol + rtol * np.abs(ref))
+        worst = max(worst, float(np.nanmax(err)) if err.size else 0.0)
+        if bad.any() or not np.isfinite(got).all():
+            raise ExportError(f"ONNX Runtime output differs from torch at N,H,W={case}: {int(bad.sum())} of "
+                              f"{bad.size} elements outside rtol={rtol:g}, atol={atol:g} (max |err| "
+                              f"{float(np.nanmax(err)):.3g}); the graph was not kept")
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------- export
+def export_unet_onnx(unet: torch.nn.Module, path, *, sample_shape, cond: str = "none", text_shape=None,
+                     opset: int = 17, precision: str = "fp32", dynamic_batch: bool = True, dynamic_hw: bool = False,
+                     verify: bool = True, rtol: float | None = None, atol: float | None = None, batch: int = 2,
+                     external_data: bool | None = None, num_classes: int | None = None, seed: int = 0,
+                     metadata: Mapping[str, str] | None = None, weights_sha256: str | None = None) -> ExportRecord:
+    """Export ``unet`` to an ONNX file at ``path`` and verify it in ONNX Runtime (see the module docstring).
+
+    sample_shape: (C, H, W). cond: "none" | "class" | "text"; text_shape (L, D) for "text". precision:
+    "fp32" or "fp16" (weights, sample, encoder_hidden_states and out in that type; timestep stays float32).
+    batch: the traced batch size (the static one when dynamic_batch=False). external_data: None = only when
+    the weights exceed ~1.8 GB. rtol/atol: None = DEFAULT_TOLERANCE[precision]. The caller's module is not
+    modified. Raises ExportError (one line) on bad arguments, an export failure or a failed verification.
+    """
+    shape, text = _check_args(sample_shape, cond, text_shape, opset, precision)
+    if not isinstance(unet, torch.nn.Module):
+        raise ExportError(f"expected a torch module, not {type(unet).__name__}")
+    cfg = _config(unet)
+    kind = type(unet).__name__
+    if kind == "UNet2DModel" and cond == "text":
+        raise ExportError("cond='text' needs a text-conditioned UNet2DConditionModel; this is a UNet2DModel")
+    if kind == "UNet2DConditionModel" and cond != "text":
+        raise ExportError(f"a UNet2DConditionModel is text-conditioned: use cond='text', not {cond!r}")
+    if cond == "text" and cfg.get("cross_attention_dim") not in (None, text[1]) \
+            and not isinstance(cfg.get("cross_attention_dim"), (list, tuple)):
+        raise ExportError(f"text_shape D={text[1]} differs from the UNet's cross_attention_dim="
+                          f"{cfg['cross_attention_dim']}")
+    if cfg.get("in_channels") not in (None, shape[0]):
+        raise ExportError(f"sample_shape C={shape[0]} differs from the UNet's in_channels={cfg['in_channels']}")
+    if cond == "class":
+        num_classes = num_classes or cfg.get("num_class_embeds")
+        if not num_classes:
+            raise ExportError("cond='class' needs a UNet with num_class_embeds (or num_classes=)")
+    if not isinstance(batch, int) or batch < 1:
+        raise ExportError(f"batch must be a positive integer, not {batch!r}")
+    rtol0, atol0 = DEFAULT_TOLERANCE[precision]
+    rtol = rtol0 if rtol is None else float(rtol)
+    atol = atol0 if atol is None else float(atol)
+
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"{path} is a folder; give the .onnx file's path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        work = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        (work / "raw").mkdir(parents=True)
+    except OSError as exc:
+        raise ExportError(f"cannot write to {path.parent} ({os.strerror(exc.errno) if exc.errno else exc})") from None
+
+    names = INPUT_NAMES[cond]
+    dtype = _DTYPES[precision]
+    device = _params_device(unet)
+    try:
+        with _eval_mode(unet):
+            t0 = time.perf_counter()
+            net = _UNetForExport(_as(unet, dtype), cond).eval()
+            make_inputs = lambda n, h, w: _example_inputs(  # noqa: E731
+                unet, cond, n, (shape[0], h, w), text, dtype, device, seed + 1000 * n + h, num_classes)
+            args = make_inputs(batch, shape[1], shape[2])
+            axes = {}
+            if dynamic_batch:
+                for n in (*names, OUTPUT_NAME):
+                    axes[n] = {0: "N"}
+            if dynamic_hw:
+                for n in ("sample", OUTPUT_NAME):
+                    axes.setdefault(n, {}).update({2: "H", 3: "W"})
+            raw_path = work / "raw" / "model.onnx"
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                try:
+                    torch.onnx.export(net, tuple(args), os.fspath(raw_path), input_names=list(names),
+                                      output_names=[OUTPUT_NAME], dynamic_axes=axes or None, opset_version=opset,
+                                      do_constant_folding=True, keep_initializers_as_inputs=True, dynamo=False)
+                except Exception as exc:
+                    raise ExportError(f"torch.onnx.export failed ({type(exc).__name__}: {one_line(exc, 200)})") from None
+            import onnx
+
+            model = onnx.load(os.fspath(raw_path), load_external_data=True)
+            model, tool = _clean_graph(model)
+            wsha = weights_sha256 or weights_hash(unet)
+            meta = {"msdda.format": "1", "msdda.cond": cond, "msdda.precision": precision,
+                    "msdda.sample_shape": json.dumps(list(shape)), "msdda.text_shape": json.dumps(text),
+                    "msdda.weights_sha256": wsha, **{str(k): str(v) for k, v in (metadata or {}).items()}}
+            del model.metadata_props[:]
+            for k, v in meta.items():
+                model.metadata_props.add(key=k, value=v)
+            out_ch = model.graph.output[0].type.tensor_type.shape.dim[1].dim_value or None
+            weight_bytes = sum(_tensor_nbytes(t) for t in model.graph.initializer)
+            external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
+            staged = work / path.name
+            _save(model, staged, external)
+            del model
+            shutil.rmtree(work / "raw", ignore_errors=True)
+            try:
+                onnx.checker.check_model(os.fspath(staged))
+            except Exception as exc:
+                raise ExportError(f"exported graph fails the ONNX checker ({one_line(exc, 200)})") from None
+            export_s = time.perf_counter() - t0
+
+            max_err, verify_s, cases = None, 0.0, ()
+            if verify:
+                t1 = time.perf_counter()
+                cases = [(batch + 1 if dynamic_batch else batch, shape[1], shape[2])]
+                if dynamic_hw:
+                    f = _downsample_factor(unet)
+                    cases.append((cases[0][0], shape[1] + f, shape[2] + 2 * f))
+                ref = net if precision == "fp32" else _UNetForExport(_as(unet, torch.float32), cond).eval()
+                max_err = _verify(staged, ref, names, cases, make_inputs, rtol, atol, device)
+                verify_s = time.perf_counter() - t1
+                del ref
+            del net
+
+        data = staged.with_name(staged.name + ".data")
+        final_data = path.with_name(path.name + ".data")
+        if data.exists():
+            os.replace(data, final_data)
+        sha, size = file_sha256(staged), staged.stat().st_size
+        os.replace(staged, path)
+        if not external and final_data.exists():
+            final_data.unlink()                 # a stale weights file from an earlier, larger export
+    except OSError as exc:
+        raise ExportError(f"cannot write {path} ({os.strerror(exc.errno) if exc.errno else one_line(exc)})") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return ExportRecord(path=path, cond=cond, sample_shape=shape, text_shape=text,
+                        out_channels=int(out_ch) if out_ch else -1, opset=opset, precision=precision,
+                        dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, input_names=names,
+                        output_names=(OUTPUT_NAME,), external_data=external, cleanup=tool, weights_sha256=wsha,
+                        file_sha256=sha, size_bytes=size, export_seconds=round(export_s, 4), verified=verify,
+                        verify_seconds=round(verify_s, 4), max_abs_err=max_err, rtol=rtol if verify else None,
+                        atol=atol if verify else None, verify_cases=tuple(tuple(c) for c in cases))
+
+
+# ---------------------------------------------------------------------------------------------- cache
+def onnx_cache_key(unet, *, sample_shape, cond, text_shape=None, precision="fp32", opset=17, dynamic_batch=True,
+                   dynamic_hw=False, weights: str | None = None) -> CacheKey:
+    shape, text = _check_args(sample_shape, cond, text_shape, opset, precision)
+    profile = {"sample_shape": list(shape), "cond": cond, "text_shape": list(text) if text else None,
+               "opset": opset, "dynamic_batch": dynamic_batch, "dynamic_hw": dynamic_hw,
+               "io": [*INPUT_NAMES[cond], OUTPUT_NAME], "cleanup": cleanup_tool()}
+    return CacheKey(kind="onnx", weights=weights or weights_hash(unet), precision=precision, profile=profile,
+                    architecture=config_hash(unet), versions=runtime_versions("onnx"), filename="unet.onnx")
+
+
+def _onnx_loads(path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(os.fspath(path))
+
+
+def onnx_for_unet(unet: torch.nn.Module, *, cache=None, sample_shape, cond, text_shape=None,
+                  precision: str = "fp32", opset: int = 17, dynamic_batch: bool = True,
+                  dynamic_hw: bool = False) -> Path:
+    """The path of a verified ONNX export of ``unet``: reused from the cache when one with the same weights,
+    architecture, shapes, precision and tool versions exists and is intact, else exported now.
+
+    cache: an ArtifactCache, a folder, or None for the default ($MSDDA_CACHE or ~/.cache/msdda).
+    """
+    if not isinstance(cache, ArtifactCache):
+        cache = ArtifactCache(cache)
+    key = onnx_cache_key(unet, sample_shape=sample_shape, cond=cond, text_shape=text_shape, precision=precision,
+                         opset=opset, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw)
+
+    def build(target: Path) -> None:
+        export_unet_onnx(unet, target, sample_shape=sample_shape, cond=cond, text_shape=text_shape, opset=opset,
+                         precision=precision, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, verify=True,
+                         weights_sha256=key.weights)
+
+    return cache.get_or_build(key, build, validate=_onnx_loads)
+
+
+# ---------------------------------------------------------------------------------------------- pipelines
+def _load_models(base, experts: Mapping):
+    from msdda.loading import LoadError, load_base, load_expert
+
+    try:
+        base_model = load_base(base)
+        nets = {"base": (base_model.unet, str(base), base_model.weights_sha256)}
+        for name, p in experts.items():
+            unet, sha = load_expert(name, p, base_model)
+            nets[name] = (unet, str(p), sha)
+    except LoadError as exc:
+        raise ExportError(one_line(exc)) from None
+    text_len = None
+    if base_model.tokenizer is not None:
+        text_len = int(base_model.tokenizer.model_max_length)
+    return base_model, nets, text_len
+
+
+def export_pipeline(base, experts: Mapping[str, str] | None, out_dir, *, opset: int = 17, precision: str = "fp32",
+                    dynamic_batch: bool = True, dynamic_hw: bool = False, verify: bool = True,
+                    text_len: int | None = None) -> dict:
+    """Export the base's UNet and every expert's to ``out_dir/<name>.onnx`` (the base as ``base.onnx``) and
+    write ``out_dir/manifest.json``. Experts are loaded and checked by msdda.loading (UNet folders or LoRA
+    adapters merged onto the base). Returns the manifest dict."""
+    experts = dict(experts or {})
+    for name in experts:
+        if name == "base" or not _NAME_RE.match(name):
+            raise ExportError(f"bad expert name {name!r}: use letters, digits, '_', '-' and '.', not 'base'")
+    if base is None:
+        raise ExportError("export_pipeline needs a base model folder")
+    base_model, nets, tok_len = _load_models(base, experts)
+    spec = unet_export_spec(base_model.unet, text_len=text_len or tok_len)
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create {out_dir} ({os.strerror(exc.errno) if exc.errno else exc})") from None
+    models = {}
+    for name, (unet, src, sha) in nets.items():
+        rec = export_unet_onnx(unet, out_dir / f"{name}.onnx", opset=opset, precision=precision,
+                               dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, verify=verify, **spec)
+        models[name] = {"file": rec.path.name, "sha256": rec.file_sha256, "size": rec.size_bytes,
+                        "external_data": rec.external_data, "source": src, "source_sha256": sha,
+                        "weights_sha256": rec.weights_sha256, "max_abs_err": rec.max_abs_err, "rtol": rec.rtol,
+                        "atol": rec.atol, "export_seconds": rec.export_seconds,
+                        "verify_seconds": rec.verify_seconds}
+    inputs = {"sample": ["N", spec["sample_shape"][0], *(("H", "W") if dynamic_hw else spec["sample_shape"][1:])],
+              "timestep": ["N"]}
+    if spec["cond"] == "class":
+        inputs["class_labels"] = ["N"]
+    elif spec["cond"] == "text":
+        inputs["encoder_hidden_states"] = ["N", *spec["text_shape"]]
+    manifest = {
+        "format": 1, "kind": "msdda-onnx", "opset": opset, "precision": precision, "cond": spec["cond"],
+        "sample_shape": list(spec["sample_shape"]),
+        "text_shape": list(spec["text_shape"]) if spec["text_shape"] else None,
+        "dynamic_batch": dynamic_batch, "dynamic_hw": dynamic_hw, "inputs": inputs, "outputs": {OUTPUT_NAME: ["N",
+        rec.out_channels, *(("H", "W") if dynamic_hw else spec["sample_shape"][1:])]},
+        "members": list(nets), "models": models, "cleanup": cleanup_tool(), "versions": runtime_versions("onnx"),
+        "base_config": base_model.unet_config, "scheduler_config": base_model.scheduler_config,
+    }
+    try:
+        atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1, default=str))
+    except OSError as exc:
+        raise ExportError(f"cannot write {out_dir / 'manifest.json'} ({one_line(exc)})") from None
+    return manifest
+
+
+def _zoo_models():
+    """(base, experts) of the embedded zoo: the base and its single-objective experts (as ``msdda generate`` uses
+    them; the MORL oracles are evaluation references and are not exported). ExportError while msdda.zoo or its
+    trained models are unavailable."""
+    try:
+        from msdda import zoo
+    except ImportError as exc:
+        raise ExportError(f"the embedded model zoo is not available ({one_line(exc, 120)}); pass a base and "
+                          "experts to export") from None
+    paths = dict(zoo.zoo_paths())
+    if "base" not in paths:
+        raise ExportError("msdda.zoo.zoo_paths() names no 'base' model")
+    base = Path(paths.pop("base"))
+    if not (base / "unet" / "config.json").is_file():
+        raise ExportError(f"the embedded zoo has no trained base model at {base}; train it (python -m "
+                          "msdda.zoo.train all) or pass a base and experts to export")
+    names = getattr(zoo, "OBJECTIVES", tuple(paths))
+    return base, {n: paths[n] for n in names if n in paths}
+
+
+def export_models(base_path=None, experts: Mapping[str, str] | None = None, out_dir="onnx", *, opset: int = 17,
+                  precision: str = "fp32", dynamic_hw: bool = False, dynamic_batch: bool = True,
+                  verify: bool = True) -> dict:
+    """What ``msdda export`` runs: with no base and no experts, the embedded zoo (msdda.zoo.zoo_paths()).
+    Returns the manifest written to out_dir/manifest.json. Raises ExportError (one line) for user errors."""
+    experts = dict(experts or {})
+    if base_path is None:
+        if experts:
+            raise ExportError("experts were given without a base model; pass --base")
+        base_path, experts = _zoo_models()
+    return export_pipeline(base_path, experts, out_dir, opset=opset, precision=precision,
+                           dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, verify=verify)

@@ -1,0 +1,210 @@
+"""msdda.export.onnx: ONNX export of tiny diffusers UNets, verified in ONNX Runtime against torch."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from msdda.export import (DEFAULT_TOLERANCE, ArtifactCache, ExportError, export_models, export_pipeline,
+                          export_unet_onnx, onnx_for_unet, onnx_initializers, unet_export_spec)
+from tiny_models import make_tiny_sd_pipeline, make_tiny_unet2d, perturbed_copy
+
+
+@pytest.fixture(scope="module")
+def pixel(tmp_path_factory):
+    """A class-conditional, learned-variance tiny UNet2DModel folder and an expert of the same architecture."""
+    root = tmp_path_factory.mktemp("export_pixel")
+    base = make_tiny_unet2d(root / "base", learned_variance=True, num_class_embeds=11)
+    expert = perturbed_copy(base, root / "expert", seed=1, scale=0.3)
+    return base, expert
+
+
+@pytest.fixture(scope="module")
+def pixel_unet(pixel):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel.from_pretrained(pixel[0] / "unet").eval()
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return make_tiny_sd_pipeline(tmp_path_factory.mktemp("export_sd") / "sd")
+
+
+def _io(path):
+    m = onnx.load(os.fspath(path), load_external_data=False)
+    elem = {v: k for k, v in onnx.TensorProto.DataType.items()}
+
+    def desc(v):
+        tt = v.type.tensor_type
+        return elem[tt.elem_type], [d.dim_param or d.dim_value for d in tt.shape.dim]
+
+    return {v.name: desc(v) for v in m.graph.input}, {v.name: desc(v) for v in m.graph.output}
+
+
+def _ort_vs_torch(path, unet, feeds, kwargs):
+    sess = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    got = sess.run(["out"], {k: v.numpy() for k, v in feeds.items()})[0]
+    with torch.no_grad():
+        ref = unet(feeds["sample"].float(), feeds["timestep"], **kwargs, return_dict=False)[0].numpy()
+    return np.abs(got.astype(np.float64) - ref).max()
+
+
+def test_class_conditional_export_contract_and_agreement(tmp_path, pixel_unet):
+    rec = export_unet_onnx(pixel_unet, tmp_path / "u.onnx", **unet_export_spec(pixel_unet))
+    assert rec.path.is_file() and rec.verified and rec.cond == "class"
+    assert rec.max_abs_err <= 1e-4 and (rec.rtol, rec.atol) == DEFAULT_TOLERANCE["fp32"]
+    assert rec.verify_cases == ((3, 8, 8),)           # traced at N=2, verified at N=3: the batch axis is dynamic
+    inputs, outputs = _io(rec.path)
+    assert inputs == {"sample": ("FLOAT", ["N", 1, 8, 8]), "timestep": ("FLOAT", ["N"]),
+                      "class_labels": ("INT64", ["N"])}
+    assert outputs == {"out": ("FLOAT", ["N", 2, 8, 8])}
+    # an independent check at another batch size, with out-of-range-free labels incl. the null class
+    g = torch.Generator().manual_seed(7)
+    feeds = {"sample": torch.randn(5, 1, 8, 8, generator=g), "timestep": torch.tensor([0., 10., 500., 999., 3.]),
+             "class_labels": torch.tensor([0, 3, 9, 10, 1])}
+    err = _ort_vs_torch(rec.path, pixel_unet, feeds, {"class_labels": feeds["class_labels"]})
+    assert err < 1e-4
+    meta = {p.key: p.value for p in onnx.load(os.fspath(rec.path), load_external_data=False).metadata_props}
+    assert meta["msdda.cond"] == "class" and meta["msdda.weights_sha256"] == rec.weights_sha256
+
+
+def test_text_conditional_export(tmp_path, sd):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(sd / "unet").eval()
+    spec = unet_export_spec(unet)
+    assert spec == {"sample_shape": (4, 16, 16), "cond": "text", "text_shape": (77, 32)}
+    rec = export_unet_onnx(unet, tmp_path / "sd.onnx", **spec, dynamic_hw=True)
+    inputs, outputs = _io(rec.path)
+    assert inputs["sample"] == ("FLOAT", ["N", 4, "H", "W"])
+    assert inputs["encoder_hidden_states"] == ("FLOAT", ["N", 77, 32])
+    assert outputs["out"] == ("FLOAT", ["N", 4, "H", "W"])
+    assert len(rec.verify_cases) == 2 and rec.verify_cases[1][1:] == (18, 20)   # another H, W verified too
+    assert rec.max_abs_err < 1e-4
+
+
+def test_fp16_export_and_static_batch(tmp_path, pixel_unet):
+    before = {k: v.clone() for k, v in pixel_unet.state_dict().items()}
+    pixel_unet.train()
+    rec = export_unet_onnx(pixel_unet, tmp_path / "h.onnx", sample_shape=(1, 8, 8), cond="class", precision="fp16",
+                           dynamic_batch=False, batch=4)
+    assert pixel_unet.training and next(pixel_unet.parameters()).dtype == torch.float32   # caller's module untouched
+    pixel_unet.eval()
+    assert all(torch.equal(before[k], v) for k, v in pixel_unet.state_dict().items())
+    inputs, outputs = _io(rec.path)
+    assert inputs["sample"] == ("FLOAT16", [4, 1, 8, 8]) and inputs["timestep"] == ("FLOAT", [4])
+    assert outputs["out"] == ("FLOAT16", [4, 2, 8, 8])
+    assert rec.verify_cases == ((4, 8, 8),) and rec.max_abs_err < DEFAULT_TOLERANCE["fp16"][1]
+
+
+def test_external_data(tmp_path, pixel_unet):
+    rec = export_unet_onnx(pixel_unet, tmp_path / "ext.onnx", sample_shape=(1, 8, 8), cond="class",
+                           external_data=True)
+    assert rec.external_data and (tmp_path / "ext.onnx.data").stat().st_size > 100_000
+    assert (tmp_path / "ext.onnx").stat().st_size < 200_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data"]   # no temporaries left
+
+
+def test_failed_verification_keeps_nothing(tmp_path, pixel_unet):
+    target = tmp_path / "bad.onnx"
+    with pytest.raises(ExportError, match="differs from torch") as info:
+        export_unet_onnx(pixel_unet, target, sample_shape=(1, 8, 8), cond="class", rtol=0.0, atol=1e-12)
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(opset=13), "opset must be an integer >= 17"),
+    (dict(precision="int8"), "precision"),
+    (dict(cond="image"), "cond must be"),
+    (dict(sample_shape=(1, 8)), "sample_shape"),
+    (dict(sample_shape=(3, 8, 8)), "in_channels"),
+    (dict(cond="text", text_shape=(77, 32)), "needs a text-conditioned UNet2DConditionModel"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, pixel_unet, kwargs, match):
+    args = dict(sample_shape=(1, 8, 8), cond="class") | kwargs
+    with pytest.raises(ExportError, match=match) as info:
+        export_unet_onnx(pixel_unet, tmp_path / "x.onnx", **args)
+    assert "\n" not in str(info.value) and isinstance(info.value, ValueError)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_experts_export_to_the_same_graph(tmp_path, pixel):
+    """One initializer per parameter (no by-value de-duplication): a base with untrained (equal-valued) biases
+    and a perturbed expert export identical initializer names and shapes, which TensorRT refit relies on."""
+    from diffusers import UNet2DModel
+
+    a = UNet2DModel.from_pretrained(pixel[0] / "unet")
+    b = UNet2DModel.from_pretrained(pixel[1] / "unet")
+    pa = export_unet_onnx(a, tmp_path / "a.onnx", **unet_export_spec(a)).path
+    pb = export_unet_onnx(b, tmp_path / "b.onnx", **unet_export_spec(b)).path
+    wa, wb = onnx_initializers(pa), onnx_initializers(pb)
+    assert {k: v.shape for k, v in wa.items()} == {k: v.shape for k, v in wb.items()}
+    ma = onnx.load(os.fspath(pa))
+    mb = onnx.load(os.fspath(pb))
+    assert [n.op_type for n in ma.graph.node] == [n.op_type for n in mb.graph.node]
+    assert any(not np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def test_onnx_for_unet_reuses_the_cache(tmp_path, pixel_unet, monkeypatch):
+    cache = ArtifactCache(tmp_path / "cache")
+    spec = unet_export_spec(pixel_unet)
+    p1 = onnx_for_unet(pixel_unet, cache=cache, **spec)
+    import msdda.export.onnx as mod
+
+    def boom(*a, **k):
+        raise AssertionError("exported again despite a valid cached artifact")
+
+    monkeypatch.setattr(mod, "export_unet_onnx", boom)
+    assert onnx_for_unet(pixel_unet, cache=cache, **spec) == p1
+    entry = cache.read_manifest()["artifacts"]
+    assert len(entry) == 1 and next(iter(entry.values()))["file"].endswith("unet.onnx")
+
+
+def test_export_pipeline_writes_manifest(tmp_path, pixel):
+    base, expert = pixel
+    manifest = export_pipeline(base, {"sharp": expert}, tmp_path / "out")
+    assert manifest["members"] == ["base", "sharp"] and manifest["cond"] == "class"
+    assert manifest["inputs"] == {"sample": ["N", 1, 8, 8], "timestep": ["N"], "class_labels": ["N"]}
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk["models"]["sharp"]["file"] == "sharp.onnx"
+    for name, m in on_disk["models"].items():
+        assert (tmp_path / "out" / m["file"]).stat().st_size == m["size"]
+        assert m["max_abs_err"] < 1e-4
+
+
+@pytest.mark.parametrize("case", ["missing_base", "missing_expert", "bad_name", "expert_without_base"])
+def test_pipeline_bad_input(tmp_path, pixel, case):
+    base, expert = pixel
+    with pytest.raises(ExportError) as info:
+        if case == "missing_base":
+            export_models(tmp_path / "nope", {}, tmp_path / "out")
+        elif case == "missing_expert":
+            export_models(base, {"x": tmp_path / "nope"}, tmp_path / "out")
+        elif case == "bad_name":
+            export_models(base, {"base": expert}, tmp_path / "out")
+        else:
+            export_models(None, {"x": expert}, tmp_path / "out")
+    msg = str(info.value)
+    assert "\n" not in msg and msg
+    if case.startswith("missing"):
+        assert "not found" in msg
+
+
+def test_zoo_export(tmp_path):
+    """``msdda export`` with no models exports the embedded zoo (skipped only while it is not trained yet)."""
+    from msdda.zoo import ZOO_DIR, OBJECTIVES
+
+    if not (ZOO_DIR / "base" / "unet" / "config.json").is_file():
+        with pytest.raises(ExportError, match="zoo"):
+            export_models(None, {}, tmp_path / "zoo")
+        pytest.skip("engine/zoo/models holds no trained base yet")
+    manifest = export_models(None, {}, tmp_path / "zoo")
+    assert manifest["members"] == ["base", *OBJECTIVES]
+    assert all(m["max_abs_err"] < 1e-3 for m in manifest["models"].values())

@@ -1,0 +1,402 @@
+"""msdda.export.tensorrt and the TensorRT backend.
+
+GPU-free everywhere: profile/shape derivation from the ONNX graph, engine cache keys, refit weight matching (on
+real exports of two experts), the backend's one-line error without tensorrt. Tests that need tensorrt itself
+(and a GPU) use pytest.importorskip("tensorrt").
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from msdda.export import ExportError, export_unet_onnx, onnx_initializers, unet_export_spec
+from msdda.export.tensorrt import (ShapeProfile, TensorRTUnavailable, derive_profile, match_refit_weights,
+                                   normalize_weight_name, onnx_io, tensorrt_cache_key)
+from tiny_models import make_tiny_unet2d, perturbed_copy
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    """ONNX exports of a base and an expert (class-conditional), plus a dynamic-H/W export of the base."""
+    from diffusers import UNet2DModel
+
+    root = tmp_path_factory.mktemp("trt")
+    base = make_tiny_unet2d(root / "base", learned_variance=True, num_class_embeds=11)
+    expert = perturbed_copy(base, root / "expert", seed=5, scale=0.3)
+    a = UNet2DModel.from_pretrained(base / "unet")
+    b = UNet2DModel.from_pretrained(expert / "unet")
+    spec = unet_export_spec(a)
+    return {"base": export_unet_onnx(a, root / "base.onnx", **spec).path,
+            "expert": export_unet_onnx(b, root / "expert.onnx", **spec).path,
+            "hw": export_unet_onnx(a, root / "hw.onnx", **spec, dynamic_hw=True, verify=False).path}
+
+
+# ------------------------------------------------------------------------------------------ shapes and profiles
+def test_onnx_io_reads_the_contract(graphs):
+    inputs, outputs = onnx_io(graphs["base"])
+    assert {n: (s.dtype, s.shape) for n, s in inputs.items()} == {
+        "sample": ("float32", ("N", 1, 8, 8)), "timestep": ("float32", ("N",)), "class_labels": ("int64", ("N",))}
+    assert outputs["out"].shape == ("N", 2, 8, 8)
+
+
+def test_static_profile_by_default(graphs):
+    p = derive_profile(graphs["base"], batch=4)
+    assert p.is_static
+    assert p.shapes["sample"] == ((4, 1, 8, 8),) * 3
+    assert p.shapes["timestep"] == ((4,),) * 3 and p.shapes["class_labels"] == ((4,),) * 3
+    assert p.opt("sample") == (4, 1, 8, 8)
+
+
+def test_dynamic_profile_on_request(graphs):
+    p = derive_profile(graphs["base"], batch=4, dynamic=True)
+    assert not p.is_static
+    assert p.shapes["sample"] == ((1, 1, 8, 8), (4, 1, 8, 8), (8, 1, 8, 8))
+    p = derive_profile(graphs["base"], batch=2, dynamic=True, batch_range=(2, 16))
+    assert p.shapes["class_labels"] == ((2,), (2,), (16,))
+    with pytest.raises(ExportError, match="outside batch_range"):
+        derive_profile(graphs["base"], batch=32, dynamic=True, batch_range=(1, 16))
+
+
+def test_dynamic_hw_profile(graphs):
+    with pytest.raises(ExportError, match="dynamic H/W"):
+        derive_profile(graphs["hw"], batch=2)
+    p = derive_profile(graphs["hw"], batch=2, hw=(8, 8))
+    assert p.is_static and p.shapes["sample"][0] == (2, 1, 8, 8)
+    p = derive_profile(graphs["hw"], batch=2, hw=(16, 16), dynamic=True, hw_range=((8, 8), (32, 24)))
+    assert p.shapes["sample"] == ((1, 1, 8, 8), (2, 1, 16, 16), (4, 1, 32, 24))
+
+
+def test_unknown_dynamic_dims_are_refused():
+    from msdda.export.tensorrt import TensorSpec
+
+    with pytest.raises(ExportError, match="dynamic dims"):
+        derive_profile({"x": TensorSpec("x", "float32", ("batch", 3))}, batch=1)
+
+
+# ------------------------------------------------------------------------------------------ cache keys
+def test_engine_cache_key(graphs):
+    p = derive_profile(graphs["base"], batch=2)
+    k = tensorrt_cache_key(graphs["base"], profile=p, compute_capability="sm_90", tensorrt_version="10.9.0")
+    same = tensorrt_cache_key(graphs["base"], profile=p, compute_capability="sm_90", tensorrt_version="10.9.0")
+    assert k.digest == same.digest and k.kind == "tensorrt" and k.filename == "unet.plan"
+    others = [
+        tensorrt_cache_key(graphs["base"], profile=p, compute_capability="sm_80", tensorrt_version="10.9.0"),
+        tensorrt_cache_key(graphs["base"], profile=p, compute_capability="sm_90", tensorrt_version="10.10.0"),
+        tensorrt_cache_key(graphs["expert"], profile=p, compute_capability="sm_90", tensorrt_version="10.9.0"),
+        tensorrt_cache_key(graphs["base"], profile=derive_profile(graphs["base"], batch=4),
+                           compute_capability="sm_90", tensorrt_version="10.9.0"),
+        tensorrt_cache_key(graphs["base"], profile=p, precision="bf16", compute_capability="sm_90",
+                           tensorrt_version="10.9.0"),
+        tensorrt_cache_key(graphs["base"], profile=p, refit="refit", compute_capability="sm_90",
+                           tensorrt_version="10.9.0"),
+    ]
+    assert len({k.digest, *(o.digest for o in others)}) == 1 + len(others)
+    with pytest.raises(ExportError, match="precision"):
+        tensorrt_cache_key(graphs["base"], profile=p, precision="int4", compute_capability="sm_90")
+
+
+# ------------------------------------------------------------------------------------------ refit matching
+def test_refit_matching_between_two_experts(graphs):
+    """Every initializer of the expert's graph feeds the same-named weight of an engine built from the base."""
+    base, expert = onnx_initializers(graphs["base"]), onnx_initializers(graphs["expert"])
+    refittable = list(base)               # TensorRT names refittable weights after the ONNX initializers
+    mapping = match_refit_weights(expert, refittable, shapes={k: v.shape for k, v in base.items()})
+    assert mapping == {k: k for k in refittable}
+    assert any(k.startswith("unet.") for k in mapping) and any(k.startswith("onnx::") for k in mapping)
+
+
+def test_refit_matching_rules():
+    onnx_w = {"unet.conv_in.weight": torch.zeros(4, 1, 3, 3), "unet.conv_in.bias": torch.zeros(4),
+              "onnx::MatMul_12": torch.zeros(8, 8)}
+    # exact, then prefix-normalised (a torch state dict has no "unet." prefix)
+    assert match_refit_weights(onnx_w, ["unet.conv_in.weight", "onnx::MatMul_12"]) == {
+        "unet.conv_in.weight": "unet.conv_in.weight", "onnx::MatMul_12": "onnx::MatMul_12"}
+    state = {"conv_in.weight": torch.zeros(4, 1, 3, 3), "conv_in.bias": torch.zeros(4)}
+    assert match_refit_weights(state, ["unet.conv_in.weight", "unet.conv_in.bias"]) == {
+        "unet.conv_in.weight": "conv_in.weight", "unet.conv_in.bias": "conv_in.bias"}
+    # an unmatched refittable weight would keep the old expert's values: refused unless strict=False
+    with pytest.raises(ExportError, match="1 engine weights have no source") as info:
+        match_refit_weights(state, ["unet.conv_in.weight", "onnx::MatMul_99"])
+    assert "\n" not in str(info.value)
+    assert match_refit_weights(state, ["unet.conv_in.weight", "onnx::MatMul_99"], strict=False) == {
+        "unet.conv_in.weight": "conv_in.weight"}
+    # sizes are checked when known (element counts, as TensorRT's weight prototypes give them)
+    with pytest.raises(ExportError, match="differ in size"):
+        match_refit_weights(state, ["unet.conv_in.bias"], shapes={"unet.conv_in.bias": 5})
+    assert match_refit_weights(state, ["unet.conv_in.bias"], shapes={"unet.conv_in.bias": (4,)})
+    # ambiguity (two sources normalise to one name) is not guessed
+    with pytest.raises(ExportError, match="no source"):
+        match_refit_weights({"unet.a": 1, "model.a": 2}, ["module.a"])
+    assert normalize_weight_name("unet.down_blocks.0.weight") == "down_blocks.0.weight"
+
+
+# ------------------------------------------------------------------------------------------ without tensorrt
+def test_backend_without_tensorrt_is_a_one_line_error():
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here")
+    from msdda.backends import make_backend
+
+    with pytest.raises(TensorRTUnavailable, match="TensorRT is not available") as info:
+        make_backend("tensorrt", {"base": torch.nn.Linear(1, 1)})
+    assert "\n" not in str(info.value) and isinstance(info.value, ValueError)
+    from msdda.export.tensorrt import build_engine
+
+    with pytest.raises(TensorRTUnavailable):
+        build_engine("x.onnx", profile=ShapeProfile({}))
+
+
+# ------------------------------------------------------------------------------------------ with tensorrt (GPU)
+def test_build_refit_and_run_engines(graphs, tmp_path):
+    trt = pytest.importorskip("tensorrt")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT engines need a CUDA GPU")
+    import onnxruntime as ort
+
+    from msdda.export import ArtifactCache
+    from msdda.export.tensorrt import deserialize, engine_for_onnx, refit_engine
+
+    cache = ArtifactCache(tmp_path / "cache")
+    profile = derive_profile(graphs["base"], batch=2)
+    plan_path = engine_for_onnx(graphs["base"], cache=cache, profile=profile, precision="fp32", refit="refit")
+    assert any((tmp_path / "cache" / "tensorrt").glob("timing-*.cache"))
+    refitted = refit_engine(plan_path.read_bytes(), graphs["expert"])
+    engine = deserialize(refitted)
+    ctx = engine.create_execution_context()
+    g = torch.Generator().manual_seed(0)
+    feeds = {"sample": torch.randn(2, 1, 8, 8, generator=g), "timestep": torch.tensor([10.0, 900.0]),
+             "class_labels": torch.tensor([1, 10])}
+    dev = {k: v.cuda() for k, v in feeds.items()}
+    out = torch.empty(2, 2, 8, 8, device="cuda")
+    for k, v in dev.items():
+        ctx.set_tensor_address(k, v.data_ptr())
+    ctx.set_tensor_address("out", out.data_ptr())
+    assert ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    ref = ort.InferenceSession(str(graphs["expert"])).run(["out"], {k: v.numpy() for k, v in feeds.items()})[0]
+    assert abs(out.cpu().numpy() - ref).max() < 1e-2          # the expert's weights, not the base's
+    assert trt.__version__
+
+
+# ------------------------------------------------------------------------------------------ bench/gpu_check.py
+def test_gpu_check_exits_cleanly_without_a_gpu(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: bench/gpu_check.py would run the real checks")
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    res = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "r.json")], capture_output=True,
+                         text=True, timeout=120, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 0, res.stderr
+    assert "no CUDA GPU is visible" in res.stdout and "nothing to check" in res.stdout
+    assert not (tmp_path / "r.json").exists() and res.stderr == ""
+
+
+# ------------------------------------------------------------------------------------------ backend logic (test double)
+class _FakeEngine:
+    """Stands in for an ICudaEngine: runs the ONNX graph in ONNX Runtime on host memory at the bound addresses."""
+
+    def __init__(self, onnx_path, index: int):
+        import onnx
+
+        self.model = onnx.load(str(onnx_path))
+        inputs, outputs = onnx_io(onnx_path)
+        self.specs = {**inputs, **outputs}
+        self.inputs, self.output = list(inputs), next(iter(outputs))
+        self.device_memory_size_v2 = 4096 * (index + 1)
+        self.num_io_tensors = len(self.specs)
+        self.refitted = 0
+        self._session()
+
+    def _session(self):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(self.model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def refit(self, weights) -> int:
+        from onnx import numpy_helper
+
+        mapping = match_refit_weights(weights, [t.name for t in self.model.graph.initializer])
+        for t in self.model.graph.initializer:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(weights[mapping[t.name]]).astype(
+                numpy_helper.to_array(t).dtype), t.name))
+        self._session()
+        self.refitted += 1
+        return len(mapping)
+
+    def get_tensor_name(self, i):
+        return [*self.inputs, self.output][i]
+
+    def get_tensor_mode(self, name):
+        return _FakeTRT.TensorIOMode.INPUT if name in self.inputs else _FakeTRT.TensorIOMode.OUTPUT
+
+    def get_tensor_dtype(self, name):
+        return np.dtype(self.specs[name].dtype)
+
+    def create_execution_context(self, strategy):
+        assert strategy == _FakeTRT.ExecutionContextAllocationStrategy.USER_MANAGED
+        return _FakeContext(self)
+
+
+class _FakeContext:
+    def __init__(self, engine):
+        self.engine, self.shapes, self.addresses, self.memory = engine, {}, {}, None
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+
+    def get_tensor_shape(self, name):
+        n = self.shapes["sample"][0]
+        return tuple(n if isinstance(d, str) else d for d in self.engine.specs[name].shape)
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+
+    def set_device_memory(self, ptr, size):
+        self.memory = (ptr, size)
+
+    def _array(self, name, shape):
+        import ctypes
+
+        dtype = np.dtype(self.engine.specs[name].dtype)
+        count = int(np.prod(shape))
+        buf = (ctypes.c_byte * (count * dtype.itemsize)).from_address(self.addresses[name])
+        return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+
+    def execute_async_v3(self, stream_handle):
+        assert self.memory is not None and self.memory[1] >= self.engine.device_memory_size_v2
+        feeds = {n: self._array(n, self.shapes[n]).copy() for n in self.engine.inputs}
+        out = self.engine.session.run([self.engine.output], feeds)[0]
+        self._array(self.engine.output, out.shape)[...] = out
+        return True
+
+
+class _FakeTRT:
+    MSDDA_TEST_DOUBLE = True
+    __version__ = "10.0-test-double"
+    bfloat16 = object()
+
+    class TensorIOMode:
+        INPUT, OUTPUT = "input", "output"
+
+    class ExecutionContextAllocationStrategy:
+        USER_MANAGED = "user-managed"
+
+    @staticmethod
+    def nptype(dt):
+        return dt
+
+
+@pytest.fixture
+def fake_trt(monkeypatch, tmp_path):
+    """msdda.export.tensorrt's TensorRT calls replaced by the test double; returns the list of builds made."""
+    import msdda.export.tensorrt as T
+
+    builds, counter = [], iter(range(1000))
+
+    def engine_for_onnx(onnx_path, *, cache=None, profile, precision="fp16", refit="none", **kw):
+        builds.append((str(onnx_path), refit, profile.as_dict()))
+        plan = tmp_path / f"plan{len(builds)}"
+        plan.write_text(str(onnx_path))
+        return plan
+
+    monkeypatch.setattr(T, "require_tensorrt", lambda: _FakeTRT)
+    monkeypatch.setattr(T, "engine_for_onnx", engine_for_onnx)
+    monkeypatch.setattr(T, "deserialize", lambda plan, logger=None: _FakeEngine(plan.decode(), next(counter)))
+    monkeypatch.setattr(T, "refit_cuda_engine", lambda engine, weights, **kw: engine.refit(weights))
+    return builds
+
+
+@pytest.fixture(scope="module")
+def nets(graphs):
+    from diffusers import UNet2DModel
+
+    root = graphs["base"].parent
+    return {"base": UNet2DModel.from_pretrained(root / "base" / "unet").eval(),
+            "expert": UNet2DModel.from_pretrained(root / "expert" / "unet").eval()}
+
+
+def _torch_out(net, x, t, labels):
+    with torch.no_grad():
+        return net(x, torch.full((x.shape[0],), float(t)), class_labels=labels, return_dict=False)[0]
+
+
+def test_backend_logic_with_a_tensorrt_test_double(fake_trt, graphs, nets, tmp_path):
+    from msdda.backends import Conditioning
+    from msdda.backends.tensorrt_backend import TensorRTBackend
+
+    be = TensorRTBackend(nets, device="cpu", batch=2, cache_dir=tmp_path / "c",
+                         onnx_paths={"base": graphs["base"], "expert": graphs["expert"]})
+    assert be.members == ("base", "expert") and be.refit == "refit" and be.dtype == torch.float32
+    assert len(fake_trt) == 1 and fake_trt[0][1] == "refit"           # ONE build; the expert is a refitted copy
+    assert fake_trt[0][2]["sample"] == [[2, 1, 8, 8]] * 3              # static profile at the given batch
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1, 8, 8, generator=g)
+    labels = torch.tensor([4, 10])
+    cond = Conditioning(class_labels=labels)
+    out = be.forward(x, 321, cond, (0, 1))
+    assert out.shape == (2, 2, 2, 8, 8)
+    for k, name in enumerate(be.members):
+        torch.testing.assert_close(out[k], _torch_out(nets[name], x, 321, labels), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(be.forward(x, 321, cond, (1,))[0], out[1])
+    torch.testing.assert_close(be.forward(x, 321, cond, (1, 0)), out.flip(0))
+    es = be._sets[2]
+    assert [e.refitted for e in es.engines] == [0, 1]
+    assert {c.memory for c in es.contexts} == {(be._scratch.data_ptr(), be.scratch_bytes)}   # one shared scratch
+    assert be.scratch_bytes == max(e.device_memory_size_v2 for e in es.engines)
+    out_buf = es.out.data_ptr()
+    assert out.data_ptr() != out_buf                                    # callers never hold the engines' buffer
+    # another batch size: another (static) engine set, built on first use, sharing the scratch
+    x3 = torch.randn(3, 1, 8, 8, generator=g)
+    out3 = be.forward(x3, 5, Conditioning(class_labels=torch.tensor([1, 2, 3])), (0, 1))
+    torch.testing.assert_close(out3[1], _torch_out(nets["expert"], x3, 5, torch.tensor([1, 2, 3])), atol=1e-4,
+                               rtol=1e-4)
+    assert len(fake_trt) == 2 and set(be._sets) == {2, 3}
+    assert all(c.memory[0] == be._scratch.data_ptr() for s in be._sets.values() for c in s.contexts)
+    with pytest.raises(ValueError, match="class_labels"):
+        be.forward(x, 1, Conditioning(), (0,))
+
+
+def test_soup_and_graphed_sampler_with_the_test_double(fake_trt, graphs, nets, tmp_path):
+    import copy
+    import json
+
+    from msdda import schedule as sch
+    from msdda.backends import Conditioning
+    from msdda.backends.tensorrt_backend import TensorRTBackend
+    from msdda.kernels import fused_expert_step
+
+    be = TensorRTBackend(nets, device="cpu", batch=2, cache_dir=tmp_path / "c",
+                         onnx_paths={"base": graphs["base"], "expert": graphs["expert"]})
+    # soup: parameters 0.3 base + 0.7 expert, by refitting with the mixed initializers
+    soup = copy.deepcopy(nets["base"])
+    sb, se = nets["base"].state_dict(), nets["expert"].state_dict()
+    soup.load_state_dict({k: 0.3 * sb[k] + 0.7 * se[k] if sb[k].is_floating_point() else sb[k] for k in sb})
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 7])
+    got = be.soup({0: 0.3, 1: 0.7})(x, 99, Conditioning(class_labels=labels))
+    torch.testing.assert_close(got[0], _torch_out(soup, x, 99, labels), atol=1e-4, rtol=1e-4)
+
+    # the graphed loop (CFG, Philox noise, deferred validation) equals the eager loop step for step
+    sched_cfg = json.loads((graphs["base"].parent / "base" / "scheduler" / "scheduler_config.json").read_text())
+    timesteps, scalars = sch.step_plan(sch.schedule_from_diffusers_config(sched_cfg), 3, kind="ddpm")
+    B = 1
+    cond = Conditioning(class_labels=torch.tensor([10, 3]))            # unconditional half first
+    coeff = torch.tensor([[0.4, 0.6]])
+    seeds = torch.tensor([42], dtype=torch.int64)
+    x_T = torch.randn(B, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    xt = x_T.clone()
+    for i, (t, sc) in enumerate(zip(timesteps, scalars)):
+        raw = be.forward(torch.cat([xt, xt]), t, cond, (0, 1)).unflatten(1, (2, B))
+        xt = fused_expert_step(raw, xt, coeff, sc, guidance_scale=2.0, seed=seeds, offset=1 + i)
+    sampler = be.graphed_sampler(batch=B, cfg=True)
+    x0, errors = sampler.run(x_T, timesteps, scalars, coeff=coeff, seeds=seeds, cond=cond, guidance_scale=2.0)
+    torch.testing.assert_close(x0, xt, atol=1e-5, rtol=1e-5)
+    assert int(errors) == 0
+    x0b, _ = sampler.run(x_T, timesteps, scalars, coeff=coeff, seeds=seeds, cond=cond, guidance_scale=2.0)
+    torch.testing.assert_close(x0b, x0)                                 # replayed "graphs": same result
+    assert len(sampler._graphs) == 1
