@@ -164,7 +164,7 @@ def _defaults(args, engine) -> tuple[int, float]:
 
     using_zoo = args.base is None
     steps = args.steps if args.steps is not None else (zoo.DEFAULT_STEPS if using_zoo else 50)
-    gscale = args.guidance_scale if args.guidance_scale is not None else (zoo.DEFAULT_GUIDANCE if using_zoo else 7.5)
+    gscale = args.guidance_scale if args.guidance_scale is not None else (zoo.DEFAULT_GUIDANCE_SCALE if using_zoo else 7.5)
     if steps < 1:
         raise CliError(f"--steps must be >= 1, got {steps}")
     return steps, gscale
@@ -358,7 +358,7 @@ def _zoo_rewards(engine, args, paths) -> dict:
 
 
 def cmd_eval(args) -> int:
-    from msdda.zoo.evaluate import main as evaluate
+    from msdda.evaluate import main as evaluate
 
     return evaluate(samples=args.samples, steps=args.steps, strategies=args.strategies, out=args.out, quick=args.quick)
 
