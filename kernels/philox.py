@@ -1,0 +1,124 @@
+"""Philox4x32-10 normals, bit-for-bit as Triton's ``tl.randn`` draws them (ARCHITECTURE.md section 3).
+
+The noise z for element ``e`` (flat index within one sample) of sample ``b`` at step-offset ``o`` is
+
+    tl.randn(seed_b, e + o * 2**32)
+      = Box-Muller(uniform(w0), uniform(w1)),  (w0, w1, _, _) = Philox4x32-10(counter=(e, o, 0, 0),
+                                                                               key=(seed_b & 0xffffffff, seed_b >> 32))
+
+``philox_normal`` reproduces that on the host (torch tensors in and out; the arithmetic runs in numpy, whose uint32
+/ uint64 ops wrap by definition and are ~30x faster here than int64 torch emulation), so the CPU path and the
+Triton kernel give the same image for the same seed. What is exact and what is not:
+
+- The Philox words and the uint -> uniform conversion are integer ops, an int -> float32 conversion and one
+  float32 multiply: correctly rounded everywhere, so they are bit-identical on every device.
+- Box-Muller needs float32 ``log``, ``sqrt``, ``cos``, which are implementation-defined. Triton's interpreter
+  (TRITON_INTERPRET=1) evaluates them with numpy's float32 ufuncs, so this module evaluates them with the very
+  same ufuncs and matches the interpreted kernel bit for bit. (torch's own float32 ``log``/``cos`` differ from
+  numpy's by 1-4 ulp, and torch 2.13's CPU float32 ``sqrt`` is not correctly rounded, hence numpy.) A compiled
+  GPU kernel uses CUDA's transcendentals instead; its normals should agree with these to a few float32 ulp, not
+  bits (not measured here: no GPU). numpy's SIMD ufuncs may also differ by an ulp between CPU generations.
+
+Every value is computed per element from (seed_b, e, o) alone, so a sample's noise never depends on the rest of
+the batch, nor on the kernel's block size.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["philox_normal", "philox_uniform", "philox4x32_10"]
+
+_M32 = np.uint64(0xFFFFFFFF)
+_32 = np.uint64(32)
+_ROUND_A_64 = np.uint64(0xD2511F53)  # Philox multiplier M0 (Triton: PHILOX_ROUND_A)
+_ROUND_B_64 = np.uint64(0xCD9E8D57)  # Philox multiplier M1 (Triton: PHILOX_ROUND_B)
+_KEY_A_32 = np.uint32(0x9E3779B9)  # Weyl key increment W0 (golden ratio)
+_KEY_B_32 = np.uint32(0xBB67AE85)  # Weyl key increment W1 (sqrt(3) - 1)
+_UNIFORM_SCALE = np.float32(4.6566127342e-10)  # Triton's uint32 -> [0, 1) scale, (2**23 - 1)/2**23 * 2**-31
+_TWO_PI = np.float32(6.283185307179586)
+_U_MIN = np.float32(1.0e-7)  # Box-Muller keeps log() finite: u1 = max(1e-7, u1)
+
+
+def _philox_np(c0, c1, c2, c3, k0, k1, n_rounds: int = 10):
+    """Philox4x32 (Salmon et al. 2011) exactly as ``triton.language.random.philox_impl``, on numpy uint32 arrays
+    (broadcastable). The 32x32 -> 64-bit products are exact in uint64; uint32 arithmetic wraps by definition."""
+    c0, c1, c2, c3 = np.broadcast_arrays(*(np.asarray(c, dtype=np.uint32) for c in (c0, c1, c2, c3)))
+    k0 = np.atleast_1d(np.asarray(k0, dtype=np.uint32))  # arrays, not scalars: wrapping adds, no warnings
+    k1 = np.atleast_1d(np.asarray(k1, dtype=np.uint32))
+    for _ in range(n_rounds):
+        p_b = c2.astype(np.uint64) * _ROUND_B_64  # M1 * c2
+        p_a = c0.astype(np.uint64) * _ROUND_A_64  # M0 * c0
+        c0 = (p_b >> _32).astype(np.uint32) ^ c1 ^ k0
+        c2 = (p_a >> _32).astype(np.uint32) ^ c3 ^ k1
+        c1 = p_b.astype(np.uint32)  # low word (truncation)
+        c3 = p_a.astype(np.uint32)
+        k0 = k0 + _KEY_A_32  # Weyl key schedule, mod 2**32
+        k1 = k1 + _KEY_B_32
+    return c0, c1, c2, c3
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1, n_rounds: int = 10):
+    """Philox4x32-10 on torch int64 tensors holding uint32 values (broadcastable): the four output words as int64
+    tensors in [0, 2**32)."""
+    arrs = [(t.detach().cpu().numpy() & 0xFFFFFFFF).astype(np.uint32) for t in (c0, c1, c2, c3, k0, k1)]
+    return tuple(torch.from_numpy(w.astype(np.int64)) for w in _philox_np(*arrs, n_rounds=n_rounds))
+
+
+def _uint_to_uniform(w: np.ndarray) -> np.ndarray:
+    """Triton's ``uint_to_uniform_float`` for 32-bit words: bitcast to int32, fold negatives (-x - 1 == ~x), scale.
+
+    Returns float32 in [0, 1)."""
+    x = w.view(np.int32)
+    x = np.where(x < 0, ~x, x)  # -x - 1, in [0, 2**31)
+    return x.astype(np.float32) * _UNIFORM_SCALE  # exact int -> f32 rounding (to nearest), one f32 multiply
+
+
+_CHUNK = 1 << 17  # elements per Philox pass: keeps the ten rounds' temporaries in cache
+
+
+def _draw(seeds: torch.Tensor, offset: int, shape, normal: bool) -> torch.Tensor:
+    """[B, *shape] float32 of tl.randn (normal) or tl.rand draws at counter (e, offset, 0, 0), key seed_b."""
+    if seeds.dim() != 1 or seeds.dtype != torch.int64:
+        raise ValueError(f"philox: seeds must be an int64 tensor [B], got {seeds.dtype} {tuple(seeds.shape)}")
+    if not 0 <= int(offset) < 2**32:
+        raise ValueError(f"philox: offset must be in [0, 2**32), got {offset}")
+    shape = tuple(int(d) for d in shape)
+    n = math.prod(shape)
+    if n > 2**32:
+        raise ValueError(f"philox: at most 2**32 elements per sample, got {n}")
+    s = seeds.detach().cpu().numpy().view(np.uint64)  # the int64 bit pattern is the 64-bit key
+    out = np.empty((len(s), n), dtype=np.float32)
+    o = np.uint32(offset)
+    for b, key in enumerate(s):
+        k0, k1 = np.uint32(key & _M32), np.uint32(key >> _32)
+        for lo in range(0, n, _CHUNK):
+            e = np.arange(lo, min(n, lo + _CHUNK), dtype=np.uint32)
+            w0, w1, _, _ = _philox_np(e, o, np.uint32(0), np.uint32(0), k0, k1)
+            u1 = _uint_to_uniform(w0)
+            if not normal:
+                out[b, lo:lo + len(e)] = u1
+                continue
+            # Box-Muller exactly as pair_uniform_to_normal, with the float32 ufuncs the interpreter uses
+            u1 = np.maximum(_U_MIN, u1)
+            th = _TWO_PI * _uint_to_uniform(w1)
+            r = np.sqrt(np.float32(-2.0) * np.log(u1))
+            out[b, lo:lo + len(e)] = r * np.cos(th)
+    return torch.from_numpy(out).reshape(len(s), *shape).to(seeds.device)
+
+
+def philox_uniform(seeds: torch.Tensor, offset: int, shape) -> torch.Tensor:
+    """``tl.rand(seed_b, e + offset * 2**32)``: float32 uniforms in [0, 1), [B, *shape] on seeds' device."""
+    return _draw(seeds, offset, shape, normal=False)
+
+
+def philox_normal(seeds: torch.Tensor, offset: int, shape) -> torch.Tensor:
+    """``tl.randn(seed_b, e + offset * 2**32)`` for every sample b and flat element e: float32 [B, *shape].
+
+    seeds: int64 tensor [B] (any values; the int64 bit pattern is the 64-bit Philox key).
+    offset: step offset o in [0, 2**32) (the runtime uses 0 for x_T and 1 + i for step i).
+    shape: the per-sample shape; e runs over its row-major flat index.
+    Computed on the CPU (see the module docstring for why) and returned on seeds' device."""
+    return _draw(seeds, offset, shape, normal=True)

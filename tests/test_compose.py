@@ -1,0 +1,471 @@
+"""compose_gaussians: the Triton kernel (interpreted here) and the torch CPU path against the float64 definition."""
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from msdda.kernels import compose, compose_gaussians, compose_gaussians_ref, fused_step, raise_if_bad
+from msdda.kernels.compose import _moments_ref
+
+# MSDDA_TEST_GPU=1 (see conftest.py): the same tests on CUDA tensors, i.e. on the compiled kernels.
+GPU = os.environ.get("MSDDA_TEST_GPU") == "1"
+DEV = "cuda" if GPU else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _default_device():
+    if GPU:
+        torch.set_default_device("cuda")
+    yield
+    if GPU:
+        torch.set_default_device("cpu")
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Kernel error allowance beyond "2x the same-precision torch expression", relative to max |x_prev|: the output is
+# rounded to the dtype once (half an ulp) after float32 accumulation.
+FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.fixture(params=["triton", "torch"])
+def impl(request, monkeypatch):
+    """Run the public wrappers on the Triton kernel (interpreted on CPU) or on the float32 torch path."""
+    use = request.param == "triton"
+    monkeypatch.setattr(compose, "_use_triton", lambda device: use)
+    monkeypatch.setattr(fused_step, "_use_triton", lambda device: use)
+    return request.param
+
+
+def make_case(K, B, S, *, var_kind="elem", per_sample=False, reference=True, seed=0, dtype=torch.float32):
+    """Experts that compose to a proper Gaussian (P > 0), with distinct per-element variances.
+
+    With ``reference`` expert 0 is a base model N(m0, v0) with exponent c_0 = 1 - sum_k w_k (negative when
+    sum w > 1) and the others are sharper, var_k = 1/(1/v0 + d_k) with d_k >= 0, so P = 1/v0 + sum w_k d_k > 0.
+    Returns mean [K, B, *S] (dtype), var (var_kind: "k" [K], "kb" [K, B], "elem" [K, B, *S], float32),
+    coeff ([K] or [B, K], float32)."""
+    g = torch.Generator(DEV).manual_seed(seed)
+    vshape = {"k": (K,), "kb": (K, B), "elem": (K, B, *S)}[var_kind]
+    rand = lambda *shape: torch.rand(shape, generator=g, dtype=torch.float64)  # noqa: E731
+    mean = torch.randn(K, B, *S, generator=g, dtype=torch.float64)
+    w = 0.2 + 0.8 * rand(*((B, K) if per_sample else (K,)))
+    if reference and K > 1:
+        v0 = 0.5 + 1.5 * rand(*vshape[1:])
+        d = 2.0 * rand(K - 1, *vshape[1:])
+        var = torch.cat([v0[None], 1 / (1 / v0 + d)])
+        w[..., 0] = 1 - w[..., 1:].sum(-1)  # c_0 = 1 - sum_k w_k, typically negative here
+    else:
+        var = 0.1 + rand(*vshape)
+    return mean.to(dtype), var.float(), w.float()
+
+
+def naive(mean, var, coeff, noise):
+    """The plain same-precision torch expression (what a user would write), computed in mean's dtype."""
+    K, B = mean.shape[:2]
+    dt, extra = mean.dtype, (1,) * (mean.dim() - 2)
+    c = (coeff.t() if coeff.dim() == 2 else coeff[:, None]).to(dt).reshape(K, -1, *extra)
+    v = var.to(dt).reshape(*var.shape, *(1,) * (mean.dim() - var.dim()))
+    w = c / v
+    P = w.sum(0)
+    return (w * mean).sum(0) / P + noise.to(dt) / P.sqrt()
+
+
+def err(x, ref):
+    return (x.double() - ref.double()).abs().max().item()
+
+
+def run(mean, var, coeff, **kw):
+    return compose_gaussians(mean, var, coeff, **kw)
+
+
+# ------------------------------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", range(1, 9))
+def test_accuracy_vs_float64(impl, dtype, K):
+    var_kind = ["k", "kb", "elem"][K % 3]
+    mean, var, coeff = make_case(K, 3, (3, 5, 7), var_kind=var_kind, per_sample=K % 2 == 0, seed=K, dtype=dtype)
+    noise = torch.randn(3, 3, 5, 7, generator=torch.Generator(DEV).manual_seed(K)).to(dtype)
+    ref = compose_gaussians_ref(mean, var, coeff, noise=noise)  # float64 on the dtype-rounded inputs
+    want = compose_gaussians_ref(mean.double(), var.double(), coeff.double(), noise=noise.double())
+    x = run(mean, var, coeff, noise=noise)
+    assert x.dtype == dtype and x.shape == (3, 3, 5, 7)
+    scale = want.abs().max().item()
+    e_kernel = err(x, want)
+    e_naive = err(naive(mean, var, coeff, noise), want)
+    assert e_kernel <= max(2 * e_naive, FLOOR[dtype] * scale), (e_kernel, e_naive)
+    assert err(x, ref) <= FLOOR[dtype] * scale
+
+
+@pytest.mark.parametrize(
+    "var_kind, per_sample, layout",
+    [("k", False, "contiguous"), ("kb", True, "contiguous"), ("elem", False, "mean_strided"),
+     ("elem", True, "all_transposed"), ("partial", False, "noise_strided"), ("kb1", True, "mean_strided")],
+)
+def test_layouts_and_broadcasts(impl, var_kind, per_sample, layout):
+    K, B, S = 3, 2, (4, 6, 5)
+    kind = {"partial": "elem", "kb1": "kb"}.get(var_kind, var_kind)
+    mean, var, coeff = make_case(K, B, S, var_kind=kind, per_sample=per_sample, seed=7)
+    if var_kind == "partial":  # [K, B, C, 1, 1]: per-channel variances
+        var = var[..., :1, :1]
+    if var_kind == "kb1":  # [K, 1]: shared over the batch
+        var = var[:, :1]
+    noise = torch.randn(B, *S)
+    if layout == "mean_strided":  # a slice of a bigger [K, B, 2C, ...] tensor: K and B strided, S contiguous
+        big = torch.randn(K, B, 2 * S[0], *S[1:])
+        big[:, :, : S[0]] = mean
+        mean = big[:, :, : S[0]]
+        assert not mean.is_contiguous()
+    if layout == "all_transposed":  # S not flattenable: copied
+        mean = mean.transpose(-1, -2).contiguous().transpose(-1, -2)
+        var = var.transpose(-1, -2).contiguous().transpose(-1, -2)
+        noise = noise.transpose(-1, -2).contiguous().transpose(-1, -2)
+        coeff = coeff.t().contiguous().t()
+        assert not mean.is_contiguous() and not var.is_contiguous() and not coeff.is_contiguous()
+    if layout == "noise_strided":
+        noise = torch.randn(B, 2, *S)[:, 1]
+    x = run(mean, var, coeff, noise=noise)
+    ref = compose_gaussians_ref(mean, var, coeff, noise=noise)
+    assert err(x, ref) <= 2e-6 * ref.abs().max().item()
+
+
+def test_coeff_as_python_list(impl):
+    mean, var, _ = make_case(2, 2, (9,), reference=False)
+    x = run(mean, var, [0.3, 0.7], noise=0)
+    assert err(x, compose_gaussians_ref(mean, var, torch.tensor([0.3, 0.7]), noise=0)) < 1e-6
+
+
+def test_empty_and_scalar_samples(impl):
+    mean, var, coeff = make_case(2, 3, (), reference=False)  # S = (): one element per sample
+    x = run(mean, var, coeff, noise=torch.randn(3))
+    assert x.shape == (3,)
+    assert run(torch.zeros(2, 0, 4), torch.ones(2), torch.ones(2), seed=0).shape == (0, 4)
+
+
+# ------------------------------------------------------------------------------------------------- exactness
+
+
+def _quadratic_case(seed=0, K=3, shape=(2, 3, 4, 5)):
+    """Reference step N(m0, s0^2), rewards r_k(x) = -a_k (x - b_k)^2, temperature beta, weights w (per element)."""
+    g = torch.Generator(DEV).manual_seed(seed)
+    r = lambda: torch.rand(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    m0, s0sq = torch.randn(*shape, generator=g, dtype=torch.float64), 0.2 + r()
+    a = torch.stack([0.1 + 2 * r() for _ in range(K)])
+    b = torch.randn(K, *shape, generator=g, dtype=torch.float64)
+    w = torch.tensor([0.6, 0.5, 0.3][:K], dtype=torch.float64)  # sum w = 1.4: reference exponent c_0 = -0.4
+    return m0, s0sq, a, b, w, 0.7
+
+
+def test_exactness_quadratic_rewards():
+    """p_k ∝ p_ref exp(r_k/beta) are Gaussian; composing them with c_k = w_k and the reference with
+    c_0 = 1 - sum w (here negative) must give the optimum p_ref exp(sum_k w_k r_k / beta) in closed form."""
+    m0, s0sq, a, b, w, beta = _quadratic_case()
+    prec_k = 1 / s0sq + 2 * a / beta  # expert k: precision and mean of p_ref exp(r_k / beta)
+    mu_k = (m0 / s0sq + 2 * a * b / beta) / prec_k
+    prec_opt = 1 / s0sq + 2 * (w[:, None, None, None, None] * a).sum(0) / beta
+    mu_opt = (m0 / s0sq + 2 * (w[:, None, None, None, None] * a * b).sum(0) / beta) / prec_opt
+
+    mean = torch.cat([m0[None], mu_k])  # [1 + K, B, *S]
+    var = torch.cat([s0sq[None], 1 / prec_k])  # distinct per-element variances
+    coeff = torch.cat([1 - w.sum()[None], w])
+    assert coeff[0] < 0
+    mu = compose_gaussians_ref(mean, var, coeff, noise=0)
+    x1 = compose_gaussians_ref(mean, var, coeff, noise=torch.ones_like(m0))  # mu + 1/sqrt(P)
+    assert mu.dtype == torch.float64
+    assert torch.allclose(mu, mu_opt, rtol=1e-6, atol=0)
+    assert torch.allclose(1 / (x1 - mu) ** 2, prec_opt, rtol=1e-6, atol=0)
+    assert ((mu - mu_opt).abs() / mu_opt.abs()).max() < 1e-12  # it is exact, not merely close
+
+    # the float32 kernel on the same problem: as close as float32 allows
+    for use_triton in (True, False):
+        impl_fn = compose._compose_triton if use_triton else compose._compose_torch
+        args = compose._prepare(mean.float(), var.float(), coeff.float(), 0, None, 0, None)
+        got = impl_fn(args).double()
+        assert torch.allclose(got, mu_opt, rtol=1e-5, atol=1e-5 * mu_opt.abs().max().item())
+
+
+def test_exactness_single_expert_is_identity(impl):
+    mean, var, _ = make_case(1, 2, (3, 4), reference=False)
+    noise = torch.randn(2, 3, 4)
+    x = run(mean, var, torch.ones(1), noise=noise)
+    assert torch.allclose(x, mean[0] + noise * var[0].sqrt(), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- noise
+
+
+def test_same_seed_same_output_and_paths_agree(impl):
+    mean, var, coeff = make_case(3, 3, (4, 8), seed=2)
+    x1 = run(mean, var, coeff, seed=123, offset=5)
+    x2 = run(mean, var, coeff, seed=123, offset=5)
+    assert torch.equal(x1, x2)
+    assert not torch.equal(x1, run(mean, var, coeff, seed=124, offset=5))
+    assert not torch.equal(x1, run(mean, var, coeff, seed=123, offset=6))
+    ref = compose_gaussians_ref(mean, var, coeff, seed=123, offset=5)  # the same Philox draws, in float64
+    assert err(x1, ref) <= 2e-6 * ref.abs().max().item()
+    # int seed s means per-sample seeds s + b
+    seeds = torch.tensor([123, 124, 125])
+    assert torch.equal(x1, run(mean, var, coeff, seed=seeds, offset=5))
+
+
+def test_sample_noise_independent_of_batch(impl):
+    mean, var, coeff = make_case(2, 3, (5, 5), var_kind="kb", per_sample=True, seed=4)
+    seeds = torch.tensor([10, 20, 30])
+    x = run(mean, var, coeff, seed=seeds, offset=1)
+    for b in range(3):
+        xb = run(mean[:, b:b + 1], var[:, b:b + 1], coeff[b:b + 1], seed=seeds[b:b + 1], offset=1)
+        assert torch.equal(xb[0], x[b])
+
+
+def test_noise_moments(impl):
+    """(x - mu) sqrt(P) is N(0, 1): mean ~ 0 and variance ~ 1, i.e. x has variance 1/P about mu."""
+    mean, var, coeff = make_case(3, 4, (64, 64), seed=5)
+    x = run(mean, var, coeff, seed=77, offset=3).double()
+    a = compose._prepare(mean, var, coeff, 0, None, 0, None, ref=True)
+    mu, prec, _, ok = _moments_ref(a.mean, a.var, a.coeff)
+    assert bool(ok.all())
+    zhat = ((x.reshape(4, -1) - mu) * prec.sqrt()).flatten()
+    n = zhat.numel()
+    assert abs(zhat.mean()) < 5 / math.sqrt(n)
+    assert abs(zhat.var() - 1) < 5 * math.sqrt(2 / n)
+    assert abs(((x.reshape(4, -1) - mu) ** 2 * prec).mean() - 1) < 5 * math.sqrt(2 / n)
+
+
+def test_explicit_noise_required(impl):
+    mean, var, coeff = make_case(2, 1, (3,))
+    with pytest.raises(ValueError, match="sampling is always explicit"):
+        run(mean, var, coeff)
+    with pytest.raises(ValueError, match="not both"):
+        run(mean, var, coeff, noise=0, seed=1)
+    assert torch.equal(run(mean, var, coeff, noise=0), run(mean, var, coeff, noise=torch.zeros(1, 3)))
+
+
+# ------------------------------------------------------------------------------------------------- zero variance
+
+
+def test_zero_variance_limit(impl):
+    K, B, S = 3, 2, (4, 5)
+    mean, var, coeff = make_case(K, B, S, var_kind="elem", reference=False, seed=8)
+    var[0, :, 0] = 0.0  # expert 0 deterministic on channel 0
+    var[1, :, 0, :2] = 0.0  # and expert 1 too on part of it
+    var[:, 1, 3] = 0.0  # all experts deterministic on channel 3 of sample 1
+    noise = torch.randn(B, *S)
+    x = run(mean, var, coeff, noise=noise)
+    ref = compose_gaussians_ref(mean, var, coeff, noise=noise)
+    assert err(x, ref) < 2e-6 * ref.abs().max().item()
+    c = coeff[:, None, None, None]
+    # channel 0: c-weighted mean of the zero-variance experts, no noise
+    z0 = var[:, :, 0] == 0
+    want = (torch.where(z0, c[:, :, 0] * mean[:, :, 0], 0).sum(0) / torch.where(z0, c[:, :, 0], 0).sum(0))
+    assert torch.allclose(x[:, 0], want, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(x[1, 3], (c[:, 0, 0] * mean[:, 1, 3]).sum(0) / coeff.sum(), rtol=1e-6, atol=1e-6)
+    # elsewhere the usual product
+    assert torch.allclose(x[:, 1:3], ref[:, 1:3], rtol=1e-5, atol=1e-6)
+
+
+def test_ddim_eta0_all_zero_variance(impl):
+    mean, _, coeff = make_case(4, 2, (3, 3), reference=False, seed=9)
+    coeff = torch.tensor([1.5, 0.5, -0.4, -0.6])  # negative exponents are fine while sum c > 0
+    x = run(mean, torch.zeros(4), coeff, seed=1)  # the noise is ignored
+    want = (coeff[:, None, None, None] * mean).sum(0) / coeff.sum()
+    assert torch.allclose(x, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"zero-variance experts with sum of c_k <= 0 at 18 of 18"):
+        run(mean, torch.zeros(4), torch.tensor([0.5, 0.5, -0.4, -0.6]), noise=0)
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def test_nonpositive_precision_raises(impl):
+    K, B, S = 3, 2, (4, 5)
+    mean, var, _ = make_case(K, B, S, reference=False, seed=10)
+    coeff = torch.tensor([0.5, -2.0, 0.1])
+    a = compose._prepare(mean, var, coeff, 0, None, 0, None, ref=True)
+    _, prec, _, _ = _moments_ref(a.mean, a.var, a.coeff)
+    nbad = int((prec <= 0).sum())
+    assert 0 < nbad < B * 20
+    for fn in (run, compose_gaussians_ref):
+        with pytest.raises(ValueError) as e:
+            fn(mean, var, coeff, noise=torch.randn(B, *S))
+        msg = str(e.value)
+        assert "\n" not in msg
+        assert f"P = sum_k c_k/var_k <= 0 at {nbad} of {B * 20} elements" in msg
+        assert "c = [0.5, -2, 0.1]" in msg and "c_1=-2" in msg  # names the offending coefficient
+
+
+def test_per_sample_coefficients_named(impl):
+    mean, var, _ = make_case(2, 3, (4,), var_kind="kb", reference=False, seed=11)
+    coeff = torch.tensor([[0.5, 0.5], [1.0, -5.0], [0.2, 0.8]])
+    var = torch.ones(2, 3)
+    with pytest.raises(ValueError, match=r"at 4 of 12 elements \(samples \[1\]\).*sample 1: c = \[1, -5\]"):
+        run(mean, var, coeff, noise=0)
+
+
+@pytest.mark.parametrize("where", ["mean", "var", "noise", "coeff_nan", "coeff_inf", "var_inf_k", "mean_inf"])
+def test_nonfinite_inputs_raise(impl, where):
+    K, B, S = 3, 2, (4, 5)
+    mean, var, coeff = make_case(K, B, S, seed=12)
+    noise = torch.randn(B, *S)
+    if where == "mean":
+        mean[1, 0, 2, 3] = float("nan")
+    elif where == "mean_inf":
+        mean[0, 1, 0, 0] = -float("inf")
+    elif where == "var":
+        var[2, 1, 1, 1] = float("nan")
+    elif where == "var_inf_k":
+        var = torch.tensor([1.0, float("inf"), 2.0])
+    elif where == "noise":
+        noise[1, 3, 4] = float("inf")
+    elif where == "coeff_nan":
+        coeff[1] = float("nan")
+    else:
+        coeff[0] = float("inf")
+    name = {"mean_inf": "mean", "var_inf_k": "var"}.get(where, where)
+    pattern = "non-finite coefficients" if where.startswith("coeff") else f"NaN/Inf in {name}"
+    for fn in (run, compose_gaussians_ref):
+        with pytest.raises(ValueError, match=pattern):
+            fn(mean, var, coeff, noise=noise)
+
+
+def test_deferred_error_count(impl):
+    mean, var, coeff = make_case(2, 2, (3, 4), seed=13)
+    mean[0, 0, 0, 0] = float("nan")
+    count = torch.zeros(1, dtype=torch.int32)
+    x = run(mean, var, coeff, noise=0, validate=False, error_count=count)
+    assert x.shape == (2, 3, 4)
+    assert int(count) == 1
+    run(mean, var, coeff, noise=0, validate=False, error_count=count)  # accumulates over steps
+    assert int(count) == 2
+    with pytest.raises(ValueError, match=r"2 elements had P = sum_k c_k/var_k <= 0 or a non-finite value"):
+        raise_if_bad(count, coeff)
+    ok = torch.zeros(1, dtype=torch.int32)
+    mean[0, 0, 0, 0] = 0.0
+    run(mean, var, coeff, noise=0, validate=False, error_count=ok)
+    raise_if_bad(ok, coeff)  # nothing counted: no raise
+    run(mean, var, torch.tensor([float("nan"), 1.0]), noise=0, validate=False)  # unchecked: no raise
+
+
+def test_argument_errors(impl):
+    mean, var, coeff = make_case(2, 2, (3,), reference=False)
+    cases = [
+        (dict(mean=mean.double()), TypeError, "dtype"),
+        (dict(mean=mean.to(torch.int32)), TypeError, "dtype"),
+        (dict(mean=mean[0, 0]), ValueError, r"\[K, B, \*S\]"),
+        (dict(mean=mean[:0]), ValueError, "K >= 1"),
+        (dict(var=torch.ones(3)), ValueError, "does not broadcast"),
+        (dict(var=torch.ones(2, 2, 2)), ValueError, "does not broadcast"),
+        (dict(var=torch.ones(2, 2, 3, 1)), ValueError, r"\[K\], \[K, B\] or \[K, B, \*S\]"),
+        (dict(var=torch.ones(2, dtype=torch.int64)), TypeError, "var must have dtype"),
+        (dict(coeff=torch.ones(3)), ValueError, "coeff must be"),
+        (dict(coeff=torch.ones(2, dtype=torch.int64)), TypeError, "coeff must be a float"),
+        (dict(var=torch.ones(2, device="meta")), ValueError, "one device"),
+        (dict(coeff=torch.ones(2, device="meta")), ValueError, "one device"),
+        (dict(noise=torch.ones(2, 4)), ValueError, "noise must be"),
+        (dict(noise=torch.ones(2, 3, device="meta")), ValueError, "one device"),
+        (dict(noise=None, seed=torch.tensor([1, 2], dtype=torch.int32)), ValueError, "int64"),
+        (dict(noise=None, seed=1.5), TypeError, "seed must be"),
+        (dict(offset=-1), ValueError, "offset"),
+        (dict(error_count=torch.zeros(1)), TypeError, "error_count"),
+    ]
+    for over, exc, pattern in cases:
+        kw = dict(mean=mean, var=var, coeff=coeff, noise=torch.zeros(2, 3))
+        kw.update(over)
+        m, v, c = kw.pop("mean"), kw.pop("var"), kw.pop("coeff")
+        with pytest.raises(exc, match=pattern):
+            run(m, v, c, **kw)
+
+
+# ------------------------------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    K=st.integers(1, 6),
+    B=st.integers(1, 3),
+    S=st.lists(st.integers(1, 9), min_size=0, max_size=3),
+    dtype=st.sampled_from(DTYPES),
+    var_kind=st.sampled_from(["k", "kb", "elem"]),
+    per_sample=st.booleans(),
+    reference=st.booleans(),
+    noise_kind=st.sampled_from(["tensor", "zero", "seed"]),
+    use_triton=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_reference(K, B, S, dtype, var_kind, per_sample, reference, noise_kind, use_triton, seed):
+    mean, var, coeff = make_case(K, B, tuple(S), var_kind=var_kind, per_sample=per_sample, reference=reference,
+                                 seed=seed, dtype=dtype)
+    kw = {"tensor": dict(noise=torch.randn(B, *S).to(dtype)), "zero": dict(noise=0),
+          "seed": dict(seed=seed, offset=seed % 5)}[noise_kind]
+    args = compose._prepare(mean, var, coeff, kw.get("noise"), kw.get("seed"), kw.get("offset", 0), None)
+    x = (compose._compose_triton if use_triton else compose._compose_torch)(args)
+    ref = compose_gaussians_ref(mean, var, coeff, **kw)
+    want = compose_gaussians_ref(mean.double(), var.double(), coeff.double(),
+                                 **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    assert x.shape == (B, *S) and x.dtype == dtype
+    scale = max(want.abs().max().item(), 1e-3)
+    assert err(x, ref) <= FLOOR[dtype] * scale
+    if noise_kind != "seed":
+        e_naive = err(naive(mean, var, coeff, kw["noise"] if noise_kind == "tensor" else torch.zeros(B, *S)), want)
+        assert err(x, want) <= max(2 * e_naive, FLOOR[dtype] * scale)
+
+
+# ------------------------------------------------------------------------------------------------- real compiler
+
+_COMPILE_SCRIPT = r"""
+import itertools
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from msdda.kernels.compose import _compose_kernel
+from msdda.kernels.fused_step import _fused_step_kernel
+
+def build(fn, types, consts, div16):
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4))
+
+for dt, vpe, noise in [("fp32", True, 1), ("bf16", False, 2), ("fp16", True, 0)]:
+    k = build(_compose_kernel, dict(mean_ptr="*" + dt, var_ptr="*fp32", coeff_ptr="*fp32", noise_ptr="*fp32",
+                                    seed_ptr="*i64", out_ptr="*" + dt, err_ptr="*i32"),
+              dict(VAR_PER_ELEMENT=vpe, NOISE=noise, CHECK=True, BLOCK=1024),
+              ["mean_ptr", "var_ptr", "noise_ptr", "out_ptr", "N", "stride_mk", "stride_mb", "stride_vk",
+               "stride_vb", "stride_nb"])
+    if dt == "fp32":
+        assert "ld.global.v4" in k.asm["ptx"], "the per-element loads should vectorise"
+floats = ["guidance", "px", "po", "mx", "m0", "mo", "clip", "var_fixed", "lv_min", "lv_max"]
+for mode, cfg in itertools.product([0, 1, 2], [False, True]):
+    types = dict(raw_ptr="*fp16", xt_ptr="*fp32", coeff_ptr="*fp32", noise_ptr="*fp32", seed_ptr="*i64",
+                 out_ptr="*fp32", err_ptr="*i32", offset="i64", **{f: "fp32" for f in floats})
+    build(_fused_step_kernel, types, dict(VAR_MODE=mode, CFG=cfg, NOISE=2, CHECK=True, BLOCK=1024), [])
+
+# and without the interpreter, CPU tensors take the torch path (chosen once, at import)
+import torch
+from msdda.kernels import compose, compose_gaussians
+assert not compose._TRITON_ON_CPU and not compose._use_triton(torch.device("cpu"))
+calls = []
+orig = compose._compose_torch
+compose._compose_torch = lambda *a, **k: calls.append(1) or orig(*a, **k)
+compose_gaussians(torch.randn(2, 3, 4), torch.ones(2), torch.ones(2), seed=1)
+assert calls == [1]
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90_and_cpu_dispatch():
+    """Interpreted tests cannot see compiler-only problems: compile both kernels to cubin for sm_90 with Triton's
+    bundled ptxas (no GPU needed), in a process without TRITON_INTERPRET; there, CPU tensors take the torch path."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton build has no bundled ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
