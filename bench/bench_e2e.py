@@ -1,12 +1,15 @@
 """End-to-end benchmark: msdda's Engine against the way people compose experts today, in one process.
 
-The baseline is Diffusion Blend's loop: for each step, call each expert's diffusers UNet in turn on the
-classifier-free-guidance batch, guide, average the noise predictions by the weights, then diffusers'
-``scheduler.step``. Every comparison is a ratio of two runs on the same models, steps and batch, measured
-here, in this process, interleaved (ABAB...) so machine noise hits both sides alike.
+Baselines, on the same models, steps, batch and initial latents:
+- ``loop``: Diffusion Blend's way. Each step calls each expert's diffusers UNet in turn on the classifier-free
+  guidance batch, guides, averages the noise predictions by the weights, then calls diffusers' scheduler.step.
+- ``single``: one diffusers generation with one model (the unit of "K x single-model time").
 
-    .venv/bin/python bench/bench_e2e.py                 # the full sweep, writes bench/results/<machine>-<date>-e2e.json
-    .venv/bin/python bench/bench_e2e.py --quick         # a smoke run
+Every figure that compares two things is a ratio of medians measured here, interleaved run by run, so machine
+noise hits both sides alike. Also reported: the per-step split (networks / combine / rest) and peak memory.
+
+    .venv/bin/python bench/bench_e2e.py                # full sweep -> bench/results/<machine>-<date>-e2e.json
+    .venv/bin/python bench/bench_e2e.py --quick        # smoke run, nothing written
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 
@@ -29,15 +33,45 @@ from tiny_models import make_tiny_sd_pipeline, perturbed_copy  # noqa: E402
 
 
 def machine_name() -> str:
-    cpu = platform.processor() or platform.machine()
     if torch.cuda.is_available():
         return torch.cuda.get_device_name().replace(" ", "-")
-    return f"{platform.machine()}-{torch.get_num_threads()}threads{('-' + cpu) if cpu and cpu != platform.machine() else ''}"
+    import os
+    return f"cpu-{os.cpu_count()}core-{platform.machine()}"
 
 
-def diffusers_blend_loop(pipe, unets, weights, prompt_embeds, negative_embeds, latents, steps, guidance):
+# ---------------------------------------------------------------------- peak memory (Linux RSS high-water mark)
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _peak_rss_mb()
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    _reset_peak_rss()
+
+
+# ---------------------------------------------------------------------- baselines
+def diffusers_blend_loop(sched, unets, weights, prompt_embeds, negative_embeds, latents, steps, guidance):
     """Diffusion Blend's way: each expert's UNet in turn, CFG, weighted eps average, scheduler.step."""
-    sched = pipe.scheduler
     sched.set_timesteps(steps)
     x = latents.clone()
     emb = torch.cat([negative_embeds, prompt_embeds])
@@ -45,90 +79,150 @@ def diffusers_blend_loop(pipe, unets, weights, prompt_embeds, negative_embeds, l
         for t in sched.timesteps:
             eps = 0
             for w, unet in zip(weights, unets):
-                out = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample
-                u, c = out.chunk(2)
+                u, c = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample.chunk(2)
                 eps = eps + w * (u + guidance * (c - u))
             x = sched.step(eps, t, x, eta=1.0).prev_sample
     return x
 
 
-def single_model_loop(pipe, prompt_embeds, negative_embeds, latents, steps, guidance):
-    """One diffusers generation with the base alone (the unit of 'K x single-model time')."""
-    return diffusers_blend_loop(pipe, [pipe.unet], [1.0], prompt_embeds, negative_embeds, latents, steps, guidance)
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
+def timed(fn) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------- step-cost split
+@contextmanager
+def step_split(engine):
+    """Time the networks (backend.forward) and the combine (fused_expert_step) inside generate."""
+    import msdda.engine as engine_mod
+
+    acc = {"networks": 0.0, "combine": 0.0}
+    backend, fused = engine.backend, engine_mod.fused_expert_step
+    real_forward = backend.forward
+
+    def forward(*a, **k):
+        sync()
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+        out = real_forward(*a, **k)
+        sync()
+        acc["networks"] += time.perf_counter() - t0
+        return out
+
+    def combine(*a, **k):
+        sync()
+        t0 = time.perf_counter()
+        out = fused(*a, **k)
+        sync()
+        acc["combine"] += time.perf_counter() - t0
+        return out
+
+    backend.forward, engine_mod.fused_expert_step = forward, combine
+    try:
+        yield acc
+    finally:
+        del backend.forward
+        engine_mod.fused_expert_step = fused
 
 
-def main(argv=None) -> int:
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+# ---------------------------------------------------------------------- driver
+def run(ks, batches, backends, steps, repeats, guidance=7.5, log=print):
+    from diffusers import DDIMScheduler, UNet2DConditionModel
 
     import msdda
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    ks = (2,) if args.quick else (1, 2, 3)
-    batches = (2,) if args.quick else (1, 8)
-    backends = ("torch", "onnxruntime")
-    steps, guidance = (3 if args.quick else args.steps), 7.5
-    repeats = 1 if args.quick else args.repeats
-
     rows = []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = make_tiny_sd_pipeline(tmp / "base")
-        expert_paths = {f"e{k}": perturbed_copy(base, tmp / f"e{k}", seed=k + 1, scale=0.2) for k in range(max(ks))}
-        pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
-        unets = {n: UNet2DConditionModel.from_pretrained(pth / "unet").eval() for n, pth in expert_paths.items()}
-        engines = {(bk, k): msdda.Engine.from_pretrained(base, {n: expert_paths[n] for n in list(expert_paths)[:k]},
-                                                         backend=bk, **({"cache_dir": tmp / "cache"} if bk == "onnxruntime" else {}))
-                   for bk in backends for k in ks}
-        for batch in batches:
-            g = torch.Generator().manual_seed(0)
-            latents = torch.randn(batch, 4, 16, 16, generator=g)
-            eng0 = engines[(backends[0], ks[0])]
-            emb = eng0._encode_text(["a photo of a cat"] * batch)
-            neg = eng0._encode_text([""] * batch)
-            single = lambda: single_model_loop(pipe, emb, neg, latents, steps, guidance)  # noqa: E731
-            single()
-            t_single = timed(single, repeats)
+        paths = {f"e{k}": perturbed_copy(base, tmp / f"e{k}", seed=k + 1, scale=0.2) for k in range(max(ks))}
+        unets = {n: UNet2DConditionModel.from_pretrained(p / "unet").to(device).eval() for n, p in paths.items()}
+        sched = DDIMScheduler.from_pretrained(base / "scheduler")
+        for bk in backends:
+            opts = {"cache_dir": tmp / "cache"} if bk != "torch" else {}
             for k in ks:
-                names = list(expert_paths)[:k]
-                w = [1.0 / k] * k
-                loop = lambda: diffusers_blend_loop(pipe, [unets[n] for n in names], w, emb, neg, latents, steps, guidance)  # noqa: E731
-                loop()
-                t_loop = timed(loop, repeats)
-                for bk in backends:
-                    eng = engines[(bk, k)]
-                    run = lambda: eng.generate(prompt_embeds=emb, negative_prompt_embeds=neg, weights={n: 1.0 / k for n in names},  # noqa: E731
-                                               num_images=batch, steps=steps, guidance_scale=guidance, latents=latents,
-                                               output_type="latent", normalize=True)
-                    run()
-                    t_ours = timed(run, repeats)
-                    row = dict(model="tiny-sd", backend=bk, K=k, batch=batch, steps=steps,
-                               msdda_s=statistics.median(t_ours), loop_s=statistics.median(t_loop),
-                               single_s=statistics.median(t_single))
-                    row["speedup_vs_loop"] = row["loop_s"] / row["msdda_s"]
-                    row["vs_K_single"] = row["msdda_s"] / (k * row["single_s"])
-                    row["images_per_s"] = batch / row["msdda_s"]
-                    row["s_per_step"] = row["msdda_s"] / steps
+                names = list(paths)[:k]
+                eng = msdda.Engine.from_pretrained(base, {n: paths[n] for n in names}, backend=bk, device=device, **opts)
+                weights = {n: 1.0 / k for n in names}
+                for batch in batches:
+                    latents = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(batch)).to(device)
+                    emb = eng._encode_text(["a photo of a cat"] * batch)
+                    neg = eng._encode_text([""] * batch)
+                    ours = lambda: eng.generate(prompt_embeds=emb, negative_prompt_embeds=neg, weights=weights,  # noqa: E731
+                                                num_images=batch, steps=steps, guidance_scale=guidance,
+                                                latents=latents, output_type="latent", normalize=True)
+                    loop = lambda: diffusers_blend_loop(sched, [unets[n] for n in names], [1.0 / k] * k,  # noqa: E731
+                                                        emb, neg, latents, steps, guidance)
+                    single = lambda: diffusers_blend_loop(sched, [unets[names[0]]], [1.0], emb, neg, latents,  # noqa: E731
+                                                          steps, guidance)
+                    for fn in (ours, loop, single):   # warm up (ONNX Runtime arenas, allocator)
+                        fn()
+                    t = {"msdda": [], "loop": [], "single": []}
+                    for _ in range(repeats):      # interleaved
+                        t["msdda"].append(timed(ours))
+                        t["loop"].append(timed(loop))
+                        t["single"].append(timed(single))
+                    with step_split(eng) as split:
+                        total = timed(ours)
+                    reset_peak_memory()
+                    ours()
+                    peak = peak_memory_mb()
+                    med = {key: statistics.median(v) for key, v in t.items()}
+                    row = dict(model="tiny-sd-0.8M", backend=bk, K=k, batch=batch, steps=steps, cfg=guidance,
+                               msdda_s=med["msdda"], loop_s=med["loop"], single_s=med["single"],
+                               speedup_vs_loop=med["loop"] / med["msdda"],
+                               vs_K_single=med["msdda"] / (k * med["single"]),
+                               images_per_s=batch / med["msdda"], latency_per_image_s=med["msdda"] / batch,
+                               s_per_step=med["msdda"] / steps,
+                               split_networks=split["networks"] / total, split_combine=split["combine"] / total,
+                               split_rest=1 - (split["networks"] + split["combine"]) / total,
+                               peak_mem_mb=peak)
                     rows.append(row)
-                    print(f"{bk:12s} K={k} B={batch:2d}: msdda {row['msdda_s']:.3f}s  loop {row['loop_s']:.3f}s  "
-                          f"speedup {row['speedup_vs_loop']:.2f}x  msdda/(K*single) {row['vs_K_single']:.2f}", flush=True)
+                    log(f"{bk:11s} K={k} B={batch:2d}: msdda {row['msdda_s']:.3f}s loop {row['loop_s']:.3f}s "
+                        f"x{row['speedup_vs_loop']:.2f} | msdda/(K*single) {row['vs_K_single']:.2f} | "
+                        f"combine {100 * row['split_combine']:.1f}% | peak {peak:.0f} MB")
+    return rows
+
+
+def table(rows) -> str:
+    head = ("| backend | K | batch | msdda s | loop s | speedup vs loop | msdda / (K x single) | images/s | "
+            "combine % of step | peak MB |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    return head + "".join(
+        f"| {r['backend']} | {r['K']} | {r['batch']} | {r['msdda_s']:.3f} | {r['loop_s']:.3f} | "
+        f"{r['speedup_vs_loop']:.2f}x | {r['vs_K_single']:.2f} | {r['images_per_s']:.1f} | "
+        f"{100 * r['split_combine']:.1f} | {r['peak_mem_mb']:.0f} |\n" for r in rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: K=2, batch 2, 2 steps, nothing written")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ks", default="1,2,3,4")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--backends", default="torch,onnxruntime")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        ks, batches, steps, repeats = (2,), (2,), 2, 1
+    else:
+        ks = tuple(int(k) for k in args.ks.split(","))
+        batches = tuple(int(b) for b in args.batches.split(","))
+        steps, repeats = args.steps, args.repeats
+    rows = run(ks, batches, tuple(args.backends.split(",")), steps, repeats)
+    print(table(rows))
     result = {"machine": machine_name(), "date": str(date.today()), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "rows": rows}
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{machine_name()}-{date.today()}-e2e.json"
     if not args.quick or args.out:
+        out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{machine_name()}-{date.today()}-e2e.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")

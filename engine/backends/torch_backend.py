@@ -18,6 +18,14 @@ def unet_kwargs(cond: Conditioning) -> dict:
     return kwargs
 
 
+def _moved(net: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """net on device/dtype; a no-op (and no diffusers dtype warning) when it is already there."""
+    p = next(net.parameters())
+    if p.device != device or p.dtype != dtype:
+        net = net.to(device, dtype)
+    return net
+
+
 class TorchBackend:
     """Runs same-architecture diffusers UNets with torch.
 
@@ -32,7 +40,7 @@ class TorchBackend:
         self.members = tuple(networks)
         self.device = torch.device(device)
         self.dtype = dtype or next(iter(networks.values())).dtype
-        self._nets = tuple(n.to(self.device, self.dtype).eval().requires_grad_(False) for n in networks.values())
+        self._nets = tuple(_moved(n, self.device, self.dtype).eval().requires_grad_(False) for n in networks.values())
         self._params, self._buffers = stack_module_state(list(self._nets))
         self._skeleton = copy.deepcopy(self._nets[0]).to("meta")
         self._calls = tuple(torch.compile(n) if compile else n for n in self._nets)
