@@ -134,6 +134,17 @@ def test_same_seed_same_image_whatever_the_batch(pixel_engine):
 
 
 def test_four_threads_match_sequential(pixel_engine):
+    _check_threads_match_sequential(pixel_engine)
+
+
+def test_four_threads_match_sequential_onnxruntime(pixel_models, tmp_path):
+    pytest.importorskip("onnxruntime")
+    base, experts = pixel_models
+    _check_threads_match_sequential(msdda.Engine.from_pretrained(base, experts, backend="onnxruntime",
+                                                                 cache_dir=tmp_path))
+
+
+def _check_threads_match_sequential(pixel_engine):
     jobs = [dict(weights={"a": w, "b": 1 - w}, seed=[s], strategy=st)
             for w, s, st in ((0.1, 1, "msdda"), (0.5, 2, "mpa"), (0.7, 3, "msdda"), (0.9, 4, "soup"))]
     sequential = [_gen(pixel_engine, **j) for j in jobs]
