@@ -91,8 +91,8 @@ class Engine:
         base_model = load_base(base, dtype)
         loaded, infos = {}, [ModelInfo("base", str(base), base_model.weights_sha256)]
         for name, path in (experts or {}).items():
-            if not name or not name.replace("_", "").replace("-", "").isalnum():
-                raise LoadError(f"bad expert name {name!r}: use letters, digits, '_' and '-'")
+            if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+                raise LoadError(f"bad expert name {name!r}: use letters, digits, '_', '-' and '.'")
             loaded[name], sha = load_expert(name, path, base_model, dtype)
             infos.append(ModelInfo(name, str(path), sha))
         return cls(base_model, loaded, backend=backend, device=device, dtype=dtype, scheduler=scheduler,

@@ -1,0 +1,244 @@
+"""Zoo evaluation (msdda.evaluate) on tiny stand-in models: hypervolume, Pareto filtering, CoDe, RGG, and an
+end-to-end run of every strategy with resume."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import msdda
+from msdda import evaluate as E
+from msdda.zoo import OBJECTIVES, ORACLES
+from msdda.zoo.rewards import bold
+from tiny_models import make_tiny_unet2d, perturbed_copy
+
+STEPS = 4
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def torch_step(monkeypatch):
+    """Sample with the fused step's float32 torch path instead of the Triton interpreter: these tests are about
+    the evaluation (the step itself is tested against its definition in test_fused_step.py), and the
+    interpreter would dominate their time. The engine and these samplers use the same path, so comparisons
+    between them stay exact."""
+    import msdda.kernels.compose as compose
+
+    monkeypatch.setattr(compose, "_TRITON_ON_CPU", False)
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    """A zoo-shaped folder of tiny 16x16 class-conditional learned-variance UNets: base, experts, oracles."""
+    root = tmp_path_factory.mktemp("tinyzoo")
+    make_tiny_unet2d(root / "base", learned_variance=True, num_class_embeds=11, sample_size=16)
+    for i, name in enumerate(OBJECTIVES + ORACLES):
+        perturbed_copy(root / "base", root / name, seed=i + 1, scale=0.3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_engine(tiny_zoo):
+    return msdda.Engine.from_pretrained(tiny_zoo / "base", {})
+
+
+@pytest.fixture(scope="module")
+def zero_eps_engine(tmp_path_factory):
+    """A base whose network outputs are identically 0 (eps = 0, variance channel 0): the Tweedie estimate is
+    x_t / sqrt(abar_t), so d bold(x0_hat) / d x_t > 0 everywhere -- a case where RGG's direction is known."""
+    from diffusers import UNet2DModel
+
+    root = tmp_path_factory.mktemp("zero")
+    make_tiny_unet2d(root / "base", learned_variance=True, num_class_embeds=11, sample_size=16)
+    unet = UNet2DModel.from_pretrained(root / "base" / "unet")
+    with torch.no_grad():
+        unet.conv_out.weight.zero_()
+        unet.conv_out.bias.zero_()
+    unet.save_pretrained(root / "base" / "unet", safe_serialization=True)
+    return msdda.Engine.from_pretrained(root / "base", {})
+
+
+def _rewards():
+    return E.make_rewards()
+
+
+# ---------------------------------------------------------------------------------------------- hypervolume
+def test_hypervolume_2d_hand_computed():
+    pts = [(1, 3), (2, 2), (3, 1)]
+    assert E.hypervolume(pts, (0, 0)) == pytest.approx(6.0)          # 1*3 + 1*2 + 1*1
+    assert E.hypervolume(pts + [(1, 1), (0.5, 2.5)], (0, 0)) == pytest.approx(6.0)   # dominated points add nothing
+    assert E.hypervolume(pts, (-1, -1)) == pytest.approx(13.0)       # 2*4 + 1*3 + 1*2
+    assert E.hypervolume([(2, 5)], (1, 1)) == pytest.approx(4.0)
+    assert E.hypervolume([(0.5, 9), (3, 0.5)], (1, 1)) == 0.0        # nothing strictly above the reference
+    assert E.hypervolume([(2, 2), (2, 2)], (0, 0)) == pytest.approx(4.0)   # duplicates count once
+    assert E.hypervolume([], (0, 0)) == 0.0
+
+
+def test_hypervolume_3d_hand_computed():
+    assert E.hypervolume([(2, 3, 4)], (0, 0, 0)) == pytest.approx(24.0)
+    assert E.hypervolume([(2, 2, 1), (1, 1, 2)], (0, 0, 0)) == pytest.approx(5.0)    # 4 + 2 - 1
+    # three boxes of volume 3, pairwise overlaps 1, triple overlap 1: 9 - 3 + 1
+    assert E.hypervolume([(3, 1, 1), (1, 3, 1), (1, 1, 3)], (0, 0, 0)) == pytest.approx(7.0)
+    # equal last objective: the 2D area times the height
+    assert E.hypervolume([(1, 3, 2), (2, 2, 2), (3, 1, 2)], (0, 0, 0)) == pytest.approx(12.0)
+    assert E.hypervolume([(1, 3, 2), (2, 2, 2), (3, 1, 2)], (0, 0, 1)) == pytest.approx(6.0)
+
+
+def test_hypervolume_3d_matches_inclusion_exclusion():
+    """Exact union volume of random boxes by inclusion-exclusion over all subsets."""
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        pts = rng.uniform(0.1, 1.0, size=(6, 3))
+        ref = np.zeros(3)
+        total = 0.0
+        for mask in range(1, 2 ** len(pts)):
+            sub = pts[[i for i in range(len(pts)) if mask >> i & 1]]
+            total += (-1) ** (len(sub) + 1) * np.prod(sub.min(axis=0) - ref)
+        assert E.hypervolume(pts, ref) == pytest.approx(total, rel=1e-9)
+
+
+def test_pareto_mask():
+    pts = np.array([[1, 3], [2, 2], [3, 1], [1, 1], [2, 2], [0.5, 3], [3, 0.5]])
+    assert E.pareto_mask(pts).tolist() == [True, True, True, False, True, False, False]
+    assert E.pareto_mask(np.array([[1, 1, 1], [1, 1, 2], [0, 5, 0]])).tolist() == [False, True, True]
+
+
+def test_weight_grids():
+    pw = E.pair_weights(("legible", "bold"), 0.1)
+    assert len(pw) == 11 and pw[0] == {"legible": 0.0, "bold": 1.0} and pw[-1] == {"legible": 1.0, "bold": 0.0}
+    sw = E.simplex_weights(OBJECTIVES, 0.2)
+    assert len(sw) == 21 and all(abs(sum(w.values()) - 1) < 1e-9 for w in sw)
+    pair_keys = {E._canonical(w) for a, b in E.combinations()[:3] for w in E.pair_weights((a, b), 0.1)}
+    edges = [w for w in sw if min(w.values()) == 0]
+    assert len(edges) == 15 and all(E._canonical(w) in pair_keys for w in edges)   # only 6 new points
+    assert len(E.simplex_weights(OBJECTIVES, 0.25)) == 15
+    with pytest.raises(ValueError):
+        E.EvalSettings(pair_step=0.3).validate()
+
+
+# ---------------------------------------------------------------------------------------------- CoDe
+def _base(engine, seeds, labels, steps=STEPS):
+    return engine.generate(class_labels=labels, num_images=len(seeds), seed=[int(s) for s in seeds], steps=steps,
+                           guidance_scale=2.0, strategy="base", output_type="latent").latents
+
+
+def test_code_with_one_candidate_is_the_base_sampler(base_engine):
+    seeds, labels = [3, 4, 5], [0, 1, 2]
+    x = E.code_sample(base_engine, labels, seeds, {"bold": 1.0}, _rewards(), steps=STEPS, guidance_scale=2.0,
+                      n_candidates=1, block=2)     # two blocks: exercises the reuse of the block-end output
+    torch.testing.assert_close(x, _base(base_engine, seeds, labels), atol=1e-5, rtol=1e-5)
+
+
+def test_code_picks_the_best_candidate(base_engine):
+    """One block spanning the whole chain: CoDe must return, per sample, the best-scoring of N base-model
+    chains that start from the sample's own x_T and draw their step noise with the candidate seeds."""
+    from msdda.kernels import philox_normal
+
+    seeds, labels, n = [10, 11, 12], [7, 2, 9], 3
+    weights = {"legible": 0.3, "bold": 0.7}
+    rewards = _rewards()
+    x = E.code_sample(base_engine, labels, seeds, weights, rewards, steps=STEPS, guidance_scale=2.0,
+                      n_candidates=n, block=STEPS)
+    shape = base_engine.sample_shape
+    x_T = philox_normal(torch.tensor(seeds), 0, shape)
+    cand = E.candidate_seeds(seeds, n).view(n, len(seeds))
+    xs = torch.stack([base_engine.generate(
+        class_labels=labels, num_images=len(seeds), steps=STEPS, guidance_scale=2.0, strategy="base",
+        latents=x_T, noise=torch.stack([philox_normal(cand[j], 1 + i, shape) for i in range(STEPS)]),
+        output_type="latent").latents for j in range(n)])                                   # [N, B, ...]
+    lab = torch.tensor(labels)
+    scores = torch.stack([E.weighted_reward(xs[j].clamp(-1, 1), lab, weights, rewards) for j in range(n)])
+    best = scores.argmax(0)
+    torch.testing.assert_close(x, xs[best, torch.arange(len(seeds))], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(xs[0], xs[1])                               # the candidates really differ
+
+
+# ---------------------------------------------------------------------------------------------- RGG
+def test_rgg_with_scale_zero_is_the_base_sampler(base_engine):
+    seeds, labels = [1, 2], [4, 5]
+    x = E.rgg_sample(base_engine, labels, seeds, {"legible": 0.5, "bold": 0.5}, _rewards(), steps=STEPS,
+                     guidance_scale=2.0, scale=0.0)
+    torch.testing.assert_close(x, _base(base_engine, seeds, labels), atol=1e-5, rtol=1e-5)
+
+
+def test_rgg_moves_the_reward_the_right_way(zero_eps_engine):
+    seeds, labels = [0, 1, 2, 3], [0, 1, 2, 3]
+    base = _base(zero_eps_engine, seeds, labels)
+    guided = E.rgg_sample(zero_eps_engine, labels, seeds, {"bold": 1.0}, _rewards(), steps=STEPS,
+                          guidance_scale=2.0, scale=20.0)
+    lab = torch.tensor(labels)
+    assert bool((guided >= base - 1e-6).all())                       # every pixel moved up (or stayed clamped)
+    assert bool((bold(guided, lab) > bold(base, lab)).all())          # bolder, sample by sample
+    with pytest.raises(ValueError, match="differentiable"):
+        E.rgg_sample(zero_eps_engine, labels, seeds, {"compressible": 1.0}, _rewards(), steps=STEPS,
+                     guidance_scale=2.0, scale=1.0, differentiable={"legible", "bold"})
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+SMALL = E.EvalSettings(samples=2, steps=2, pair_step=0.5, triple_step=0.5, code_candidates=2, code_block=1,
+                       batch_size=2, timing_images=1, grid_images=2, bootstrap=20)
+PAIR = ("legible", "bold")
+QUIET = dict(progress=False, log=lambda m: None)
+
+
+def test_end_to_end_every_strategy_then_resume(tiny_zoo, tmp_path):
+    out = tmp_path / "zoo_eval"
+    res = E.evaluate(out=out, settings=SMALL, zoo_root=tiny_zoo, combos=[PAIR], **QUIET)
+    # files
+    assert (tmp_path / "zoo_eval.json").exists() and (tmp_path / "zoo_eval.md").exists()
+    assert (out / "pareto_legible_bold.png").exists()
+    for s in E.STRATEGIES:
+        assert (out / f"grid_{s}.png").exists(), s
+    saved = json.loads((tmp_path / "zoo_eval.json").read_text())
+    lb = saved["combinations"]["legible+bold"]
+    assert set(lb["strategies"]) == set(E.STRATEGIES)
+    for s, e in lb["strategies"].items():
+        assert e["hypervolume"] >= 0 and all(np.isfinite(list(p["mean"].values())).all() for p in e["points"])
+        assert e["n_points"] == {"base": 1, "oracle": 3}.get(s, 3)
+    assert [row["w"] for row in lb["oracle_comparison"]] == [0.2, 0.5, 0.8]
+    assert "msdda" in lb["oracle_comparison"][1]["strategies"]        # w = 0.5 is on the grid
+    assert set(saved["timing"]["seconds_per_image"]) == set(E.STRATEGIES)
+    assert "**msdda**" in (tmp_path / "zoo_eval.md").read_text()
+    n_items = len(res["run"]["computed"])
+    assert n_items == 1 + 3 + 3 * 5 and not res["run"]["skipped"]    # base, 3 oracles, 3 points x 5 strategies
+
+    # resume: nothing recomputed, same numbers
+    again = E.evaluate(out=out, settings=SMALL, zoo_root=tiny_zoo, combos=[PAIR], **QUIET)
+    assert again["run"]["computed"] == [] and len(again["run"]["skipped"]) == n_items
+    assert again["combinations"]["legible+bold"]["strategies"]["msdda"]["hypervolume"] == \
+        lb["strategies"]["msdda"]["hypervolume"]
+
+    # a missing and a damaged cache file are recomputed, and only those
+    (cache,) = (out / "cache").iterdir()                                 # one folder per run-level setting
+    assert cache.name == "n2_s2_g2_seed0"
+    (cache / "msdda__legible-0.5000_bold-0.5000.json").unlink()
+    (cache / "soup__bold-1.0000.json").write_text('{"truncated": ')
+    third = E.evaluate(out=out, settings=SMALL, zoo_root=tiny_zoo, combos=[PAIR], timing=False, **QUIET)
+    assert sorted(third["run"]["computed"]) == ["msdda/legible-0.5000_bold-0.5000", "soup/bold-1.0000"]
+    # paired samples: the recomputed point is identical to the first run's
+    m1 = [p for p in lb["strategies"]["msdda"]["points"] if p["weights"] == {"legible": 0.5, "bold": 0.5}][0]
+    m3 = [p for p in third["combinations"]["legible+bold"]["strategies"]["msdda"]["points"]
+          if p["weights"] == {"legible": 0.5, "bold": 0.5}][0]
+    assert m1["mean"] == pytest.approx(m3["mean"], rel=1e-5)
+
+
+def test_triple_reuses_pair_points_and_changed_settings_recompute(tiny_zoo, tmp_path):
+    out = tmp_path / "e"
+    kw = dict(zoo_root=tiny_zoo, combos=[PAIR, OBJECTIVES], strategies=["msdda", "code"], timing=False,
+              plots=False, **QUIET)
+    res = E.evaluate(out=out, settings=SMALL, **kw)
+    # pair: 3 points; triple at step 0.5: 6 points, 3 of them (legible, bold, legible=bold=0.5) the pair's
+    assert len(res["run"]["computed"]) == 2 * 6
+    tri = res["combinations"]["legible+bold+compressible"]
+    assert tri["strategies"]["msdda"]["n_points"] == 6 and len(tri["reference_point"]) == 3
+    assert tri["strategies"]["msdda"]["hypervolume"] >= 0
+    again = E.evaluate(out=out, settings=E.EvalSettings(**{**SMALL.__dict__, "code_candidates": 3}), **kw)
+    assert len(again["run"]["computed"]) == 6 and all(k.startswith("code/") for k in again["run"]["computed"])
+
+
+def test_main_reports_missing_models(tmp_path, capsys):
+    assert E.main(quick=True, out=str(tmp_path / "q"), zoo_root=tmp_path / "nothing") == 2
+    err = capsys.readouterr().err
+    assert "msdda: error: zoo models not found: base" in err
