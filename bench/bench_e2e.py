@@ -8,20 +8,16 @@ Baselines, on the same models, steps, batch and initial latents:
 Every figure that compares two things is a ratio of medians measured here, interleaved run by run, so machine
 noise hits both sides alike. Also reported: the per-step split (networks / combine / rest) and peak memory.
 
-    .venv/bin/python bench/bench_e2e.py                # full sweep -> bench/results/<machine>-<date>-e2e.json
-    .venv/bin/python bench/bench_e2e.py --quick        # smoke run, nothing written
+Run it through the suite: ``.venv/bin/python bench/run.py --skip-compose [--ks 1,2 --batches 8 ...]``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -199,35 +195,3 @@ def table(rows) -> str:
         f"| {r['backend']} | {r['K']} | {r['batch']} | {r['msdda_s']:.3f} | {r['loop_s']:.3f} | "
         f"{r['speedup_vs_loop']:.2f}x | {r['vs_K_single']:.2f} | {r['images_per_s']:.1f} | "
         f"{100 * r['split_combine']:.1f} | {r['peak_mem_mb']:.0f} |\n" for r in rows)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: K=2, batch 2, 2 steps, nothing written")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--ks", default="1,2,3,4")
-    p.add_argument("--batches", default="1,8,32")
-    p.add_argument("--backends", default="torch,onnxruntime")
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    if args.quick:
-        ks, batches, steps, repeats = (2,), (2,), 2, 1
-    else:
-        ks = tuple(int(k) for k in args.ks.split(","))
-        batches = tuple(int(b) for b in args.batches.split(","))
-        steps, repeats = args.steps, args.repeats
-    rows = run(ks, batches, tuple(args.backends.split(",")), steps, repeats)
-    print(table(rows))
-    result = {"machine": machine_name(), "date": str(date.today()), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "rows": rows}
-    if not args.quick or args.out:
-        out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{machine_name()}-{date.today()}-e2e.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,13 +1,26 @@
-"""Atomic file writes: a file appears whole or not at all (temp file in the same folder + os.replace)."""
+"""Atomic file writes: a file appears whole or not at all (temp file in the same folder, fsync, os.replace)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (best effort: not every filesystem allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, then os.replace: readers see the old
+    file or the whole new one, never a half-written one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -19,11 +32,16 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return path
 
 
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
 def atomic_write_json(path, obj) -> Path:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def atomic_save_image(path, image) -> Path:

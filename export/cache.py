@@ -203,35 +203,8 @@ class CacheKey:
 
 
 # ---------------------------------------------------------------------------------------------- atomic io
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then os.replace: readers see the old
-    file or the whole new one, never a half-written one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+# Shared with the runtime's outputs: one implementation of "appears whole or not at all".
+from msdda.atomic import atomic_write_bytes, atomic_write_text, fsync_dir as _fsync_dir  # noqa: E402
 
 
 @contextlib.contextmanager

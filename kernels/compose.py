@@ -100,6 +100,21 @@ def _draw_z(noise_ptr, seed_ptr, b, offs, mask, offset, NOISE: tl.constexpr):
     return z
 
 
+@triton.jit
+def _sample_and_store(prec, wsum, czero, mzero, nzero, ok, noise_ptr, seed_ptr, b, offs, mask, offset, out_ptr,
+                      err_ptr, NOISE: tl.constexpr, CHECK: tl.constexpr):
+    """The shared epilogue: draw z, x_prev = mu + z/sqrt(P), store it for sample b (noise_ptr and out_ptr already
+    point at sample b), and count the bad elements into err_ptr when CHECK."""
+    if NOISE == 0:
+        z = prec  # unused
+    else:
+        z = _draw_z(noise_ptr, seed_ptr, b, offs, mask, offset, NOISE)
+    x, ok = _product_sample(prec, wsum, czero, mzero, nzero, ok, z, NOISE != 0)
+    tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
+    if CHECK:
+        tl.atomic_add(err_ptr, tl.sum((mask & (ok == 0)).to(tl.int32), axis=0))
+
+
 @triton.jit(do_not_specialize=["offset"])
 def _compose_kernel(
     mean_ptr,  # *fp32|fp16|bf16 [K, B, N]: expert means mu_k; N = prod(S) is contiguous, K and B strided
@@ -152,14 +167,8 @@ def _compose_kernel(
         v_ptrs += stride_vk
         c_ptr += stride_ck
 
-    if NOISE == 0:
-        z = prec  # unused
-    else:
-        z = _draw_z(noise_ptr + b * stride_nb, seed_ptr, b, offs, mask, offset, NOISE)
-    x, ok = _product_sample(prec, wsum, czero, mzero, nzero, ok, z, NOISE != 0)
-    tl.store(out_ptr + b * N + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
-    if CHECK:
-        tl.atomic_add(err_ptr, tl.sum((mask & (ok == 0)).to(tl.int32), axis=0))
+    _sample_and_store(prec, wsum, czero, mzero, nzero, ok, noise_ptr + b * stride_nb, seed_ptr, b, offs, mask,
+                      offset, out_ptr + b * N, err_ptr, NOISE, CHECK)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -34,12 +34,11 @@ from .compose import (
     _check_float,
     _coeff_host_check,
     _compose_torch,
-    _draw_z,
     _expert_accumulate,
     _explain,
     _finish_check,
     _prepare_noise,
-    _product_sample,
+    _sample_and_store,
     _use_triton,
     compose_gaussians_ref,
 )
@@ -160,14 +159,8 @@ def _fused_step_kernel(
         r_ptrs += stride_rk
         c_ptr += stride_ck
 
-    if NOISE == 0:
-        z = prec  # unused
-    else:
-        z = _draw_z(noise_ptr + b * stride_nb, seed_ptr, b, offs, mask, offset, NOISE)
-    x, ok = _product_sample(prec, wsum, czero, mzero, nzero, ok, z, NOISE != 0)
-    tl.store(out_ptr + b * N + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
-    if CHECK:
-        tl.atomic_add(err_ptr, tl.sum((mask & (ok == 0)).to(tl.int32), axis=0))
+    _sample_and_store(prec, wsum, czero, mzero, nzero, ok, noise_ptr + b * stride_nb, seed_ptr, b, offs, mask,
+                      offset, out_ptr + b * N, err_ptr, NOISE, CHECK)
 
 
 # --------------------------------------------------------------------------------------------------------------
