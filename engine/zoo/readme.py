@@ -1,0 +1,87 @@
+"""Renders models/README.md from the json files the training stages leave behind."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _j(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def render_zoo_readme(out: Path) -> str:
+    d = _j(out / "durations.json") or {}
+    lines = ["# msdda default model zoo", "",
+             "Built from scratch by `python -m msdda.zoo.train all` (CPU, torch.set_num_threads(2)); each folder "
+             "has its own model card. Stage durations (wall time, summed over resumed runs):", "",
+             "| stage | duration |", "|---|---|"]
+    for k, v in d.items():
+        lines.append(f"| {k} | {v:.0f} s ({v / 60:.1f} min) |")
+    if d:
+        tot = sum(d.values())
+        lines.append(f"| **total** | {tot:.0f} s ({tot / 60:.1f} min) |")
+    lines.append("")
+    c = _j(out / "classifier_metrics.json")
+    if c:
+        lines += [f"Reward classifier (`classifier.safetensors`): val accuracy {c['val_accuracy']:.4f}, "
+                  f"{c['params']} params.", ""]
+    b = _j(out / "base" / "metrics.json")
+    if b and "class_accuracy_default" in b:
+        a = b["class_accuracy_default"]
+        lines += [f"Base model: {a['accuracy']:.4f} of {a['n']} class-conditioned samples classified as their class "
+                  f"({b['eval_steps']} DDPM steps, guidance {b['default_guidance_scale']}; diffusers' "
+                  "DDPMScheduler as the sampler). By guidance scale: "
+                  + ", ".join(f"{k}: {v['accuracy']:.3f}" for k, v in b.get("accuracy_by_guidance", {}).items())
+                  + ".", ""]
+        rs = b.get("reward_stats")
+        if rs:
+            lines += [f"Rewards over {rs['n']} base samples (raw units; msdda.zoo.rewards). The std is the fixed "
+                      "per-objective scale s_k that RL divides each reward by:", "",
+                      "| reward | mean | std | min | max |", "|---|---|---|---|---|"]
+            for k, v in rs["per_reward"].items():
+                lines.append(f"| {k} | {v['mean']:.4f} | {v['std']:.4f} | {v['min']:.4f} | {v['max']:.4f} |")
+            lines += ["", "Correlations over base samples (negative = conflict):", "",
+                      "| pair | Pearson | Spearman |", "|---|---|---|"]
+            for k, v in rs["correlations"].items():
+                lines.append(f"| {k} | {v['pearson']:+.3f} | {v['spearman']:+.3f} |")
+            lines.append("")
+    rl = _j(out / "rl_summary.json")
+    if rl:
+        from . import KL_BETA, ORACLE_PAIR
+
+        lines += ["## Experts and oracles", "",
+                  f"KL-regularised step-level RL from the base, KL strength beta = {KL_BETA} for all; oracles on "
+                  f"w * r_{ORACLE_PAIR[0]}/s + (1 - w) * r_{ORACLE_PAIR[1]}/s. Mean rewards and class accuracy "
+                  "over one seeded evaluation draw shared by all members (msdda.schedule sampler, 50 DDPM steps, "
+                  "default guidance):", ""]
+        from . import OBJECTIVES
+
+        keys = next(iter(rl.values()))["rewards"].keys()
+        objs = [o for o in OBJECTIVES if o in keys] + [o for o in keys if o not in OBJECTIVES]
+        lines.append("| model | " + " | ".join(objs) + " | class acc |")
+        lines.append("|---|" + "---|" * (len(objs) + 1))
+        order = [n for n in ("base",) + tuple(OBJECTIVES) if n in rl] + sorted(n for n in rl if n.startswith("morl_"))
+        order += [n for n in rl if n not in order]
+        rl = {n: rl[n] for n in order}
+        for name, m in rl.items():
+            lines.append(f"| {name} | " + " | ".join(f"{m['rewards'][o]['mean']:.4f}" for o in objs)
+                         + f" | {m.get('class_accuracy', float('nan')):.3f} |")
+        ts = list(next(iter(rl.values())).get("mean_log_var", {}).keys())
+        lines += ["", "Mean log-variance of each member's step Gaussian along its own trajectory, by timestep "
+                  "(learned-range variance; at t=980 the range is ~0 wide, so all members agree there):", "",
+                  "| model | " + " | ".join(f"t={t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
+        for name, m in rl.items():
+            lines.append(f"| {name} | " + " | ".join(f"{m.get('mean_log_var', {}).get(t, float('nan')):.4f}"
+                                                     for t in ts) + " |")
+        lines += ["", "Mean (log var - base log var) at the same x_t (the member's own trajectory):", "",
+                  "| model | " + " | ".join(f"t={t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
+        for name, m in rl.items():
+            if name == "base":
+                continue
+            d = m.get("mean_dlog_var_vs_base_same_xt", {})
+            lines.append(f"| {name} | " + " | ".join(f"{d.get(t, float('nan')):+.4f}" for t in ts) + " |")
+        lines.append("")
+    return "\n".join(lines)
