@@ -15,10 +15,15 @@ def _j(path: Path):
 def render_zoo_readme(out: Path) -> str:
     d = _j(out / "durations.json") or {}
     lines = ["# msdda default model zoo", "",
-             "Built from scratch by `python -m msdda.zoo.train all` (CPU, torch.set_num_threads(2)); each folder "
-             "has its own model card. Stage durations (wall time, summed over resumed runs):", "",
+             "Built from scratch by `python -m msdda.zoo.train all` on CPU; each folder has its own model card "
+             "(data, architecture, loss, steps, beta, rewards, seed, duration, measured metrics). The shipped "
+             "weights were trained with `MSDDA_ZOO_THREADS=1` (one torch thread) on a 2-core machine shared with "
+             "other jobs, so the durations below include that contention (base training ran at 0.21 s/step with "
+             "2 threads on the idle machine, 0.35-0.5 s/step as actually run). Stage durations (wall time including each stage's evaluation, "
+             "summed over resumed runs):", "",
              "| stage | duration |", "|---|---|"]
-    for k, v in d.items():
+    rank = {"classifier": 0, "base": 1}
+    for k, v in sorted(d.items(), key=lambda kv: (rank.get(kv[0], 2 if kv[0].startswith("expert") else 3), kv[0])):
         lines.append(f"| {k} | {v:.0f} s ({v / 60:.1f} min) |")
     if d:
         tot = sum(d.values())
@@ -41,7 +46,10 @@ def render_zoo_readme(out: Path) -> str:
             lines += [f"Rewards over {rs['n']} base samples (raw units; msdda.zoo.rewards). The std is the fixed "
                       "per-objective scale s_k that RL divides each reward by:", "",
                       "| reward | mean | std | min | max |", "|---|---|---|---|---|"]
-            for k, v in rs["per_reward"].items():
+            from . import OBJECTIVES
+
+            for k, v in sorted(rs["per_reward"].items(), key=lambda kv: OBJECTIVES.index(kv[0])
+                               if kv[0] in OBJECTIVES else 99):
                 lines.append(f"| {k} | {v['mean']:.4f} | {v['std']:.4f} | {v['min']:.4f} | {v['max']:.4f} |")
             lines += ["", "Correlations over base samples (negative = conflict):", "",
                       "| pair | Pearson | Spearman |", "|---|---|---|"]
@@ -69,7 +77,7 @@ def render_zoo_readme(out: Path) -> str:
         for name, m in rl.items():
             lines.append(f"| {name} | " + " | ".join(f"{m['rewards'][o]['mean']:.4f}" for o in objs)
                          + f" | {m.get('class_accuracy', float('nan')):.3f} |")
-        ts = list(next(iter(rl.values())).get("mean_log_var", {}).keys())
+        ts = sorted(next(iter(rl.values())).get("mean_log_var", {}).keys(), key=lambda k: -int(k))
         lines += ["", "Mean log-variance of each member's step Gaussian along its own trajectory, by timestep "
                   "(learned-range variance; at t=980 the range is ~0 wide, so all members agree there):", "",
                   "| model | " + " | ".join(f"t={t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]

@@ -284,6 +284,11 @@ def evaluate_member(out: Path, name: str, cfg: RLConfig, *, seed: int) -> dict:
     return res
 
 
+def _by_t(d: dict) -> str:
+    """{"t": value} as JSON, timesteps descending (json files store keys sorted as strings)."""
+    return json.dumps({k: round(d[k], 4) for k in sorted(d, key=lambda k: -int(k))})
+
+
 def _rl_card(folder: Path, name: str, m: dict) -> None:
     from .train import _fmt_s, _read_json, write_card
 
@@ -314,9 +319,9 @@ def _rl_card(folder: Path, name: str, m: dict) -> None:
         "Measured (seeded draw shared with the base, n=%d)" % m["eval_n"]: {
             **{f"reward {k}": v for k, v in gains.items()},
             "class accuracy": f"{m['class_accuracy']:.4f} (base {base.get('class_accuracy', float('nan')):.4f})",
-            "mean log-variance by timestep (own trajectory)": json.dumps({k: round(v, 4) for k, v in m["mean_log_var"].items()}),
-            "base's mean log-variance by timestep": json.dumps({k: round(v, 4) for k, v in base.get("mean_log_var", {}).items()}),
-            "mean (log var - base log var) at the same x_t": json.dumps({k: round(v, 4) for k, v in m["mean_dlog_var_vs_base_same_xt"].items()}),
+            "mean log-variance by timestep (own trajectory)": _by_t(m["mean_log_var"]),
+            "base's mean log-variance by timestep": _by_t(base.get("mean_log_var", {})),
+            "mean (log var - base log var) at the same x_t": _by_t(m["mean_dlog_var_vs_base_same_xt"]),
             "training curve (first/last iterations)": json.dumps([{k: round(v, 3) for k, v in h.items()} for h in m["history_first5"][:2] + m["history_last5"][-2:]]),
         },
     })
@@ -342,6 +347,16 @@ def reevaluate(out: Path, stage: str, *, names=None, tiny=False, seed=0) -> None
         m["eval_duration_s"] = time.time() - t
         _write_json(folder / "metrics.json", m)
         _rl_card(folder, name, m)
+
+
+def rewrite_cards(out: Path) -> None:
+    """Regenerate every RL member's model card from its metrics.json (no re-evaluation)."""
+    from .train import _read_json
+
+    for name in tuple(OBJECTIVES) + tuple(oracle_name(w) for w in ORACLE_WEIGHTS):
+        m = _read_json(out / name / "metrics.json", None)
+        if m is not None:
+            _rl_card(out / name, name, m)
 
 
 def _cfg(steps: int | None, tiny: bool) -> RLConfig:
