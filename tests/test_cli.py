@@ -128,3 +128,32 @@ def test_help_is_complete():
     top = subprocess.run([sys.executable, "-m", "msdda.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for cmd in ("generate", "sweep", "eval", "export"):
         assert cmd in top
+
+
+def test_export_writes_verified_onnx_and_manifest(models, tmp_path):
+    base, a, b = models
+    out = tmp_path / "engines"
+    assert cli.main(["export", "--base", str(base), "--expert", f"a={a}", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = {p.name for p in out.glob("*.onnx")}
+    assert {"base.onnx", "a.onnx"} <= names
+    assert manifest
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda m, t: ["--base", str(t / "missing")], "not found"),
+    (lambda m, t: ["--base", str(m[0]), "--opset", "13"], "opset"),
+    (lambda m, t: ["--expert", f"a={m[1]}"], "--expert needs --base"),
+])
+def test_export_bad_input_exits_2(models, tmp_path, capsys, make_args, message):
+    assert cli.main(["export", *make_args(models, tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("msdda: error:") and "\n" not in err and message in err, err
+
+
+def test_export_unwritable_out_exits_2(models, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert cli.main(["export", "--base", str(models[0]), "--out", str(blocker / "engines")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("msdda: error:") and "\n" not in err, err
