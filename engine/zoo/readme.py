@@ -92,4 +92,21 @@ def render_zoo_readme(out: Path) -> str:
             d = m.get("mean_dlog_var_vs_base_same_xt", {})
             lines.append(f"| {name} | " + " | ".join(f"{d.get(t, float('nan')):+.4f}" for t in ts) + " |")
         lines.append("")
+    vs = _j(out / "variance_stats.json")
+    if vs:
+        ts = sorted(next(iter(vs["mean_log_var"].values())).keys(), key=lambda k: -int(k))
+        lines += [f"Variance at shared states (`variance_stats.json`): x_t from {vs['n']} base trajectories, every "
+                  "member's step log-variance evaluated there. Mean log-variance, and mean |log var_a - log var_b| "
+                  "(per pixel and sample) for base/expert pairs and each oracle vs the base:", "", "| model | " + " | ".join(f"t={t}" for t in ts) + " |",
+                  "|---|" + "---|" * len(ts)]
+        for name, d in vs["mean_log_var"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{d[t]:.4f}" for t in ts) + " |")
+        lines += ["", "| pair | " + " | ".join(f"t={t}" for t in ts) + " |", "|---|" + "---|" * len(ts)]
+        for pair, d in vs["mean_abs_dlog_var"].items():
+            a, b = pair.split("|")
+            if a.startswith("morl_") and b.startswith("morl_") or a.startswith("morl_") or (
+                    b.startswith("morl_") and a != "base"):
+                continue  # the README shows base/expert pairs and oracle-vs-base; the json has all pairs
+            lines.append(f"| {pair.replace('|', ' vs ')} | " + " | ".join(f"{d[t]:.4f}" for t in ts) + " |")
+        lines.append("")
     return "\n".join(lines)

@@ -154,7 +154,7 @@ def _load_unet(path: Path):
 def train_rl(out: Path, ckpt_dir: Path, name: str, weights: dict[str, float], cfg: RLConfig, *, seed: int,
              force: bool) -> dict:
     """Fine-tune a copy of out/base on sum_k weights[k] * r_k / s_k; save to out/<name>/unet."""
-    from .train import _fmt_s, _write_json, log, record_duration
+    from .train import _write_json, log, record_duration
 
     folder = out / name
     ck = ckpt_dir / f"rl_{name}.safetensors"
@@ -349,6 +349,41 @@ def reevaluate(out: Path, stage: str, *, names=None, tiny=False, seed=0) -> None
         _rl_card(folder, name, m)
 
 
+@torch.no_grad()
+def variance_stats(out: Path, *, n: int = 200, seed: int = 0, steps: int = DEFAULT_STEPS,
+                   guidance_scale: float = DEFAULT_GUIDANCE_SCALE) -> dict:
+    """Every member's step log-variance at the SAME states: x_t taken from base trajectories (seeded draw), each
+    member evaluated there at the VAR_PROBE_T steps. Writes out/variance_stats.json:
+    {"mean_log_var": {member: {t: mean}}, "mean_abs_dlog_var": {"a|b": {t: mean |log var_a - log var_b|}}}."""
+    from msdda.schedule import gaussian_step
+
+    from . import zoo_paths
+    from .train import _write_json
+
+    sched_cfg = json.loads((out / "base" / "scheduler" / "scheduler_config.json").read_text())
+    table = StepTable(sched_cfg, steps)
+    members = {k: p for k, p in zoo_paths(out).items() if (p / "unet" / "config.json").exists()}
+    models = {k: _load_unet(p / "unet").eval() for k, p in members.items()}
+    labels = torch.arange(n) % NUM_CLASSES
+    _, traj = rollout(models["base"], table, labels, guidance_scale, torch.Generator().manual_seed(seed + 999))
+    logv: dict[str, dict[int, torch.Tensor]] = {k: {} for k in models}
+    for i, t in enumerate(table.timesteps):
+        if t not in VAR_PROBE_T or i not in table.stochastic:
+            continue
+        for k, m in models.items():
+            _, var = gaussian_step(_guided(m, traj[i], t, labels, guidance_scale), traj[i], table.scalars[i])
+            logv[k][t] = var.log()
+    res = {"n": n, "mean_log_var": {k: {str(t): v.mean().item() for t, v in d.items()} for k, d in logv.items()},
+           "mean_abs_dlog_var": {}}
+    names = list(models)
+    for a_i, a in enumerate(names):
+        for b in names[a_i + 1:]:
+            res["mean_abs_dlog_var"][f"{a}|{b}"] = {str(t): (logv[a][t] - logv[b][t]).abs().mean().item()
+                                                    for t in logv[a]}
+    _write_json(out / "variance_stats.json", res)
+    return res
+
+
 def rewrite_cards(out: Path) -> None:
     """Regenerate every RL member's model card from its metrics.json (no re-evaluation)."""
     from .train import _read_json
@@ -393,4 +428,5 @@ def train_oracles(out: Path, ckpt_dir: Path, *, names=None, steps=None, tiny=Fal
     for w in ws:
         name = oracle_name(w)
         res[name] = train_rl(out, ckpt_dir, name, {a: w, b: 1.0 - w}, cfg, seed=seed, force=force)
+    variance_stats(out, n=8 if tiny else 200, seed=seed, steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
     return res

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, KL_BETA, OBJECTIVES, ORACLE_PAIR, ORACLE_WEIGHTS, ZOO_DIR,
-               oracle_name)
+from . import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, ZOO_DIR
 from .ckpt import load_checkpoint, save_checkpoint
 
 SEED = 0
@@ -159,7 +158,7 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 def train_base(out: Path, ckpt_dir: Path, *, steps: int | None, tiny: bool, seed: int, force: bool) -> dict:
     from .data import NULL_CLASS, train_val_split
-    from .diffusion import SCHEDULER_CONFIG, UNET_CONFIG, TrainTables, hybrid_loss, make_scheduler, make_unet
+    from .diffusion import TrainTables, hybrid_loss, make_scheduler, make_unet
 
     folder = out / "base"
     ck = ckpt_dir / "base.safetensors"
@@ -246,8 +245,7 @@ def evaluate_base(out: Path, *, tiny: bool, seed: int) -> dict:
     and reward statistics (mean, std, correlations) over base samples at the default guidance scale."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from .diffusion import sample_reference
-    from .rewards import REWARDS, load_classifier
+    from .rewards import load_classifier
 
     unet = UNet2DModel.from_pretrained(str(out / "base" / "unet"), low_cpu_mem_usage=False).eval()
     sched = DDPMScheduler.from_pretrained(str(out / "base" / "scheduler"))
