@@ -27,13 +27,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_e2e  # noqa: E402
 
 
-def compose_benchmarks(quick: bool) -> list[dict]:
+def compose_benchmarks(quick: bool, select: str | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "compose.json"
         cmd = [sys.executable, "-m", "pytest", str(ROOT / "bench" / "bench_compose.py"), "--benchmark-enable",
                "-q", "-p", "no:cacheprovider", f"--benchmark-json={out}"]
         if quick:
             cmd += ["-k", "8x4x64x64 and (torch_path or naive or copy) and not 8-"]
+        elif select:
+            cmd += ["-k", select]
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         subprocess.run(cmd, check=True, cwd=ROOT, env=env)
         data = json.loads(out.read_text())
@@ -63,6 +65,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-compose", action="store_true")
+    p.add_argument("--compose-select", default=None, help="pytest -k expression for the compose benchmarks")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--ks", default="1,2,3,4")
     p.add_argument("--batches", default="1,8,32")
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
     result = {"machine": bench_e2e.machine_name(), "date": str(date.today()),
               "python": sys.version.split()[0], "commands": " ".join(["bench/run.py", *(argv or sys.argv[1:])])}
     if not args.skip_compose:
-        result["compose"] = compose_benchmarks(args.quick)
+        result["compose"] = compose_benchmarks(args.quick, args.compose_select)
         print(compose_table(result["compose"]))
     if not args.skip_e2e:
         if args.quick:
