@@ -224,8 +224,7 @@ class Engine:
     def _denoiser(self, plan: Plan, cond: Conditioning, cfg: bool):
         backend = self.backend
         if plan.kind == "soup":
-            net = backend.soup({m: float(plan.coeff[0, j]) for j, m in enumerate(plan.members)})
-            call = lambda x_in, t: net(x_in, t, cond)  # noqa: E731
+            call = self._soup_call(plan, cond, cfg)
         else:
             members = plan.members
             call = lambda x_in, t: backend.forward(x_in, t, cond, members)  # noqa: E731
@@ -237,6 +236,29 @@ class Engine:
             return raw.unflatten(1, (2, x.shape[0]))              # [K, 2, B, C_out, H, W]
 
         return denoise
+
+    def _soup_call(self, plan: Plan, cond: Conditioning, cfg: bool):
+        """One averaged network per distinct weight vector in the batch, each run on its own rows."""
+        batch = plan.coeff.shape[0]
+        groups = []
+        for row in torch.unique(plan.coeff, dim=0):
+            samples = (plan.coeff == row).all(dim=1).nonzero().flatten()
+            rows = torch.cat([samples, samples + batch]) if cfg else samples    # the CFG halves of those samples
+            net = self.backend.soup({m: float(row[j]) for j, m in enumerate(plan.members)})
+            sub = Conditioning(**{k: (None if v is None else v[rows.to(v.device)]) for k, v in vars(cond).items()})
+            groups.append((rows.to(self.device), net, sub))
+        if len(groups) == 1:
+            _, net, _ = groups[0]
+            return lambda x_in, t: net(x_in, t, cond)
+
+        def call(x_in: torch.Tensor, t: int) -> torch.Tensor:
+            outs = [(rows, net(x_in[rows], t, sub)) for rows, net, sub in groups]
+            raw = outs[0][1].new_empty((1, x_in.shape[0], *outs[0][1].shape[2:]))
+            for rows, out in outs:
+                raw[:, rows] = out
+            return raw
+
+        return call
 
     def _decode(self, x0: torch.Tensor, output_type: str):
         if output_type == "latent":

@@ -122,6 +122,14 @@ def test_per_sample_weights_match_separate_calls(pixel_engine):
         torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_per_sample_weights_with_soup_match_separate_calls(pixel_engine):
+    ws = [{"a": 0.9, "b": 0.1}, {"a": 0.2, "b": 0.8}, {"a": 0.9, "b": 0.1}]
+    together = _gen(pixel_engine, weights=ws, seed=[3, 4, 5], num_images=3, strategy="soup", class_labels=[1, 2, 3])
+    for i, w in enumerate(ws):
+        alone = _gen(pixel_engine, weights=w, seed=[3 + i], num_images=1, strategy="soup", class_labels=[1 + i])
+        torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
 def test_same_seed_same_image_whatever_the_batch(pixel_engine):
     w = {"a": 0.4, "b": 0.6}
     batch = _gen(pixel_engine, weights=w, seed=[5, 99, 7], num_images=3)
