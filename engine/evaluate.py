@@ -51,6 +51,7 @@ import torch
 
 from msdda import schedule as sch
 from msdda.atomic import atomic_write_bytes, atomic_write_json
+from msdda.loading import file_sha256
 from msdda.kernels import fused_expert_step, philox_normal
 from msdda.zoo import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, KL_BETA, OBJECTIVES, ORACLE_PAIR, ORACLE_WEIGHTS,
                        ORACLES, classifier_path, oracle_name, zoo_paths)
@@ -525,14 +526,6 @@ def build_plan(combos: Sequence[tuple[str, ...]], strategies: Sequence[str], set
     return plan
 
 
-def _file_sha(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -623,7 +616,7 @@ class Evaluator:
 
         if reward_fns is None:
             reward_fns = make_rewards(classifier_file, device)
-            self.rewards_id = _file_sha(classifier_file if classifier_file is not None else classifier_path())
+            self.rewards_id = file_sha256(classifier_file if classifier_file is not None else classifier_path())
         else:
             self.rewards_id = "custom"
         if differentiable is None:

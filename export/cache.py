@@ -50,15 +50,7 @@ def default_cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "msdda"
 
 
-def file_sha256(path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            digest.update(block)
-    return digest.hexdigest()
+from msdda.loading import file_sha256  # noqa: E402  (one implementation, shared with the runtime)
 
 
 # ---------------------------------------------------------------------------------------------- hashing

@@ -10,18 +10,7 @@ from hypothesis import strategies as st
 from msdda.kernels import compose, compose_gaussians, compose_gaussians_ref, fused_step, raise_if_bad
 from msdda.kernels.compose import _moments_ref
 
-# MSDDA_TEST_GPU=1 (see conftest.py): the same tests on CUDA tensors, i.e. on the compiled kernels.
-GPU = os.environ.get("MSDDA_TEST_GPU") == "1"
-DEV = "cuda" if GPU else "cpu"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _default_device():
-    if GPU:
-        torch.set_default_device("cuda")
-    yield
-    if GPU:
-        torch.set_default_device("cpu")
+from conftest import DEV, GPU  # noqa: E402,F401  (conftest's autouse fixture sets the default device)
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -18,18 +18,7 @@ from msdda.kernels import (
 )
 from msdda.kernels import compose, fused_step
 
-# MSDDA_TEST_GPU=1 (see conftest.py): the same tests on CUDA tensors, i.e. on the compiled kernels.
-GPU = os.environ.get("MSDDA_TEST_GPU") == "1"
-DEV = "cuda" if GPU else "cpu"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _default_device():
-    if GPU:
-        torch.set_default_device("cuda")
-    yield
-    if GPU:
-        torch.set_default_device("cpu")
+from conftest import DEV, GPU  # noqa: E402,F401  (conftest's autouse fixture sets the default device)
 
 
 @pytest.fixture(params=["triton", "torch"])
