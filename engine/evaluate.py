@@ -52,6 +52,7 @@ import torch
 from msdda import schedule as sch
 from msdda.atomic import atomic_write_bytes, atomic_write_json
 from msdda.loading import file_sha256
+from msdda.strategies import Plan
 from msdda.kernels import fused_expert_step, philox_normal
 from msdda.zoo import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, KL_BETA, OBJECTIVES, ORACLE_PAIR, ORACLE_WEIGHTS,
                        ORACLES, classifier_path, oracle_name, zoo_paths)
@@ -310,16 +311,20 @@ def _uses_cfg(engine, guidance_scale: float) -> bool:
 
 
 def _base_denoiser(engine, cond, cfg: bool):
-    """(x [B, C, H, W], t) -> the base model's raw output [1, (2,) B, C_out, H, W] (unconditional half first)."""
-    backend = engine.backend
+    """(x [B, C, H, W], t) -> the base model's raw output [1, (2,) B, C_out, H, W]: the Engine's own denoiser
+    for the single-network plan of the base (member 0)."""
+    return engine._denoiser(Plan("single", (0,), torch.ones(1, 1, dtype=torch.float64)), cond, cfg)
 
-    def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
-        if not cfg:
-            return backend.forward(x, t, cond, (0,))
-        raw = backend.forward(torch.cat([x, x]), t, cond, (0,))
-        return raw.unflatten(1, (2, x.shape[0]))
 
-    return denoise
+def _base_setup(engine, class_labels, seeds, steps: int, eta: float, guidance_scale: float):
+    """What both base-model samplers start from: (cfg, g, labels, timesteps, scalars, seeds [B] int64, x_T)."""
+    cfg = _uses_cfg(engine, guidance_scale)
+    g = float(guidance_scale) if cfg else None
+    labels = [int(c) for c in class_labels]
+    timesteps, scalars = sch.step_plan(engine.sched_params, steps, kind=engine.scheduler, eta=float(eta))
+    seed_t = torch.tensor(list(seeds), dtype=torch.int64, device=engine.device)
+    x = philox_normal(seed_t, 0, engine.sample_shape).to(engine.device, engine.dtype)
+    return cfg, g, labels, timesteps, scalars, seed_t, x
 
 
 def _guided(raw: torch.Tensor, C: int, g: float | None) -> torch.Tensor:
@@ -374,15 +379,11 @@ def code_sample(engine, class_labels: Sequence[int], seeds: Sequence[int], weigh
     B, N = len(seeds), int(n_candidates)
     if N < 1 or block < 1:
         raise ValueError("n_candidates and block must be >= 1")
-    dev, dtype = engine.device, engine.dtype
-    cfg = _uses_cfg(engine, guidance_scale)
-    g = float(guidance_scale) if cfg else None
-    labels = [int(c) for c in class_labels]
-    timesteps, scalars = sch.step_plan(engine.sched_params, steps, kind=engine.scheduler, eta=float(eta))
+    dev = engine.device
+    cfg, g, labels, timesteps, scalars, _, x = _base_setup(engine, class_labels, seeds, steps, eta, guidance_scale)
     denoise1 = _base_denoiser(engine, engine._conditioning(B, cfg, None, None, None, None, labels), cfg)
     denoiseN = _base_denoiser(engine, engine._conditioning(N * B, cfg, None, None, None, None, labels * N), cfg)
     cand = candidate_seeds(seeds, N).to(dev)
-    x = philox_normal(torch.tensor(list(seeds), dtype=torch.int64, device=dev), 0, engine.sample_shape).to(dev, dtype)
     one = torch.ones(N * B, 1, dtype=torch.float32, device=dev)
     labels_n = torch.tensor(labels * N, dtype=torch.int64, device=dev)
     batch_axis = 2 if cfg else 1
@@ -433,14 +434,10 @@ def rgg_sample(engine, class_labels: Sequence[int], seeds: Sequence[int], weight
         if bad:
             raise ValueError(f"reward-gradient guidance needs differentiable rewards; {bad[0]!r} is not")
     B = len(seeds)
-    dev, dtype = engine.device, engine.dtype
-    cfg = _uses_cfg(engine, guidance_scale)
-    g = float(guidance_scale) if cfg else None
-    labels = [int(c) for c in class_labels]
-    timesteps, scalars = sch.step_plan(engine.sched_params, steps, kind=engine.scheduler, eta=float(eta))
+    dev = engine.device
+    cfg, g, labels, timesteps, scalars, seed_t, x = _base_setup(engine, class_labels, seeds, steps, eta,
+                                                                guidance_scale)
     denoise = _base_denoiser(engine, engine._conditioning(B, cfg, None, None, None, None, labels), cfg)
-    seed_t = torch.tensor(list(seeds), dtype=torch.int64, device=dev)
-    x = philox_normal(seed_t, 0, engine.sample_shape).to(dev, dtype)
     one = torch.ones(B, 1, dtype=torch.float32, device=dev)
     labels_t = torch.tensor(labels, dtype=torch.int64, device=dev)
     C = x.shape[1]
