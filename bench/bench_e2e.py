@@ -12,13 +12,16 @@ Run it through the suite: ``.venv/bin/python bench/run.py --skip-compose [--ks 1
 """
 from __future__ import annotations
 
+import importlib
 import platform
 import statistics
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -66,18 +69,25 @@ def reset_peak_memory() -> None:
 
 
 # ---------------------------------------------------------------------- baselines
-def diffusers_blend_loop(sched, unets, weights, prompt_embeds, negative_embeds, latents, steps, guidance):
-    """Diffusion Blend's way: each expert's UNet in turn, CFG, weighted eps average, scheduler.step."""
+def diffusers_blend_loop(sched, unets, weights, cond_kwargs, latents, steps, guidance):
+    """Diffusion Blend's way: each expert's UNet in turn on the CFG batch, guide, weighted average of the
+    outputs, diffusers' scheduler.step. cond_kwargs: the UNet's conditioning for the [uncond; cond] batch.
+    Learned-variance outputs ([eps, v], 2C channels) are guided on eps and keep the conditional v, as
+    diffusers' own learned-variance pipelines do."""
+    from diffusers import DDIMScheduler
+
     sched.set_timesteps(steps)
+    step_kwargs = {"eta": 1.0} if isinstance(sched, DDIMScheduler) else {}
     x = latents.clone()
-    emb = torch.cat([negative_embeds, prompt_embeds])
+    C = x.shape[1]
     with torch.inference_mode():
         for t in sched.timesteps:
-            eps = 0
+            pred = 0
             for w, unet in zip(weights, unets):
-                u, c = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample.chunk(2)
-                eps = eps + w * (u + guidance * (c - u))
-            x = sched.step(eps, t, x, eta=1.0).prev_sample
+                u, c = unet(torch.cat([x, x]), t, **cond_kwargs).sample.chunk(2)
+                guided = torch.cat([u[:, :C] + guidance * (c[:, :C] - u[:, :C]), c[:, C:]], 1)
+                pred = pred + w * guided
+            x = sched.step(pred, t, x, **step_kwargs).prev_sample
     return x
 
 
@@ -129,74 +139,132 @@ def step_split(engine):
 
 
 # ---------------------------------------------------------------------- driver
-def run(ks, batches, backends, steps, repeats, guidance=7.5, log=print):
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+@dataclass
+class Model:
+    """One benchmarked model family: the base and up to max(K) experts on disk, their UNets for the loop, the
+    scheduler the loop uses, and the per-batch conditioning for msdda and for the loop."""
+    name: str
+    base: Path
+    experts: dict
+    guidance: float
+    make_inputs: Callable        # (engine, batch) -> (msdda generate kwargs, loop UNet kwargs, latents)
+
+
+def tiny_sd(tmp: Path, n: int) -> Model:
+    base = make_tiny_sd_pipeline(tmp / "base")
+    experts = {f"e{k}": perturbed_copy(base, tmp / f"e{k}", seed=k + 1, scale=0.2) for k in range(n)}
+
+    def make_inputs(eng, batch):
+        emb, neg = eng._encode_text(["a photo of a cat"] * batch), eng._encode_text([""] * batch)
+        latents = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(batch))
+        return (dict(prompt_embeds=emb, negative_prompt_embeds=neg), dict(encoder_hidden_states=torch.cat([neg, emb])),
+                latents)
+
+    return Model("tiny-sd-0.8M", base, experts, 7.5, make_inputs)
+
+
+def zoo(n: int) -> Model:
+    """The embedded digits zoo: its three experts, then the MORL oracles as further experts."""
+    from msdda.zoo import DEFAULT_GUIDANCE_SCALE, NULL_CLASS, zoo_paths
+
+    paths = zoo_paths()
+    experts = {k: v for k, v in paths.items() if k != "base"}
+    experts = dict(list(experts.items())[:n])
+
+    def make_inputs(eng, batch):
+        labels = torch.arange(batch) % 10
+        latents = torch.randn(batch, 1, 16, 16, generator=torch.Generator().manual_seed(batch))
+        return (dict(class_labels=labels.tolist()),
+                dict(class_labels=torch.cat([torch.full_like(labels, NULL_CLASS), labels])), latents)
+
+    return Model("zoo-digits-0.65M", paths["base"], experts, DEFAULT_GUIDANCE_SCALE, make_inputs)
+
+
+MODELS = ("tiny-sd", "zoo")
+
+
+def run(ks, batches, backends, steps, repeats, models=MODELS, log=print):
+    from diffusers import UNet2DConditionModel, UNet2DModel
+    from diffusers.schedulers import SchedulerMixin
 
     import msdda
+    from msdda.loading import load_base
 
     rows = []
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = make_tiny_sd_pipeline(tmp / "base")
-        paths = {f"e{k}": perturbed_copy(base, tmp / f"e{k}", seed=k + 1, scale=0.2) for k in range(max(ks))}
-        unets = {n: UNet2DConditionModel.from_pretrained(p / "unet").to(device).eval() for n, p in paths.items()}
-        sched = DDIMScheduler.from_pretrained(base / "scheduler")
-        for bk in backends:
-            opts = {"cache_dir": tmp / "cache"} if bk != "torch" else {}
-            for k in ks:
-                names = list(paths)[:k]
-                eng = msdda.Engine.from_pretrained(base, {n: paths[n] for n in names}, backend=bk, device=device, **opts)
-                weights = {n: 1.0 / k for n in names}
-                for batch in batches:
-                    latents = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(batch)).to(device)
-                    emb = eng._encode_text(["a photo of a cat"] * batch)
-                    neg = eng._encode_text([""] * batch)
-                    ours = lambda: eng.generate(prompt_embeds=emb, negative_prompt_embeds=neg, weights=weights,  # noqa: E731
-                                                num_images=batch, steps=steps, guidance_scale=guidance,
-                                                latents=latents, output_type="latent", normalize=True)
-                    loop = lambda: diffusers_blend_loop(sched, [unets[n] for n in names], [1.0 / k] * k,  # noqa: E731
-                                                        emb, neg, latents, steps, guidance)
-                    single = lambda: diffusers_blend_loop(sched, [unets[names[0]]], [1.0], emb, neg, latents,  # noqa: E731
-                                                          steps, guidance)
-                    ours_single = lambda: eng.generate(prompt_embeds=emb, negative_prompt_embeds=neg,  # noqa: E731
-                                                       strategy=f"expert:{names[0]}", num_images=batch, steps=steps,
-                                                       guidance_scale=guidance, latents=latents, output_type="latent")
-                    runs = {"msdda": ours, "loop": loop, "single": single, "ours_single": ours_single}
-                    for fn in runs.values():      # warm up (ONNX Runtime arenas, allocator)
-                        fn()
-                    t = {key: [] for key in runs}
-                    for _ in range(repeats):      # interleaved
-                        for key, fn in runs.items():
-                            t[key].append(timed(fn))
-                    with step_split(eng) as split:
-                        total = timed(ours)
-                    reset_peak_memory()
-                    ours()
-                    peak = peak_memory_mb()
-                    med = {key: statistics.median(v) for key, v in t.items()}
-                    row = dict(model="tiny-sd-0.8M", backend=bk, K=k, batch=batch, steps=steps, cfg=guidance,
-                               msdda_s=med["msdda"], loop_s=med["loop"], single_s=med["single"],
-                               speedup_vs_loop=med["loop"] / med["msdda"],
-                               ours_single_s=med["ours_single"],
-                               vs_K_single=med["msdda"] / (k * med["ours_single"]),
-                               vs_K_diffusers_single=med["msdda"] / (k * med["single"]),
-                               images_per_s=batch / med["msdda"], latency_per_image_s=med["msdda"] / batch,
-                               s_per_step=med["msdda"] / steps,
-                               split_networks=split["networks"] / total, split_combine=split["combine"] / total,
-                               split_rest=1 - (split["networks"] + split["combine"]) / total,
-                               peak_mem_mb=peak)
-                    rows.append(row)
-                    log(f"{bk:11s} K={k} B={batch:2d}: msdda {row['msdda_s']:.3f}s loop {row['loop_s']:.3f}s "
-                        f"x{row['speedup_vs_loop']:.2f} | msdda/(K*single, same backend) {row['vs_K_single']:.2f} | "
-                        f"combine {100 * row['split_combine']:.1f}% | peak {peak:.0f} MB")
+        for model_name in models:
+            model = tiny_sd(tmp / "tiny-sd", max(ks)) if model_name == "tiny-sd" else zoo(max(ks))
+            base = load_base(model.base)
+            unet_cls = UNet2DConditionModel if isinstance(base.unet, UNet2DConditionModel) else UNet2DModel
+            unets = {n: unet_cls.from_pretrained(Path(p) / "unet" if (Path(p) / "unet").is_dir() else p)
+                     .to(device).eval() for n, p in model.experts.items()}
+            sched_cls = getattr(importlib.import_module("diffusers"), base.scheduler_config["_class_name"])
+            sched: SchedulerMixin = sched_cls.from_config(base.scheduler_config)
+            for bk in backends:
+                opts = {"cache_dir": tmp / "cache"} if bk != "torch" else {}
+                for k in ks:
+                    if k > len(model.experts):
+                        continue
+                    names = list(model.experts)[:k]
+                    eng = msdda.Engine.from_pretrained(model.base, {n: model.experts[n] for n in names}, backend=bk,
+                                                       device=device, **opts)
+                    rows_k = _measure(eng, model, names, unets, sched, batches, steps, repeats, device, bk, log)
+                    rows.extend(rows_k)
+    return rows
+
+
+def _measure(eng, model, names, unets, sched, batches, steps, repeats, device, bk, log):
+    k, guidance, rows = len(names), model.guidance, []
+    weights = {n: 1.0 / k for n in names}
+    for batch in batches:
+        gen_kwargs, loop_kwargs, latents = model.make_inputs(eng, batch)
+        latents = latents.to(device)
+        common = dict(num_images=batch, steps=steps, guidance_scale=guidance, latents=latents, output_type="latent",
+                      **gen_kwargs)
+        ours = lambda: eng.generate(weights=weights, normalize=True, **common)  # noqa: E731
+        loop = lambda: diffusers_blend_loop(sched, [unets[n] for n in names], [1.0 / k] * k,  # noqa: E731
+                                            loop_kwargs, latents, steps, guidance)
+        single = lambda: diffusers_blend_loop(sched, [unets[names[0]]], [1.0], loop_kwargs, latents,  # noqa: E731
+                                              steps, guidance)
+        ours_single = lambda: eng.generate(strategy=f"expert:{names[0]}", **common)  # noqa: E731
+        runs = {"msdda": ours, "loop": loop, "single": single, "ours_single": ours_single}
+        for fn in runs.values():      # warm up (ONNX Runtime arenas, allocator)
+            fn()
+        t = {key: [] for key in runs}
+        for _ in range(repeats):      # interleaved
+            for key, fn in runs.items():
+                t[key].append(timed(fn))
+        with step_split(eng) as split:
+            total = timed(ours)
+        reset_peak_memory()
+        ours()
+        peak = peak_memory_mb()
+        med = {key: statistics.median(v) for key, v in t.items()}
+        row = dict(model=model.name, backend=bk, K=k, batch=batch, steps=steps, cfg=guidance,
+                   scheduler=type(sched).__name__,
+                   msdda_s=med["msdda"], loop_s=med["loop"], single_s=med["single"],
+                   speedup_vs_loop=med["loop"] / med["msdda"],
+                   ours_single_s=med["ours_single"],
+                   vs_K_single=med["msdda"] / (k * med["ours_single"]),
+                   vs_K_diffusers_single=med["msdda"] / (k * med["single"]),
+                   images_per_s=batch / med["msdda"], latency_per_image_s=med["msdda"] / batch,
+                   s_per_step=med["msdda"] / steps,
+                   split_networks=split["networks"] / total, split_combine=split["combine"] / total,
+                   split_rest=1 - (split["networks"] + split["combine"]) / total,
+                   peak_mem_mb=peak)
+        rows.append(row)
+        log(f"{model.name:16s} {bk:11s} K={k} B={batch:2d}: msdda {row['msdda_s']:.3f}s loop {row['loop_s']:.3f}s "
+            f"x{row['speedup_vs_loop']:.2f} | msdda/(K*single, same backend) {row['vs_K_single']:.2f} | "
+            f"combine {100 * row['split_combine']:.1f}% | peak {peak:.0f} MB")
     return rows
 
 
 def table(rows) -> str:
-    head = ("| backend | K | batch | msdda s | loop s | speedup vs loop | msdda / (K x single, same backend) | images/s | "
-            "combine % of step | peak MB |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| model | backend | K | batch | msdda s | loop s | speedup vs loop | msdda / (K x single, same backend) | images/s | "
+            "combine % of step | peak MB |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
-        f"| {r['backend']} | {r['K']} | {r['batch']} | {r['msdda_s']:.3f} | {r['loop_s']:.3f} | "
+        f"| {r.get('model', 'tiny-sd-0.8M')} | {r['backend']} | {r['K']} | {r['batch']} | {r['msdda_s']:.3f} | {r['loop_s']:.3f} | "
         f"{r['speedup_vs_loop']:.2f}x | {r['vs_K_single']:.2f} | {r['images_per_s']:.1f} | "
         f"{100 * r['split_combine']:.1f} | {r['peak_mem_mb']:.0f} |\n" for r in rows)

@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--ks", default="1,2,3,4")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--backends", default="torch,onnxruntime")
+    p.add_argument("--models", default=",".join(bench_e2e.MODELS), help="tiny-sd (text, DDIM), zoo (digits, DDPM)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
             ks = tuple(int(k) for k in args.ks.split(","))
             batches = tuple(int(b) for b in args.batches.split(","))
             steps, repeats = args.steps, args.repeats
-        result["e2e"] = bench_e2e.run(ks, batches, tuple(args.backends.split(",")), steps, repeats)
+        result["e2e"] = bench_e2e.run(ks, batches, tuple(args.backends.split(",")), steps, repeats,
+                                      models=tuple(args.models.split(",")))
         print(bench_e2e.table(result["e2e"]))
     if not args.quick:
         out = ROOT / "bench" / "results" / f"{result['machine']}-{result['date']}.json"

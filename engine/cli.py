@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--strategies", default=None, help="comma-separated subset (default: all)")
     ev.add_argument("--out", default="bench/results/zoo_eval", metavar="DIR", help="results folder")
     ev.add_argument("--quick", action="store_true", help="a small smoke evaluation (few samples and weights)")
+    ev.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
+                    help="generation backend (default torch; RGG always runs on torch)")
 
     ex = sub.add_parser("export", help="export UNets to ONNX (and TensorRT where available)",
                         description="Export the base and every expert UNet to verified ONNX files. With no models named, exports the embedded zoo.")
@@ -360,7 +362,8 @@ def _zoo_rewards(engine, args, paths) -> dict:
 def cmd_eval(args) -> int:
     from msdda.evaluate import main as evaluate
 
-    return evaluate(samples=args.samples, steps=args.steps, strategies=args.strategies, out=args.out, quick=args.quick)
+    return evaluate(samples=args.samples, steps=args.steps, strategies=args.strategies, out=args.out, quick=args.quick,
+                    backend=args.backend)
 
 
 def cmd_export(args) -> int:

@@ -601,14 +601,13 @@ class Evaluator:
     """An Engine over base + experts + oracles, the rewards and the settings; runs one item at a time."""
 
     def __init__(self, paths: Mapping[str, Path], settings: EvalSettings, *, reward_fns=None, differentiable=None,
-                 reward_scales=None, classifier_file=None, device="cpu"):
-        from msdda.engine import Engine
-
+                 reward_scales=None, classifier_file=None, device="cpu", backend: str = "torch"):
         self.settings = settings
         self.paths = dict(paths)
-        experts = {k: str(v) for k, v in paths.items() if k != "base"}
-        with _quiet_diffusers():
-            self.engine = Engine.from_pretrained(str(paths["base"]), experts, device=device)
+        self.device = device
+        self.backend = backend
+        self._engines: dict[str, object] = {}
+        self.engine = self.engine_for(backend)
         from msdda.zoo.rewards import DIFFERENTIABLE
 
         if reward_fns is None:
@@ -623,6 +622,21 @@ class Evaluator:
         self.reward_scales = dict(reward_scales) if reward_scales is not None else None
         self.models = {m.name: m.sha256 for m in self.engine.models}
 
+    def engine_for(self, backend: str):
+        """The Engine on ``backend`` over all the models, built once. RGG needs autograd, so it always runs on
+        torch; the other strategies run on the evaluator's backend (same samples up to float rounding)."""
+        if backend not in self._engines:
+            from msdda.engine import Engine
+
+            experts = {k: str(v) for k, v in self.paths.items() if k != "base"}
+            with _quiet_diffusers():
+                self._engines[backend] = Engine.from_pretrained(str(self.paths["base"]), experts,
+                                                                device=self.device, backend=backend)
+        return self._engines[backend]
+
+    def backend_of(self, strategy: str) -> str:
+        return "torch" if strategy == "rgg" else self.backend
+
     # ---------------------------------------------------------------- identities
     def fingerprint(self, strategy: str) -> str:
         s = self.settings
@@ -636,9 +650,11 @@ class Evaluator:
         return _fingerprint(common)
 
     # ---------------------------------------------------------------- generation
-    def generate(self, item: Item, seeds: Sequence[int], labels: Sequence[int]) -> torch.Tensor:
-        """x_0 [len(seeds), C, H, W] of one item for these samples (one call; the caller chunks)."""
-        s, eng = self.settings, self.engine
+    def generate(self, item: Item, seeds: Sequence[int], labels: Sequence[int], backend: str | None = None
+                 ) -> torch.Tensor:
+        """x_0 [len(seeds), C, H, W] of one item for these samples (one call; the caller chunks).
+        backend: override the strategy's backend (the timing pass runs every strategy on torch)."""
+        s, eng = self.settings, self.engine_for(backend or self.backend_of(item.strategy))
         w = item.wdict()
         if item.strategy in ENGINE_STRATEGIES:
             return eng.generate(class_labels=list(labels), weights={k: v for k, v in w.items()},
@@ -685,6 +701,7 @@ class Evaluator:
                 on_chunk(len(idx))
         record = {"key": item.key, "strategy": item.strategy, "weights": item.wdict(), "oracle": item.oracle,
                   "fingerprint": self.fingerprint(item.strategy), "n": s.samples, "rewards": rewards,
+                  "backend": self.backend_of(item.strategy),
                   "generation_seconds": gen_seconds, "seconds_per_image": gen_seconds / s.samples,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         return record, (torch.cat(kept) if kept else None)
@@ -982,7 +999,8 @@ def _outputs(out: str | Path) -> tuple[Path, Path, Path]:
 
 def _timing_pass(ev: Evaluator, strategies: Sequence[str], oracle_items: Sequence[Item], pair: Sequence[str],
                  images: int) -> dict:
-    """Each strategy generates the same ``images`` images (oracle pair, w = 0.5), back to back in this process."""
+    """Each strategy generates the same ``images`` images (oracle pair, w = 0.5), back to back in this process,
+    all on the torch backend (RGG needs it), so the times compare strategies, not backends."""
     half = _canonical({pair[0]: 0.5, pair[1]: 0.5})
     seeds = list(range(ev.settings.seed, ev.settings.seed + images))
     labels = [b % 10 for b in range(images)]
@@ -1003,7 +1021,7 @@ def _timing_pass(ev: Evaluator, strategies: Sequence[str], oracle_items: Sequenc
     ev.settings = warm
     try:
         for it in items:                               # warm-up: first-call overheads out of the measurement
-            ev.generate(it, seeds[:2], labels[:2])
+            ev.generate(it, seeds[:2], labels[:2], backend="torch")
     finally:
         ev.settings = saved
     result = {}
@@ -1011,7 +1029,7 @@ def _timing_pass(ev: Evaluator, strategies: Sequence[str], oracle_items: Sequenc
         t0 = time.perf_counter()
         for start in range(0, images, ev.chunk_size(it.strategy)):
             sl = slice(start, start + ev.chunk_size(it.strategy))
-            ev.generate(it, seeds[sl], labels[sl])
+            ev.generate(it, seeds[sl], labels[sl], backend="torch")
         result[it.strategy] = (time.perf_counter() - t0) / images
     return result
 
@@ -1022,13 +1040,15 @@ def evaluate(*, out: str | Path = "bench/results/zoo_eval", settings: EvalSettin
              combos: Sequence[Sequence[str]] | None = None, reward_fns: Mapping[str, Callable] | None = None,
              differentiable=None, reward_scales: Mapping[str, float] | None = None,
              classifier_file: str | Path | None = None, device: str = "cpu", progress: bool = True,
-             timing: bool = True, plots: bool = True, quick: bool = False, log=print) -> dict:
+             timing: bool = True, plots: bool = True, quick: bool = False, backend: str = "torch",
+             log=print) -> dict:
     """Run (or resume) the evaluation and write ``<out>.json``, ``<out>.md`` and ``<out>/*.png``.
 
     zoo_root / models: where the models are (``models`` {zoo name: folder} overrides single entries);
     strategies: a subset of STRATEGIES (default all); combos: the objective combinations (default every pair and
     the triple); reward_fns / differentiable / reward_scales: override the zoo's rewards (tests); reward_scales
-    default: the zoo's ``base/metrics.json`` (else 1 for every reward, recorded in the results). Returns the
+    default: the zoo's ``base/metrics.json`` (else 1 for every reward, recorded in the results); backend: the
+    Engine backend for generation (RGG and the timing pass always use torch). Returns the
     results dict plus ``"run": {"computed": [...], "skipped": [...]}`` for this call.
     """
     settings = settings or EvalSettings()
@@ -1063,7 +1083,7 @@ def evaluate(*, out: str | Path = "bench/results/zoo_eval", settings: EvalSettin
 
     out_dir, json_path, md_path = _outputs(out)
     ev = Evaluator(paths, settings, reward_fns=reward_fns, differentiable=differentiable,
-                   reward_scales=reward_scales, classifier_file=classifier_file, device=device)
+                   reward_scales=reward_scales, classifier_file=classifier_file, device=device, backend=backend)
     # one cache folder per run-level setting (samples, steps, guidance, seed): an explicit --steps/--samples
     # run never overwrites another's points; within it every point also carries its own fingerprint
     run_id = f"n{settings.samples}_s{settings.steps}_g{settings.guidance_scale:g}_seed{settings.seed}"
@@ -1140,7 +1160,7 @@ def evaluate(*, out: str | Path = "bench/results/zoo_eval", settings: EvalSettin
         tp = cache_dir / "timing.json"
         tfp = _fingerprint({"strategies": strategies, "images": settings.timing_images, "steps": settings.steps,
                             "code": (settings.code_candidates, settings.code_block), "rgg": settings.rgg(),
-                            "models": ev.models, "batch": settings.batch_size})
+                            "models": ev.models, "batch": settings.batch_size, "backend": "torch"})
         timing_rec = _read_cache_any(tp)
         if timing_rec is None or timing_rec.get("fingerprint") != tfp:
             pair = grid_pair or combos[0][:2]
@@ -1148,7 +1168,7 @@ def evaluate(*, out: str | Path = "bench/results/zoo_eval", settings: EvalSettin
             log(f"zoo eval: timing pass ({settings.timing_images} images per strategy)")
             spi = _timing_pass(ev, strategies, oracle_items, pair, settings.timing_images)
             timing_rec = {"fingerprint": tfp, "seconds_per_image": spi, "images": settings.timing_images,
-                          "batch_size": settings.batch_size, "threads": torch.get_num_threads(),
+                          "batch_size": settings.batch_size, "threads": torch.get_num_threads(), "backend": "torch",
                           "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                           "weights": {pair[0]: 0.5, pair[1]: 0.5}, "steps": settings.steps}
             atomic_write_json(tp, timing_rec)
@@ -1169,6 +1189,10 @@ def evaluate(*, out: str | Path = "bench/results/zoo_eval", settings: EvalSettin
                                  "scale = 1/beta, the experts' KL strength (the first-order guidance toward p_base exp(r/beta), the "
                                  "target the experts and oracles were trained for); only on combinations of "
                                  "differentiable rewards",
+                     "backend": backend, "backend_note": "generation backend of every strategy but RGG (torch, "
+                     "it needs autograd); each cached point records its own backend; the backends agree to float "
+                     "rounding, so the fingerprint of a point does not include it",
+                     "point_backends": sorted({r.get("backend", "torch") for r in records.values()}),
                      "torch": torch.__version__, "threads": torch.get_num_threads()},
         "rewards": reward_names,
         "estimate_seconds_this_run": estimate,

@@ -242,3 +242,25 @@ def test_main_reports_missing_models(tmp_path, capsys):
     assert E.main(quick=True, out=str(tmp_path / "q"), zoo_root=tmp_path / "nothing") == 2
     err = capsys.readouterr().err
     assert "msdda: error: zoo models not found: base" in err
+
+
+def test_onnxruntime_backend_matches_torch_and_records_backends(tiny_zoo, tmp_path):
+    """--backend onnxruntime: the same samples as torch up to float rounding (so the two may share a cache);
+    RGG still runs on torch (it needs autograd) and each point says which backend produced it."""
+    pytest.importorskip("onnxruntime")
+    kw = dict(settings=SMALL, zoo_root=tiny_zoo, combos=[PAIR], strategies=["msdda", "code", "rgg"],
+              timing=False, plots=False, **QUIET)
+    ref = E.evaluate(out=tmp_path / "t", **kw)
+    ort = E.evaluate(out=tmp_path / "o", backend="onnxruntime", **kw)
+    assert not ort["run"]["skipped"]
+    for s in ("msdda", "code", "rgg"):
+        a = ref["combinations"]["legible+bold"]["strategies"][s]["points"]
+        b = ort["combinations"]["legible+bold"]["strategies"][s]["points"]
+        for pa, pb in zip(a, b):
+            for r in pa["mean"]:
+                assert pb["mean"][r] == pytest.approx(pa["mean"][r], rel=1e-4, abs=1e-5), (s, r)
+    cache = next((tmp_path / "o" / "cache").iterdir())
+    backends = {json.loads(p.read_text())["strategy"]: json.loads(p.read_text())["backend"]
+                for p in cache.glob("*.json")}
+    assert backends == {"msdda": "onnxruntime", "code": "onnxruntime", "rgg": "torch"}
+    assert ort["settings"]["point_backends"] == ["onnxruntime", "torch"]
