@@ -8,6 +8,8 @@
    measured copy's bandwidth.
 2. End to end (bench/bench_e2e.py): msdda vs Diffusion Blend's diffusers loop and vs single-model generation,
    over K, batch and backends, with the per-step split (networks / combine / rest) and peak memory.
+3. Networks (bench/bench_networks.py): one expert's UNet forward under each execution option (torch eager,
+   torch.compile, ONNX Runtime fp32 / fused attention / int8 dynamic / int8 static) with its error.
 Every comparison is a ratio of two measurements taken in this run on this machine.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_e2e  # noqa: E402
+import bench_networks  # noqa: E402
 
 
 def compose_benchmarks(quick: bool, select: str | None = None) -> list[dict]:
@@ -67,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-compose", action="store_true")
     p.add_argument("--compose-select", default=None, help="pytest -k expression for the compose benchmarks")
     p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--skip-networks", action="store_true", help="skip the per-network execution options")
     p.add_argument("--ks", default="1,2,3,4")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--backends", default="torch,onnxruntime")
@@ -90,6 +94,10 @@ def main(argv=None) -> int:
         result["e2e"] = bench_e2e.run(ks, batches, tuple(args.backends.split(",")), steps, repeats,
                                       models=tuple(args.models.split(",")))
         print(bench_e2e.table(result["e2e"]))
+    if not args.skip_networks:
+        result["networks"] = bench_networks.run(repeats=3 if args.quick else 30, threads=(1,) if args.quick else (1, 2),
+                                                compile=not args.quick)
+        print(bench_networks.table(result["networks"]))
     if not args.quick:
         out = ROOT / "bench" / "results" / f"{result['machine']}-{result['date']}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
