@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from tiny_models import make_tiny_sd_pipeline, perturbed_copy  # noqa: E402
+from tiny_models import make_tiny_sd_pipeline, perturbed_copy, write_lora_adapter  # noqa: E402
 
 
 def machine_name() -> str:
@@ -148,6 +148,7 @@ class Model:
     experts: dict
     guidance: float
     make_inputs: Callable        # (engine, batch) -> (msdda generate kwargs, loop UNet kwargs, latents)
+    backends: tuple | None = None  # the backends this model is run on (None: all given)
 
 
 def tiny_sd(tmp: Path, n: int) -> Model:
@@ -161,6 +162,14 @@ def tiny_sd(tmp: Path, n: int) -> Model:
                 latents)
 
     return Model("tiny-sd-0.8M", base, experts, 7.5, make_inputs)
+
+
+def tiny_sd_lora(tmp: Path, n: int) -> Model:
+    """The tiny SD pipeline with rank-8 LoRA experts (attention and ResNet layers): the loop runs the merged
+    experts; msdda runs them merged (``torch``) or as base + batched low-rank deltas (``torch+lora``)."""
+    sd = tiny_sd(tmp, 0)
+    experts = {f"l{k}": write_lora_adapter(sd.base, tmp / f"l{k}", seed=k + 1, rank=8) for k in range(n)}
+    return Model("tiny-sd-0.8M-lora8", sd.base, experts, sd.guidance, sd.make_inputs, backends=("torch", "torch+lora"))
 
 
 def zoo(n: int) -> Model:
@@ -180,35 +189,48 @@ def zoo(n: int) -> Model:
     return Model("zoo-digits-0.65M", paths["base"], experts, DEFAULT_GUIDANCE_SCALE, make_inputs)
 
 
-MODELS = ("tiny-sd", "zoo")
+MODELS = ("tiny-sd", "zoo", "tiny-sd-lora")
+BACKENDS = ("torch", "onnxruntime", "torch+lora")      # torch+lora: backend="torch", group="lora"
+
+
+def _backend_options(spec: str, cache_dir: Path) -> dict:
+    name, _, group = spec.partition("+")
+    opts = {"backend": name}
+    if name != "torch":
+        opts["cache_dir"] = cache_dir
+    if group:
+        opts["group"] = group
+    return opts
 
 
 def run(ks, batches, backends, steps, repeats, models=MODELS, log=print):
-    from diffusers import UNet2DConditionModel, UNet2DModel
     from diffusers.schedulers import SchedulerMixin
 
     import msdda
-    from msdda.loading import load_base
+    from msdda.loading import load_base, load_expert
 
     rows = []
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for model_name in models:
-            model = tiny_sd(tmp / "tiny-sd", max(ks)) if model_name == "tiny-sd" else zoo(max(ks))
+            model = {"tiny-sd": lambda: tiny_sd(tmp / "tiny-sd", max(ks)), "zoo": lambda: zoo(max(ks)),
+                     "tiny-sd-lora": lambda: tiny_sd_lora(tmp / "tiny-sd-lora", max(ks))}[model_name]()
             base = load_base(model.base)
-            unet_cls = UNet2DConditionModel if isinstance(base.unet, UNet2DConditionModel) else UNet2DModel
-            unets = {n: unet_cls.from_pretrained(Path(p) / "unet" if (Path(p) / "unet").is_dir() else p)
-                     .to(device).eval() for n, p in model.experts.items()}
+            # the loop's UNets: plain diffusers modules (LoRA experts merged, the fastest way to loop over them)
+            unets = {n: load_expert(n, p, base)[0].to(device).eval() for n, p in model.experts.items()}
             sched_cls = getattr(importlib.import_module("diffusers"), base.scheduler_config["_class_name"])
             sched: SchedulerMixin = sched_cls.from_config(base.scheduler_config)
             for bk in backends:
-                opts = {"cache_dir": tmp / "cache"} if bk != "torch" else {}
+                if model.backends is not None and bk not in model.backends or \
+                        "+lora" in bk and model.backends is None:
+                    continue
+                opts = _backend_options(bk, tmp / "cache")
                 for k in ks:
                     if k > len(model.experts):
                         continue
                     names = list(model.experts)[:k]
-                    eng = msdda.Engine.from_pretrained(model.base, {n: model.experts[n] for n in names}, backend=bk,
+                    eng = msdda.Engine.from_pretrained(model.base, {n: model.experts[n] for n in names},
                                                        device=device, **opts)
                     rows_k = _measure(eng, model, names, unets, sched, batches, steps, repeats, device, bk, log)
                     rows.extend(rows_k)

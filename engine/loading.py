@@ -203,15 +203,28 @@ def check_scheduler_compatible(name: str, sched: dict, base_sched: dict) -> None
                             f"{base_sched[key]!r}")
 
 
-def merge_lora(base_unet: torch.nn.Module, lora_path: Path, folder: Path) -> torch.nn.Module:
-    """A copy of the base UNet with a LoRA adapter merged: W' = W + (alpha / r) * B @ A.
+@dataclass(frozen=True)
+class LoraFactor:
+    """One adapted layer's low-rank update, delta W = up @ down (the scale alpha / r already folded into up).
+
+    down: [r, in] for a Linear, [r, in, kh, kw] for a Conv2d (it runs with the layer's stride and padding);
+    up: [out, r] (a 1x1 convolution for a Conv2d)."""
+    down: torch.Tensor
+    up: torch.Tensor
+
+
+# A merged LoRA expert carries its factors under this attribute, so that a backend may run it as the base plus
+# a batched low-rank delta (msdda.backends.lora) instead of as a separate network.
+LORA_FACTORS_ATTR = "msdda_lora_factors"
+
+
+def read_lora(base_unet: torch.nn.Module, lora_path: Path, folder: Path) -> dict[str, LoraFactor]:
+    """{module name: LoraFactor} of a LoRA adapter on ``base_unet``, checked against the base's layers.
 
     Reads diffusers (``...lora.down.weight``/``lora.up.weight`` or ``lora_A``/``lora_B``) and peft
     (``base_model.model....lora_A.weight``) key layouts; alpha comes from ``adapter_config.json`` (peft) or
     ``...alpha`` entries, else alpha = r.
     """
-    import copy
-
     from safetensors.torch import load_file
 
     try:
@@ -231,8 +244,8 @@ def merge_lora(base_unet: torch.nn.Module, lora_path: Path, folder: Path) -> tor
             if k.endswith(tag):
                 pairs.setdefault(k[: -len(tag)], {})[role] = tensor
                 break
-    merged = copy.deepcopy(base_unet)
-    modules = dict(merged.named_modules())
+    modules = dict(base_unet.named_modules())
+    factors = {}
     for target, parts in pairs.items():
         target = target.replace(".processor", "").replace("_lora", "")
         if "A" not in parts or "B" not in parts:
@@ -243,10 +256,26 @@ def merge_lora(base_unet: torch.nn.Module, lora_path: Path, folder: Path) -> tor
         a, b = parts["A"].float(), parts["B"].float()
         rank = a.shape[0]
         alpha = float(parts["alpha"]) if "alpha" in parts else float(cfg.get("lora_alpha", rank))
-        delta = (b.flatten(1) @ a.flatten(1)) * (alpha / rank)
-        if delta.numel() != module.weight.numel():
-            raise LoadError(f"{lora_path}: LoRA for {target} has shape {tuple(delta.shape)}, weight is "
-                            f"{tuple(module.weight.shape)}")
+        weight = module.weight
+        if b.shape[0] != weight.shape[0] or a[0].numel() != weight[0].numel() or b[0].numel() != rank:
+            raise LoadError(f"{lora_path}: LoRA for {target} has shape {(b.shape[0], a[0].numel())}, weight is "
+                            f"{tuple(weight.shape)}")
+        factors[target] = LoraFactor(down=a.reshape(rank, *weight.shape[1:]),
+                                     up=b.reshape(b.shape[0], rank) * (alpha / rank))
+    return factors
+
+
+def merge_lora(base_unet: torch.nn.Module, lora_path: Path, folder: Path) -> torch.nn.Module:
+    """A copy of the base UNet with a LoRA adapter merged: W' = W + (alpha / r) * B @ A (see ``read_lora``).
+    The copy carries the factors under ``LORA_FACTORS_ATTR``."""
+    import copy
+
+    factors = read_lora(base_unet, lora_path, folder)
+    merged = copy.deepcopy(base_unet)
+    modules = dict(merged.named_modules())
+    for target, f in factors.items():
+        weight = modules[target].weight
         with torch.no_grad():
-            module.weight += delta.reshape(module.weight.shape).to(module.weight.dtype)
+            weight += (f.up @ f.down.flatten(1)).reshape(weight.shape).to(weight.dtype)
+    setattr(merged, LORA_FACTORS_ATTR, factors)
     return merged.eval().requires_grad_(False)

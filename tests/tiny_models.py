@@ -131,3 +131,36 @@ def make_tiny_sd_pipeline(path, *, seed: int = 0, sample_size: int = 16):
     import shutil
     shutil.rmtree(tok_dir)
     return path
+
+
+LORA_SUFFIXES = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                 "attn2.to_v", "attn2.to_out.0", "resnets.0.conv1", "resnets.0.conv2", "time_emb_proj")
+
+
+def write_lora_adapter(base, dst, *, seed: int, rank: int = 4, scale: float = 0.5,
+                       suffixes: tuple[str, ...] = LORA_SUFFIXES, subfolder: str = "unet"):
+    """A seeded random LoRA adapter (diffusers key layout, ``pytorch_lora_weights.safetensors``) on every
+    Linear / Conv2d of the base UNet whose name ends with one of ``suffixes``. Up is nonzero (unlike a fresh
+    adapter), so the expert really differs from the base."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+    from safetensors.torch import save_file
+
+    base = Path(base)
+    cfg = json.loads((base / subfolder / "config.json").read_text())
+    cls = UNet2DConditionModel if cfg["_class_name"] == "UNet2DConditionModel" else UNet2DModel
+    unet = cls.from_pretrained(base / subfolder)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in unet.named_modules():
+        if not name.endswith(suffixes) or not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        w = module.weight
+        down = torch.randn(rank, *w.shape[1:], generator=gen) / w[0].numel() ** 0.5
+        up = torch.randn(w.shape[0], rank, *([1, 1] if w.dim() == 4 else []), generator=gen)
+        up *= scale * w.abs().mean() / rank ** 0.5
+        state[f"unet.{name}.lora.down.weight"] = down
+        state[f"unet.{name}.lora.up.weight"] = up
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(state, dst / "pytorch_lora_weights.safetensors")
+    return dst

@@ -7,6 +7,7 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from . import Conditioning
+from .lora import forward_members, lora_group_network
 
 
 def unet_kwargs(cond: Conditioning) -> dict:
@@ -30,13 +31,15 @@ class TorchBackend:
     """Runs same-architecture diffusers UNets with torch.
 
     group="loop" calls the selected networks one after another; group="vmap" evaluates them as one vmapped
-    functional call over stacked parameters (torch.func). Chosen once here. ``compile=True`` wraps each
+    functional call over stacked parameters (torch.func); group="lora" (every expert a LoRA adapter of the
+    base, the first network) runs the selected members as one forward of the base weights on the stacked
+    batches plus batched low-rank deltas (msdda.backends.lora). Chosen once here. ``compile=True`` wraps each
     network with torch.compile.
     """
 
     def __init__(self, networks: dict, *, device="cpu", dtype=None, group: str = "loop", compile: bool = False):
-        if group not in ("loop", "vmap"):
-            raise ValueError(f"group must be 'loop' or 'vmap', not {group!r}")
+        if group not in ("loop", "vmap", "lora"):
+            raise ValueError(f"group must be 'loop', 'vmap' or 'lora', not {group!r}")
         self.members = tuple(networks)
         self.device = torch.device(device)
         self.dtype = dtype or next(iter(networks.values())).dtype
@@ -44,7 +47,14 @@ class TorchBackend:
         self._params, self._buffers = stack_module_state(list(self._nets))
         self._skeleton = copy.deepcopy(self._nets[0]).to("meta")
         self._calls = tuple(torch.compile(n) if compile else n for n in self._nets)
-        self._forward_group = self._forward_vmap if group == "vmap" else self._forward_loop
+        self._forward_group = {"loop": self._forward_loop, "vmap": self._forward_vmap,
+                               "lora": self._forward_lora}[group]
+        if group == "lora":
+            try:
+                net = lora_group_network(self._nets[0], list(self._nets))
+            except ValueError as exc:
+                raise ValueError(f"group='lora': {exc}") from None
+            self._lora_net = torch.compile(net) if compile else net
 
     def forward(self, x: torch.Tensor, t: int, cond: Conditioning, members: tuple[int, ...]) -> torch.Tensor:
         """x [N, C, H, W], t a timestep -> [len(members), N, C_out, H, W]."""
@@ -56,6 +66,9 @@ class TorchBackend:
 
     def _forward_loop(self, x, timestep, kwargs, members):
         return torch.stack([self._calls[m](x, timestep, **kwargs)[0] for m in members])
+
+    def _forward_lora(self, x, timestep, kwargs, members):
+        return forward_members(self._lora_net, x, timestep, kwargs, members)
 
     def _forward_vmap(self, x, timestep, kwargs, members):
         index = list(members)
