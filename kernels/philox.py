@@ -76,7 +76,8 @@ def _uint_to_uniform(w: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) * _UNIFORM_SCALE  # exact int -> f32 rounding (to nearest), one f32 multiply
 
 
-_CHUNK = 1 << 17  # elements per Philox pass: keeps the ten rounds' temporaries in cache
+_CHUNK = 1 << 17  # elements per Philox pass over one large sample
+_BLOCK = 1 << 14  # elements per pass over several small samples (their keys broadcast down the rows)
 
 
 def _draw(seeds: torch.Tensor, offset: int, shape, normal: bool) -> torch.Tensor:
@@ -90,22 +91,29 @@ def _draw(seeds: torch.Tensor, offset: int, shape, normal: bool) -> torch.Tensor
     if n > 2**32:
         raise ValueError(f"philox: at most 2**32 elements per sample, got {n}")
     s = seeds.detach().cpu().numpy().view(np.uint64)  # the int64 bit pattern is the 64-bit key
+    if n == 0 or len(s) == 0:
+        return torch.empty(len(s), *shape, device=seeds.device)
+    keys_lo, keys_hi = (s & _M32).astype(np.uint32)[:, None], (s >> _32).astype(np.uint32)[:, None]
     out = np.empty((len(s), n), dtype=np.float32)
     o = np.uint32(offset)
-    for b, key in enumerate(s):
-        k0, k1 = np.uint32(key & _M32), np.uint32(key >> _32)
-        for lo in range(0, n, _CHUNK):
-            e = np.arange(lo, min(n, lo + _CHUNK), dtype=np.uint32)
-            w0, w1, _, _ = _philox_np(e, o, np.uint32(0), np.uint32(0), k0, k1)
+    # passes of [rows, elements]: several small samples per pass (keys broadcast down the rows), or one large
+    # sample in chunks; either way about one cache-sized block of temporaries at a time
+    rows = max(1, _BLOCK // n)
+    step = n if rows > 1 else _CHUNK
+    for r0 in range(0, len(s), rows):
+        r1 = min(len(s), r0 + rows)
+        for lo in range(0, n, step):
+            e = np.arange(lo, min(n, lo + step), dtype=np.uint32)[None, :]
+            w0, w1, _, _ = _philox_np(e, o, np.uint32(0), np.uint32(0), keys_lo[r0:r1], keys_hi[r0:r1])
             u1 = _uint_to_uniform(w0)
             if not normal:
-                out[b, lo:lo + len(e)] = u1
+                out[r0:r1, lo:lo + e.shape[1]] = u1
                 continue
             # Box-Muller exactly as pair_uniform_to_normal, with the float32 ufuncs the interpreter uses
             u1 = np.maximum(_U_MIN, u1)
             th = _TWO_PI * _uint_to_uniform(w1)
             r = np.sqrt(np.float32(-2.0) * np.log(u1))
-            out[b, lo:lo + len(e)] = r * np.cos(th)
+            out[r0:r1, lo:lo + e.shape[1]] = r * np.cos(th)
     return torch.from_numpy(out).reshape(len(s), *shape).to(seeds.device)
 
 
