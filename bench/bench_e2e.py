@@ -190,7 +190,7 @@ def zoo(n: int) -> Model:
 
 
 MODELS = ("tiny-sd", "zoo", "tiny-sd-lora")
-BACKENDS = ("torch", "onnxruntime", "torch+lora")      # torch+lora: backend="torch", group="lora"
+BACKENDS = ("torch", "onnxruntime", "torch+lora")      # torch+lora: backend="torch", group="lora" (also +vmap)
 
 
 def _backend_options(spec: str, cache_dir: Path) -> dict:

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_e2e  # noqa: E402
+from msdda.atomic import atomic_write_json  # noqa: E402
 import bench_networks  # noqa: E402
 
 
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-compose", action="store_true")
     p.add_argument("--compose-select", default=None, help="pytest -k expression for the compose benchmarks")
     p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--out", default=None, help="results file (default bench/results/<machine>-<date>.json)")
     p.add_argument("--skip-networks", action="store_true", help="skip the per-network execution options")
     p.add_argument("--ks", default="1,2,3,4")
     p.add_argument("--batches", default="1,8,32")
@@ -99,9 +101,9 @@ def main(argv=None) -> int:
                                                 compile=not args.quick)
         print(bench_networks.table(result["networks"]))
     if not args.quick:
-        out = ROOT / "bench" / "results" / f"{result['machine']}-{result['date']}.json"
+        out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{result['machine']}-{result['date']}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(out, result)
         print(f"wrote {out}")
     return 0
 
