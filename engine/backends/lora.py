@@ -30,16 +30,19 @@ def lora_factors(net: torch.nn.Module) -> dict | None:
     return getattr(net, LORA_FACTORS_ATTR, None)
 
 
-class BatchedLoraLinear(torch.nn.Module):
-    """A Linear whose input rows are G member groups; adds each group's low-rank delta.
+class _BatchedLora(torch.nn.Module):
+    """A base layer plus every member's factors: down [M, r, in, *k], up [M, out, r] (zeros where a member has
+    no adapter on this layer)."""
 
-    down: [M, r, in], up: [M, out, r] for all M members (zeros where a member has no adapter)."""
-
-    def __init__(self, base: torch.nn.Linear, down: torch.Tensor, up: torch.Tensor):
+    def __init__(self, base: torch.nn.Module, down: torch.Tensor, up: torch.Tensor):
         super().__init__()
         self.base = base
         self.register_buffer("down", down, persistent=False)
         self.register_buffer("up", up, persistent=False)
+
+
+class BatchedLoraLinear(_BatchedLora):
+    """A Linear whose input rows are G member groups; adds each group's low-rank delta (down [M, r, in])."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sel = _SELECTED.get()
@@ -50,17 +53,10 @@ class BatchedLoraLinear(torch.nn.Module):
         return y + torch.bmm(h, self.up[sel].transpose(1, 2)).reshape(y.shape)
 
 
-class BatchedLoraConv2d(torch.nn.Module):
+class BatchedLoraConv2d(_BatchedLora):
     """A Conv2d (groups=1) whose batch is G member groups; adds each group's low-rank delta as two grouped
-    convolutions over the groups laid side by side in channels.
-
-    down: [M, r, in, kh, kw] (the layer's stride, padding, dilation), up: [M, out, r]."""
-
-    def __init__(self, base: torch.nn.Conv2d, down: torch.Tensor, up: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.register_buffer("down", down, persistent=False)
-        self.register_buffer("up", up, persistent=False)
+    convolutions over the groups laid side by side in channels (down [M, r, in, kh, kw], run with the layer's
+    stride, padding and dilation)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sel = _SELECTED.get()
