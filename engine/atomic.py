@@ -7,6 +7,12 @@ import os
 import tempfile
 from pathlib import Path
 
+# mkstemp creates files 0600; finished files get the mode a plain open() would give them (0666 & ~umask).
+# Read once, at import: os.umask can only be read by setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 
 def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable (best effort: not every filesystem allows it)."""
@@ -25,6 +31,7 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), _FILE_MODE)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

@@ -231,3 +231,22 @@ def test_concurrent_onnx_export_gives_one_valid_artifact(tmp_path):
     onnx.checker.check_model(paths[0])
     artifacts = [p for p in (tmp_path / "c" / "onnx").iterdir()]
     assert len(artifacts) == 1 and list((tmp_path / "c" / "tmp").iterdir()) == []
+
+
+def test_atomic_writes_are_whole_and_get_the_usual_file_mode(tmp_path):
+    """A finished file has the mode open() would give it (mkstemp's 0600 would hide images and results from
+    other users); a failed write leaves neither the file nor a temporary."""
+    import os
+    import stat
+
+    from msdda.atomic import atomic_write_bytes, atomic_write_json
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = atomic_write_json(tmp_path / "r.json", {"a": 1})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert path.read_text() == '{\n  "a": 1\n}\n'
+
+    with pytest.raises(TypeError):                  # the write itself fails (text into a binary file)
+        atomic_write_bytes(tmp_path / "x.bin", "not bytes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
