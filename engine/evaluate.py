@@ -911,7 +911,9 @@ def _markdown(results: dict) -> str:
         f"(= 1/β, the experts' KL strength) on Σ w_k r_k/s_k, differentiable rewards only. Hypervolume (HV): exact, reference point "
         f"= per-objective minimum over all evaluated points of the combination minus {st['hv_margin']:g}×range; "
         f"'HV norm.' divides by the box from the reference to the per-objective maxima; intervals are a paired "
-        f"bootstrap over samples ({st['bootstrap']} replicates).", ""]
+        f"bootstrap over samples ({st['bootstrap']} replicates). Generation backend: "
+        f"{st.get('backend', 'torch')} (RGG on torch; points produced by: {', '.join(st.get('point_backends', []))}).",
+        ""]
     timing = results.get("timing") or {}
     spi = timing.get("seconds_per_image", {})
     for name, c in results["combinations"].items():
@@ -977,7 +979,8 @@ def _markdown(results: dict) -> str:
     if timing.get("seconds_per_image"):
         lines += ["## Generation time", "",
                   f"Seconds per image, each strategy generating the same {timing['images']} images (oracle pair, "
-                  f"w = 0.5) one after another in one process ({timing.get('threads')} torch threads, "
+                  f"w = 0.5) one after another in one process on the {timing.get('backend', 'torch')} backend "
+                  f"({timing.get('threads')} torch threads, "
                   f"{timing.get('machine')}).", "",
                   "| strategy | s/image | × base |", "|---|---|---|"]
         b = spi.get("base")
