@@ -61,8 +61,8 @@ class OnnxRuntimeBackend:
                                  text_shape=tuple(text_shape) if text_shape else None)
         # several sessions take turns here; spin-waiting threads slow the next one (no spinning: zoo K=2 batch 8
         # 0.227 -> 0.189 s, tiny SD 0.608 -> 0.569 s; with sequential sessions 0.338 -> 0.197 s, on 2 cores)
-        self._spin = len(networks) == 1
-        self._options = _session_options(threads, self._spin)
+        spin = len(networks) == 1
+        self._options = _session_options(threads, spin)
         self._providers = _providers(self.device)
         paths = dict(onnx_paths or {})
         for name, net in networks.items():
@@ -77,7 +77,7 @@ class OnnxRuntimeBackend:
         self._pool = self._group_sessions = None
         if parallel:
             workers = min(len(self.members), threads)
-            opts = _session_options(max(1, threads // workers), self._spin)
+            opts = _session_options(max(1, threads // workers), spin)
             self._group_sessions = tuple(ort.InferenceSession(os.fspath(paths[n]), opts, providers=self._providers)
                                          for n in self.members)
             self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="msdda-ort")
