@@ -97,6 +97,18 @@ def test_per_sample_streams_and_offsets():
     assert not torch.equal(z[0], z[1])
 
 
+@pytest.mark.parametrize("shape", [(4, 1024), (5, 4000)])
+def test_batch_split_into_passes_matches_one_sample_at_a_time(shape):
+    """The host draws several small samples per numpy pass (philox._BLOCK elements), and a large one in chunks:
+    a sample's noise must not depend on which pass it fell in. 4096 elements: 4 samples a pass, so 10 samples
+    take 3 passes (the last one short); 20000 elements: one sample a pass, in chunks."""
+    seeds = torch.arange(10, dtype=torch.int64) * 7919 - 3
+    z = philox_normal(seeds, 7, shape)
+    for b in range(len(seeds)):
+        assert torch.equal(philox_normal(seeds[b:b + 1], 7, shape)[0], z[b]), b
+    assert torch.equal(philox_uniform(seeds[3:4], 7, shape)[0], philox_uniform(seeds, 7, shape)[3])
+
+
 def test_moments():
     z = philox_normal(torch.tensor([11, 12], dtype=torch.int64), 1, (50_000,)).double()
     n = z.numel()
