@@ -458,7 +458,7 @@ def rgg_sample(engine, class_labels: Sequence[int], seeds: Sequence[int], weight
         with torch.no_grad():
             x_next = fused_expert_step(raw, x, one, sc, guidance_scale=g, seed=seed_t, offset=1 + i)
             if grad is not None:
-                _, var = sch.gaussian_step(_guided(raw, C, g), x, sc)
+                _, var, _ = sch.gaussian_step(_guided(raw, C, g), x, sc)
                 x_next = x_next + (var * scale * grad).to(x_next.dtype)
         x = x_next.detach()
     return x

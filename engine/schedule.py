@@ -1,4 +1,4 @@
-"""Diffusion schedule: float64 tables on the host, per-step scalars, and the torch definition of one step.
+"""Diffusion schedule: float64 tables on the host and per-step scalars (the step itself: msdda.kernels.gaussian_step).
 
 Plain functions, no state (improved-diffusion style). Everything here follows diffusers 0.42.1's
 ``DDPMScheduler`` / ``DDIMScheduler`` exactly (same betas, same timestep spacing, same previous-timestep rule,
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from msdda.kernels.fused_step import StepScalars, VarMode
+from msdda.kernels import StepScalars, VarMode, gaussian_step
 
 __all__ = [
     "TrainSchedule",
@@ -602,48 +602,8 @@ def precompute_step_scalars(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Torch definition of one step, and Gaussian helpers
+# Gaussian helpers (the step's Gaussian itself is msdda.kernels.gaussian_step, re-exported here)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def gaussian_step(out: torch.Tensor, x_t: torch.Tensor, scalars: StepScalars) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Gaussian p(x_{t_prev} | x_t) = N(mean, var) of one step; the torch definition of the fused step.
-
-    ``out``: [B, C_out, *S], C_out = C or 2C (channels C..2C are the variance channel v; ignored when the
-    step's var_mode is FIXED, e.g. DDIM or DDPM's t = 0 step of a learned-variance model); ``x_t``: [B, C, *S].
-    Returns ``mean`` [B, C, *S] and ``var`` broadcastable to it: a 0-dim tensor for FIXED (0 where
-    log_var_fixed = -inf), [B, C, *S] for LEARNED_RANGE / LEARNED. Computed in ``out``'s dtype (x_t is cast to
-    it), differentiable w.r.t. ``out`` and ``x_t`` (the clamp has zero gradient where it clips).
-    """
-    C = x_t.shape[1]
-    mode = VarMode(int(scalars.var_mode))
-    if out.shape[1] == 2 * C:
-        out, v = out[:, :C], out[:, C:]
-    elif out.shape[1] == C:
-        v = None
-        if mode != VarMode.FIXED:
-            raise ValueError(f"var_mode {mode.name} needs a 2C = {2 * C}-channel output, got {out.shape[1]}")
-    else:
-        raise ValueError(f"output has {out.shape[1]} channels; expected C = {C} or 2C = {2 * C}")
-    x_t = x_t.to(out.dtype)
-
-    x0 = out * scalars.po if scalars.px == 0 else x_t * scalars.px + out * scalars.po
-    if math.isfinite(scalars.clip):
-        x0 = x0.clamp(-scalars.clip, scalars.clip)
-    mean = x0 * scalars.m0
-    if scalars.mx != 0:
-        mean = mean + x_t * scalars.mx
-    if scalars.mo != 0:
-        mean = mean + out * scalars.mo
-
-    if mode == VarMode.FIXED:
-        var = torch.tensor(math.exp(scalars.log_var_fixed), dtype=out.dtype, device=out.device)
-    elif mode == VarMode.LEARNED_RANGE:
-        frac = (v + 1) / 2
-        var = torch.exp(frac * scalars.lv_max + (1 - frac) * scalars.lv_min)
-    else:
-        var = v
-    return mean, var
 
 
 _LOG_2PI = math.log(2 * math.pi)

@@ -16,7 +16,6 @@ definition, ``gaussian_from_output_ref`` + ``compose_gaussians_ref``.
 """
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 
@@ -42,48 +41,9 @@ from .compose import (
     _use_triton,
     compose_gaussians_ref,
 )
+from .gaussian import StepScalars, VarMode, gaussian_step
 
-__all__ = ["VarMode", "StepScalars", "fused_expert_step", "fused_expert_step_ref", "gaussian_from_output_ref"]
-
-
-class VarMode(enum.IntEnum):
-    """How a step's variance is obtained (the kernel's VAR_MODE constexpr)."""
-
-    FIXED = 0  # log_var = log_var_fixed (DDPM fixed_small / fixed_large, DDIM sigma_t^2)
-    LEARNED_RANGE = 1  # log_var interpolated between lv_min and lv_max by the variance channel (IDDPM)
-    LEARNED = 2  # the variance channel is the variance
-
-
-@dataclass(frozen=True)
-class StepScalars:
-    """One step's scalars, built on the host from the float64 schedule (``msdda.schedule.step_scalars``).
-
-    px, po: x0 = px * x_t + po * out.  mx, m0, mo: mu = mx * x_t + m0 * clamp(x0, -clip, clip) + mo * out.
-    clip: inf when clipping is off.  var_mode: VarMode.  log_var_fixed: log variance for FIXED (-inf: variance 0).
-    lv_min, lv_max: the log-variance range for LEARNED_RANGE."""
-
-    px: float
-    po: float
-    mx: float
-    m0: float
-    mo: float
-    clip: float = math.inf
-    var_mode: VarMode = VarMode.FIXED
-    log_var_fixed: float = -math.inf
-    lv_min: float = 0.0
-    lv_max: float = 0.0
-
-    def __post_init__(self):
-        for name in ("px", "po", "mx", "m0", "mo", "clip", "log_var_fixed", "lv_min", "lv_max"):
-            object.__setattr__(self, name, float(getattr(self, name)))  # numpy / 0-d tensor scalars -> float
-        object.__setattr__(self, "var_mode", VarMode(int(self.var_mode)))
-        if not self.clip > 0:
-            raise ValueError(f"StepScalars.clip must be > 0 (inf: no clipping), got {self.clip}")
-        for name in ("px", "po", "mx", "m0", "mo", "lv_min", "lv_max"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"StepScalars.{name} must be finite, got {getattr(self, name)}")
-        if math.isnan(self.log_var_fixed) or self.log_var_fixed == math.inf:
-            raise ValueError(f"StepScalars.log_var_fixed must be < inf (-inf: variance 0), got {self.log_var_fixed}")
+__all__ = ["fused_expert_step", "fused_expert_step_ref", "gaussian_from_output_ref"]
 
 
 @triton.jit(do_not_specialize=["offset"])
@@ -230,26 +190,17 @@ def _prepare_fused(raw, x_t, coeff, scalars, guidance_scale, noise, seed, offset
 
 
 def _gaussian_flat(f: _FusedArgs, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean [K, B, N] and var ([1, 1, 1] FIXED, else [K, B, N]) of every expert, computed in ``dtype``."""
-    s = f.scalars
-    raw = f.raw.to(dtype)
+    """mean [K, B, N] and var ([1, 1, 1] FIXED, else [K, B, N]) of every expert, by ``gaussian_step`` in ``dtype``."""
+    K, G, B, _ = f.raw.shape
+    C = f.shape[1]
     N = f.x_t.shape[1]
-    out = raw[:, 0, :, :N]
-    if f.guidance is not None:
-        out = out + f.guidance * (raw[:, 1, :, :N] - out)
-    x_t = f.x_t.to(dtype)
-    x0 = (s.px * x_t + s.po * out).clamp(-s.clip, s.clip)
-    mean = s.mx * x_t + s.m0 * x0 + s.mo * out
-    if s.var_mode == VarMode.FIXED:
-        var = torch.full((1, 1, 1), math.exp(s.log_var_fixed), dtype=dtype, device=raw.device)
-    else:
-        v = raw[:, -1, :, N:]  # variance channels, conditional half under CFG
-        if s.var_mode == VarMode.LEARNED_RANGE:
-            frac = (v + 1) / 2
-            var = torch.exp(frac * s.lv_max + (1 - frac) * s.lv_min)
-        else:
-            var = v
-    return mean, var
+    raw = f.raw.to(dtype).reshape(K, G, B, -1, N // C)  # [K, G, B, C_out, prod(S)]
+    x_t = f.x_t.to(dtype).reshape(B, C, N // C)
+    if f.guidance is None:
+        raw = raw[:, 0]
+    mean, var, _ = gaussian_step(raw, x_t, f.scalars, guidance_scale=f.guidance)
+    var = var.reshape(1, 1, 1) if var.dim() == 0 else var.reshape(K, B, N)
+    return mean.reshape(K, B, N), var
 
 
 def _fused_triton(f: _FusedArgs, validate=True, error_count=None) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers import scheduling_ddpm
 
-from msdda.kernels.fused_step import StepScalars, VarMode
+from msdda.kernels import StepScalars, VarMode
 from msdda.schedule import (
     SchedulerOptions,
     TrainSchedule,
@@ -127,8 +127,8 @@ def _run_chain(kind, monkeypatch, *, steps, config, eta=0.0, use_clipped=False, 
         prev32, prev64 = preds
         assert prev64.dtype == torch.float64
 
-        mean64, var64 = gaussian_step(out.double(), x.double(), sc)
-        mean32, var32 = gaussian_step(out, x, sc)
+        mean64, var64, _ = gaussian_step(out.double(), x.double(), sc)
+        mean32, var32, _ = gaussian_step(out, x, sc)
         assert mean32.dtype == torch.float32 and var32.dtype == torch.float32
         ours64 = mean64 + var64.sqrt() * z.double()
         ours32 = mean32 + var32.sqrt() * z
@@ -215,7 +215,7 @@ def test_ddpm_custom_timesteps_match_diffusers(monkeypatch):
     for t, sc in zip(custom, scalars):
         out, z_box[0] = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
         prev_sample = ref.step(out, t, x).prev_sample
-        mean, var = gaussian_step(out.double(), x.double(), sc)
+        mean, var, _ = gaussian_step(out.double(), x.double(), sc)
         e = _err(mean + var.sqrt() * z_box[0].double(), prev_sample, x)
         assert e <= 5e-5, f"custom t={t}: {e:.3g}"
         x = prev_sample
@@ -384,12 +384,12 @@ def test_zero_variance_cases():
     assert step_scalars(s, 0, -1, variance_type="learned_range").var_mode == VarMode.FIXED
     ddim0 = step_scalars(s, 500, 480, kind="ddim", eta=0.0)
     assert ddim0.var_mode == VarMode.FIXED and ddim0.log_var_fixed == -math.inf
-    mean, var = gaussian_step(torch.randn(SHAPE), torch.randn(SHAPE), ddim0)
+    mean, var, _ = gaussian_step(torch.randn(SHAPE), torch.randn(SHAPE), ddim0)
     assert var.dim() == 0 and var.item() == 0.0 and mean.shape == SHAPE
     # a learned-variance network under DDIM: the variance channel is ignored
     out6 = torch.randn(2, 6, 4, 4)
-    m6, _ = gaussian_step(out6, torch.ones(SHAPE), ddim0)
-    m3, _ = gaussian_step(out6[:, :3], torch.ones(SHAPE), ddim0)
+    m6, _, _ = gaussian_step(out6, torch.ones(SHAPE), ddim0)
+    m3, _, _ = gaussian_step(out6[:, :3], torch.ones(SHAPE), ddim0)
     assert torch.equal(m6, m3)
 
 
@@ -414,7 +414,7 @@ def test_gaussian_step_differentiable():
         mean_b = torch.randn(shape, generator=g, dtype=torch.float64)
 
         def f(o, x):
-            mean, var = gaussian_step(o, x, sc)
+            mean, var, _ = gaussian_step(o, x, sc)
             return gaussian_log_prob(x_prev, mean, var).sum() + gaussian_kl(mean, var, mean_b, 0.5).sum()
 
         assert torch.autograd.gradcheck(f, (out, x_t))

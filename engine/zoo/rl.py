@@ -85,7 +85,7 @@ class StepTable:
         self.timesteps = inference_timesteps((sched, opts), steps)
         prev = previous_timesteps(sched, self.timesteps, kind="ddpm")
         self.scalars = precompute_step_scalars(sched, self.timesteps, prev, kind="ddpm", **opts.step_kwargs())
-        from msdda.kernels.fused_step import VarMode
+        from msdda.kernels import VarMode
 
         self.stochastic = [i for i, s in enumerate(self.scalars)
                            if not (int(s.var_mode) == int(VarMode.FIXED) and s.log_var_fixed == -math.inf)]
@@ -113,7 +113,7 @@ def rollout(unet, table: StepTable, labels: torch.Tensor, gs: float, g: torch.Ge
     traj = [x]
     for i, (t, sc) in enumerate(zip(table.timesteps, table.scalars)):
         out = _guided(unet, x, t, labels, gs)
-        mean, var = gaussian_step(out, x, sc)
+        mean, var, _ = gaussian_step(out, x, sc)
         if probe is not None:
             probe(i, t, x, out, mean, var)
         z = torch.randn(x.shape, generator=g)
@@ -203,8 +203,8 @@ def train_rl(out: Path, ckpt_dir: Path, name: str, weights: dict[str, float], cf
             t, sc = table.timesteps[i], table.scalars[i]
             x_t, x_prev = traj[i], traj[i + 1]
             with torch.no_grad():
-                mb, vb = gaussian_step(_guided(base, x_t, t, labels, cfg.guidance_scale), x_t, sc)
-            m, v = gaussian_step(_guided(policy, x_t, t, labels, cfg.guidance_scale), x_t, sc)
+                mb, vb, _ = gaussian_step(_guided(base, x_t, t, labels, cfg.guidance_scale), x_t, sc)
+            m, v, _ = gaussian_step(_guided(policy, x_t, t, labels, cfg.guidance_scale), x_t, sc)
             logp = gaussian_log_prob(x_prev, m, v).flatten(1).sum(1)
             kl = gaussian_kl(m, v, mb, vb).flatten(1).sum(1)
             loss = (-(adv * logp) + cfg.beta * kl).mean() / k
@@ -264,7 +264,7 @@ def evaluate_member(out: Path, name: str, cfg: RLConfig, *, seed: int) -> dict:
             if name != "base":
                 from msdda.schedule import gaussian_step
 
-                _, vb = gaussian_step(_guided(base, x, t, labels, cfg.guidance_scale), x, table.scalars[i])
+                _, vb, _ = gaussian_step(_guided(base, x, t, labels, cfg.guidance_scale), x, table.scalars[i])
                 dlv_base[t] = (var.log() - vb.log()).mean().item()
 
     x0, _ = rollout(model, table, labels, cfg.guidance_scale, torch.Generator().manual_seed(seed + 4242), probe=probe)
@@ -371,7 +371,7 @@ def variance_stats(out: Path, *, n: int = 200, seed: int = 0, steps: int = DEFAU
         if t not in VAR_PROBE_T or i not in table.stochastic:
             continue
         for k, m in models.items():
-            _, var = gaussian_step(_guided(m, traj[i], t, labels, guidance_scale), traj[i], table.scalars[i])
+            _, var, _ = gaussian_step(_guided(m, traj[i], t, labels, guidance_scale), traj[i], table.scalars[i])
             logv[k][t] = var.log()
     res = {"n": n, "mean_log_var": {k: {str(t): v.mean().item() for t, v in d.items()} for k, d in logv.items()},
            "mean_abs_dlog_var": {}}
