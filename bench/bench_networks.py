@@ -137,9 +137,9 @@ def quantize(src: Path, tmp: Path, unet, rows: int) -> dict[str, Path]:
 def _session(path: Path, threads: int):
     import onnxruntime as ort
 
-    from msdda.backends.onnxruntime_backend import _session_options
+    from msdda.backends.onnxruntime_backend import session_options
 
-    return ort.InferenceSession(str(path), _session_options(threads), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def models(tmp: Path) -> dict:

@@ -258,7 +258,7 @@ def check_ort_cuda(rec, nets, base, batch, cache):
     out = be.forward(x, 500, cond, members)
     err = (out - ref).abs().max().item()
     rec.update(ok=err < 1e-2, max_err=err, ms=cuda_time(lambda: be.forward(x, 500, cond, members), reps=10),
-               providers=be._providers if hasattr(be, "_providers") else None)
+               available_providers=ort.get_available_providers())
 
 
 def check_tensorrt(rec, nets, base, batch, cache, steps):

@@ -20,8 +20,10 @@ import torch
 from . import Conditioning
 
 
-def _session_options(threads: int | None, spin: bool = True):
-    """spin=False: intra-op threads sleep when idle instead of spin-waiting. With several sessions taking turns
+def session_options(threads: int | None, spin: bool = True):
+    """The ONNX Runtime session options the backend runs with (public: bench/ builds sessions the same way).
+
+    spin=False: intra-op threads sleep when idle instead of spin-waiting. With several sessions taking turns
     on few cores, one session's spinning threads steal the cores the next session needs (measured below)."""
     import onnxruntime as ort
 
@@ -62,7 +64,7 @@ class OnnxRuntimeBackend:
         # several sessions take turns here; spin-waiting threads slow the next one (no spinning: zoo K=2 batch 8
         # 0.227 -> 0.189 s, tiny SD 0.608 -> 0.569 s; with sequential sessions 0.338 -> 0.197 s, on 2 cores)
         spin = len(networks) == 1
-        self._options = _session_options(threads, spin)
+        self._options = session_options(threads, spin)
         self._providers = _providers(self.device)
         paths = dict(onnx_paths or {})
         for name, net in networks.items():
@@ -77,7 +79,7 @@ class OnnxRuntimeBackend:
         self._pool = self._group_sessions = None
         if parallel:
             workers = min(len(self.members), threads)
-            opts = _session_options(max(1, threads // workers), spin)
+            opts = session_options(max(1, threads // workers), spin)
             self._group_sessions = tuple(ort.InferenceSession(os.fspath(paths[n]), opts, providers=self._providers)
                                          for n in self.members)
             self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="msdda-ort")
