@@ -156,7 +156,7 @@ def tiny_sd(tmp: Path, n: int) -> Model:
     experts = {f"e{k}": perturbed_copy(base, tmp / f"e{k}", seed=k + 1, scale=0.2) for k in range(n)}
 
     def make_inputs(eng, batch):
-        emb, neg = eng._encode_text(["a photo of a cat"] * batch), eng._encode_text([""] * batch)
+        emb, neg = eng.encode_prompt(["a photo of a cat"] * batch), eng.encode_prompt([""] * batch)
         latents = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(batch))
         return (dict(prompt_embeds=emb, negative_prompt_embeds=neg), dict(encoder_hidden_states=torch.cat([neg, emb])),
                 latents)

@@ -1,27 +1,40 @@
-"""The zoo evaluation (the project's claim in miniature): a thin driver over ``msdda.evaluate.main``.
+"""The zoo evaluation (the project's claim in miniature): the command line of bench/quality/evaluate.py.
 
-    .venv/bin/python bench/eval_zoo.py                    # the real evaluation -> bench/results/zoo_eval.{json,md}
-    .venv/bin/python bench/eval_zoo.py --quick            # smoke run -> bench/results/zoo_eval_quick.{json,md}
-    nohup .venv/bin/python bench/eval_zoo.py --threads 2 --backend onnxruntime > /tmp/zoo_eval.log 2>&1 &  # background
+    .venv/bin/python bench/eval_zoo.py --out DIR           # the real evaluation -> DIR/zoo_eval.{json,md}, DIR/*.png
+    .venv/bin/python bench/eval_zoo.py --quick --out DIR   # smoke run (8 samples, w in {0, 0.5, 1}, 10 steps)
+    .venv/bin/python bench/eval_zoo.py --threads 2 --backend onnxruntime --out bench/results/zoo_eval   # the README's
 
-Same as ``msdda eval``, plus --threads, --batch-size and --device. Resumable: rerun the same command after an
-interruption and finished points are read back from bench/results/zoo_eval/cache/.
+--out is a folder (default ./zoo_eval, or ./zoo_eval_quick with --quick). Resumable: rerun the same command after
+an interruption and finished points are read back from DIR/cache/. Needs the bench extra (matplotlib):
+pip install -e '.[bench]'. Bad input or missing models: one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
+from pathlib import Path
 
-from msdda.evaluate import STRATEGIES, main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # the repository root: bench/ is not installed
+
+import torch  # noqa: E402
+
+from bench.quality.evaluate import evaluate  # noqa: E402
+from bench.quality.settings import MIN_HONEST_SAMPLES, STRATEGIES, EvalSettings, quick_settings  # noqa: E402
+from msdda.zoo import DEFAULT_STEPS  # noqa: E402
+
+ALIASES = {"oracles": "oracle", "morl": "oracle", "rg": "rgg"}
 
 
-def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="bench/eval_zoo.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=256, help="samples per weight point (default 256)")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the zoo's, 50)")
     ap.add_argument("--strategies", default=None, help=f"comma-separated subset of {','.join(STRATEGIES)}")
-    ap.add_argument("--out", default="bench/results/zoo_eval", help="results prefix (default bench/results/zoo_eval)")
-    ap.add_argument("--quick", action="store_true", help="small smoke evaluation, written to <out>_quick")
+    ap.add_argument("--out", default=None, metavar="DIR",
+                    help="results folder (default ./zoo_eval, or ./zoo_eval_quick with --quick)")
+    ap.add_argument("--quick", action="store_true", help="a small smoke evaluation; not the real one")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--batch-size", type=int, default=None, help="images per generate call (default 128)")
     ap.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -31,8 +44,55 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
+def settings_from(args: argparse.Namespace) -> EvalSettings:
+    if args.quick:
+        settings = quick_settings(args.steps)
+    else:
+        settings = EvalSettings(samples=args.samples, steps=args.steps if args.steps is not None else DEFAULT_STEPS)
+    return replace(settings, batch_size=args.batch_size) if args.batch_size else settings
+
+
+def main(argv=None) -> int:
+    """Run the evaluation; returns the exit status (0 done, 2 bad input or missing models)."""
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out if args.out is not None else ("zoo_eval_quick" if args.quick else "zoo_eval"))
+    strategies = None
+    if args.strategies is not None:
+        strategies = [ALIASES.get(s.strip(), s.strip()) for s in args.strategies.split(",") if s.strip()]
+
+    def note(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    try:
+        settings = settings_from(args)
+        if args.quick:
+            note(f"zoo eval: --quick smoke run ({settings.samples} samples/point, {settings.steps} steps, "
+                 f"w in {{0, 0.5, 1}}) -> {out}; not the real evaluation")
+        else:
+            if settings.samples < MIN_HONEST_SAMPLES:
+                note(f"zoo eval: WARNING: {settings.samples} samples per point (< {MIN_HONEST_SAMPLES}); the "
+                     "intervals will be wide and the results say so in settings.samples")
+            if settings.steps != DEFAULT_STEPS:
+                note(f"zoo eval: note: {settings.steps} steps instead of the zoo's {DEFAULT_STEPS}")
+        results = evaluate(out=out, settings=settings, strategies=strategies, quick=args.quick, device=args.device,
+                           zoo_root=args.zoo_root, backend=args.backend, log=note)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"eval_zoo: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    run = results["run"]
+    print(f"zoo eval: {len(run['computed'])} points computed, {len(run['skipped'])} from cache; wrote "
+          f"{results['files']['json']} and {results['files']['markdown']}")
+    for name, rep in results["combinations"].items():
+        if rep.get("strategies"):
+            hv = ", ".join(f"{s} {e['hypervolume']:.4g}" for s, e in
+                           sorted(rep["strategies"].items(), key=lambda kv: -kv[1]["hypervolume"]))
+            print(f"  {name}: HV {hv}")
+    for k, v in results["expected_outcome"].items():
+        print(f"  {k}: {v}")
+    return 0
+
+
 if __name__ == "__main__":
-    a = parse()
-    sys.exit(main(samples=a.samples, steps=a.steps, strategies=a.strategies, out=a.out, quick=a.quick,
-                  threads=a.threads, batch_size=a.batch_size, device=a.device, zoo_root=a.zoo_root,
-                  backend=a.backend))
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """The headline numbers of a zoo evaluation results file, as markdown (what the README quotes).
 
-    .venv/bin/python bench/zoo_eval_summary.py [bench/results/zoo_eval.json]
+    .venv/bin/python bench/zoo_eval_summary.py [bench/results/zoo_eval/zoo_eval.json]
 """
 from __future__ import annotations
 
@@ -43,6 +43,6 @@ def summary(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    path = sys.argv[1] if len(sys.argv) > 1 else "bench/results/zoo_eval.json"
+    path = sys.argv[1] if len(sys.argv) > 1 else "bench/results/zoo_eval/zoo_eval.json"
     with open(path) as fh:
         print(summary(json.load(fh)))

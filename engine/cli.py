@@ -112,7 +112,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msdda", description="Compose aligned diffusion experts at denoising time (MSDDA).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,sweep,eval,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,sweep,export}")
 
     gen = sub.add_parser("generate", help="generate images with weights chosen per run",
                          description="Generate images composing the experts with the given weights. Writes "
@@ -132,15 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--points", type=int, default=5, help="number of weights (default 5)")
     sweep.add_argument("--num-images", type=int, default=8, help="images per weight (default 8)")
     sweep.add_argument("--out", default="sweep", metavar="DIR", help="output folder (default ./sweep)")
-
-    ev = sub.add_parser("eval", help="evaluate strategies on the embedded zoo (rewards, Pareto fronts, hypervolume)")
-    ev.add_argument("--samples", type=int, default=256, help="samples per weight point (default 256)")
-    ev.add_argument("--steps", type=int, default=None, help="denoising steps (default: the zoo's)")
-    ev.add_argument("--strategies", default=None, help="comma-separated subset (default: all)")
-    ev.add_argument("--out", default="bench/results/zoo_eval", metavar="DIR", help="results folder")
-    ev.add_argument("--quick", action="store_true", help="a small smoke evaluation (few samples and weights)")
-    ev.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
-                    help="generation backend (default torch; RGG always runs on torch)")
 
     ex = sub.add_parser("export", help="export UNets to ONNX (and TensorRT where available)",
                         description="Export the base and every expert UNet to verified ONNX files. With no models named, exports the embedded zoo.")
@@ -359,13 +350,6 @@ def _zoo_rewards(engine, args, paths) -> dict:
     return {"rewards": {name: float(fn(images, labels).mean()) for name, fn in REWARDS.items()}}
 
 
-def cmd_eval(args) -> int:
-    from msdda.evaluate import main as evaluate
-
-    return evaluate(samples=args.samples, steps=args.steps, strategies=args.strategies, out=args.out, quick=args.quick,
-                    backend=args.backend)
-
-
 def cmd_export(args) -> int:
     from msdda.export import export_models
 
@@ -378,7 +362,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "sweep": cmd_sweep, "eval": cmd_eval, "export": cmd_export}
+COMMANDS = {"generate": cmd_generate, "sweep": cmd_sweep, "export": cmd_export}
 
 
 def main(argv=None) -> int:

@@ -16,9 +16,9 @@ import torch
 
 from msdda import schedule as sch
 from msdda.backends import Conditioning, make_backend
-from msdda.kernels import fused_expert_step, philox_normal, raise_if_bad
+from msdda.kernels import StepScalars, fused_expert_step, philox_normal, raise_if_bad
 from msdda.loading import BaseModel, LoadError, load_base, load_expert
-from msdda.sampling import sample
+from msdda.sampling import Denoise, sample
 from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
 
 __all__ = ["Engine", "GenerateOutput"]
@@ -102,26 +102,42 @@ class Engine:
     def experts(self) -> tuple[str, ...]:
         return self.members[1:]
 
-    # ------------------------------------------------------------------ conditioning
-    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+    # ------------------------------------------------------------------ the public seam
+    # What ``generate`` is built from, public so that samplers and denoiser wrappers outside the package (CoDe,
+    # reward-gradient guidance in bench/quality/) compose the same pieces instead of copying them.
+
+    def uses_guidance(self, guidance_scale: float) -> bool:
+        """Whether sampling at ``guidance_scale`` runs classifier-free guidance: g != 1 on a conditional base."""
+        return guidance_scale != 1.0 and (self.is_text or bool(self.num_classes))
+
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text-encoder hidden states [len(prompts), L, D] in the Engine's dtype (text-conditioned bases)."""
         tok = self.base.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(self.device)
         return self.base.text_encoder(ids)[0].to(self.dtype)
 
-    def _conditioning(self, batch: int, cfg: bool, prompt, prompt_embeds, negative_prompt_embeds, negative_prompt,
-                      class_labels) -> Conditioning:
+    def conditioning(self, batch: int, *, cfg: bool, prompt=None, prompt_embeds=None, negative_prompt=None,
+                     negative_prompt_embeds=None, class_labels=None) -> Conditioning:
+        """What the networks are conditioned on for ``batch`` samples: [2B] rows under ``cfg`` (unconditional
+        half first: the negative prompt, or the null class), else [B].
+
+        Text bases take ``prompt`` (a string or one per sample) or ``prompt_embeds`` [B or 1, L, D], and under
+        cfg ``negative_prompt`` / ``negative_prompt_embeds`` (default: the empty prompt). Class-conditional
+        bases take ``class_labels`` (an int or one per sample, 0..num_classes - 2). Unconditional bases take
+        nothing. Anything else is a ValueError.
+        """
         if self.is_text:
             if prompt_embeds is None:
                 if prompt is None:
                     raise ValueError("this base is text-conditioned: pass prompt= or prompt_embeds=")
                 prompts = _per_sample(prompt, batch, "prompt")
-                prompt_embeds = self._encode_text(prompts)
+                prompt_embeds = self.encode_prompt(prompts)
             prompt_embeds = _batch_tensor(prompt_embeds, batch, "prompt_embeds").to(self.device, self.dtype)
             if not cfg:
                 return Conditioning(encoder_hidden_states=prompt_embeds)
             if negative_prompt_embeds is None:
-                negative_prompt_embeds = self._encode_text(_per_sample(negative_prompt or "", batch, "negative_prompt"))
+                negative_prompt_embeds = self.encode_prompt(_per_sample(negative_prompt or "", batch, "negative_prompt"))
             negative_prompt_embeds = _batch_tensor(negative_prompt_embeds, batch, "negative_prompt_embeds")
             if negative_prompt_embeds.shape != prompt_embeds.shape:
                 raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
@@ -143,6 +159,54 @@ class Engine:
         if class_labels is not None:
             raise ValueError("this base is unconditional: class_labels are not accepted")
         return Conditioning()
+
+    def plan(self, strategy: str = "msdda", weights=None, *, batch: int | None = None, normalize: bool = False,
+             expert_betas: Mapping[str, float] | None = None, beta: float = 1.0) -> Plan:
+        """Resolve a strategy and weights into a :class:`~msdda.strategies.Plan` (which networks run, with
+        which per-sample coefficients c_k [batch, K]), as ``generate`` does.
+
+        weights: {expert: w} for every sample, a list of such dicts (one per sample), or None (equal weights;
+        ``base`` and ``expert:NAME`` need none). batch: the number of samples (default: the list's length, else
+        1). normalize / expert_betas / beta: as in ``generate``.
+        """
+        if batch is None:
+            batch = len(weights) if isinstance(weights, (list, tuple)) else 1
+        elif isinstance(weights, (list, tuple)) and len(weights) != batch:
+            raise ValueError(f"weights has {len(weights)} entries for {batch} samples")
+        per_sample = _per_sample_weights(weights, batch, self.experts, strategy)
+        if per_sample:
+            coeff = coefficient_matrix(per_sample, self.members, normalize=normalize, expert_betas=expert_betas,
+                                       beta=beta)
+        else:  # a single network (base / expert:NAME) needs no weights
+            coeff = torch.zeros(batch, len(self.members), dtype=torch.float64)
+        return resolve(strategy, self.members, coeff)
+
+    def step_tables(self, steps: int, eta: float = 1.0) -> tuple[tuple[int, ...], tuple[StepScalars, ...]]:
+        """(timesteps, StepScalars per step) of this Engine's scheduler, computed on the host once per
+        (steps, eta) and cached; DDPM ignores ``eta``."""
+        return sch.step_plan(self.sched_params, steps, kind=self.scheduler, eta=float(eta))
+
+    def denoiser(self, plan: Plan, cond: Conditioning, cfg: bool) -> Denoise:
+        """The networks of ``plan`` as one denoiser ``(x [B, C, H, W], t) -> raw``, for ``msdda.sampling.sample``.
+
+        raw is [K, B, C_out, H, W] (K = len(plan.members); 1 for a soup), or with ``cfg``
+        [K, 2, B, C_out, H, W] (unconditional first). ``cond`` comes from :meth:`conditioning` with the same
+        ``cfg``. Holds no state between calls, so wrappers may call it from any thread.
+        """
+        backend = self.backend
+        if plan.kind == "soup":
+            call = self._soup_call(plan, cond, cfg)
+        else:
+            members = plan.members
+            call = lambda x_in, t: backend.forward(x_in, t, cond, members)  # noqa: E731
+
+        def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
+            if not cfg:
+                return call(x, t)
+            raw = call(torch.cat([x, x]), t)                      # [K, 2B, C_out, H, W], unconditional first
+            return raw.unflatten(1, (2, x.shape[0]))              # [K, 2, B, C_out, H, W]
+
+        return denoise
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt=None, prompt_embeds=None, negative_prompt_embeds=None, class_labels=None, *,
@@ -167,23 +231,20 @@ class Engine:
         batch = _batch_size(num_images, weights, seed, latents)
         seeds = _seeds(seed, batch)
         per_sample = _per_sample_weights(weights, batch, self.experts, strategy)
-        if per_sample:
-            coeff = coefficient_matrix(per_sample, self.members, normalize=normalize, expert_betas=expert_betas,
-                                       beta=beta)
-        else:  # a single network (base / expert:NAME) needs no weights
-            coeff = torch.zeros(batch, len(self.members), dtype=torch.float64)
-        plan = resolve(strategy, self.members, coeff)
+        plan = self.plan(strategy, per_sample or None, batch=batch, normalize=normalize, expert_betas=expert_betas,
+                         beta=beta)
 
-        cfg = guidance_scale != 1.0 and (self.is_text or bool(self.num_classes))
-        cond = self._conditioning(batch, cfg, prompt, prompt_embeds, negative_prompt_embeds, negative_prompt,
-                                  class_labels)
-        timesteps, scalars = self._step_tables(steps, eta)
+        cfg = self.uses_guidance(guidance_scale)
+        cond = self.conditioning(batch, cfg=cfg, prompt=prompt, prompt_embeds=prompt_embeds,
+                                 negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
+                                 class_labels=class_labels)
+        timesteps, scalars = self.step_tables(steps, eta)
         seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=self.device)
         x = self._initial_latents(latents, seed_tensor, batch)
         if noise is not None:
             noise = _check_noise(noise, steps, x).to(self.device, self.dtype)
 
-        denoise = self._denoiser(plan, cond, cfg)
+        denoise = self.denoiser(plan, cond, cfg)
         step_coeff = (plan.coeff if plan.kind == "product" else torch.ones(batch, 1, dtype=torch.float64))
         step_coeff = step_coeff.to(self.device, torch.float32)
         mix_coeff = plan.coeff.to(self.device, torch.float32)
@@ -207,10 +268,6 @@ class Engine:
         images = self._decode(x0, output_type)
         return GenerateOutput(images=images, latents=x0, seeds=seeds, weights=per_sample, strategy=strategy)
 
-    def _step_tables(self, steps: int, eta: float):
-        """Timesteps and per-step StepScalars, precomputed on the host once per (steps, eta) and cached."""
-        return sch.step_plan(self.sched_params, steps, kind=self.scheduler, eta=float(eta))
-
     def _initial_latents(self, latents, seed_tensor: torch.Tensor, batch: int) -> torch.Tensor:
         if latents is None:
             return philox_normal(seed_tensor, 0, self.sample_shape).to(self.device, self.dtype)
@@ -220,22 +277,6 @@ class Engine:
         if not bool(torch.isfinite(latents).all()):
             raise ValueError("latents contain NaN or Inf")
         return latents.to(self.device, self.dtype)
-
-    def _denoiser(self, plan: Plan, cond: Conditioning, cfg: bool):
-        backend = self.backend
-        if plan.kind == "soup":
-            call = self._soup_call(plan, cond, cfg)
-        else:
-            members = plan.members
-            call = lambda x_in, t: backend.forward(x_in, t, cond, members)  # noqa: E731
-
-        def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
-            if not cfg:
-                return call(x, t)
-            raw = call(torch.cat([x, x]), t)                      # [K, 2B, C_out, H, W], unconditional first
-            return raw.unflatten(1, (2, x.shape[0]))              # [K, 2, B, C_out, H, W]
-
-        return denoise
 
     def _soup_call(self, plan: Plan, cond: Conditioning, cfg: bool):
         """One averaged network per distinct weight vector in the batch, each run on its own rows."""

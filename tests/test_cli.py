@@ -126,7 +126,7 @@ def test_help_is_complete():
                 "--strategy", "--backend", "--out", "--normalize"):
         assert opt in text
     top = subprocess.run([sys.executable, "-m", "msdda.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for cmd in ("generate", "sweep", "eval", "export"):
+    for cmd in ("generate", "sweep", "export"):
         assert cmd in top
 
 

@@ -32,7 +32,7 @@ def _engines(base, experts, **kw):
 def _inputs(engine, n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *engine.sample_shape, generator=g)
-    emb = engine._encode_text(["a cat", "", "two dogs"][:n] + [""] * max(0, n - 3))
+    emb = engine.encode_prompt(["a cat", "", "two dogs"][:n] + [""] * max(0, n - 3))
     return x, Conditioning(encoder_hidden_states=emb)
 
 

@@ -1,4 +1,5 @@
-"""The embedded model zoo (msdda.zoo): shipped weights, rewards, and the training recipes on --tiny settings."""
+"""The embedded model zoo (msdda.zoo): shipped weights and rewards; and its training recipes (bench/zoo) on
+--tiny settings."""
 from __future__ import annotations
 
 import json
@@ -7,10 +8,10 @@ import shutil
 import pytest
 import torch
 
+from bench.zoo import train as T
+from bench.zoo.diffusion import SCHEDULER_CONFIG, UNET_CONFIG
 from msdda import zoo
 from msdda.zoo import rewards as R
-from msdda.zoo import train as T
-from msdda.zoo.diffusion import SCHEDULER_CONFIG, UNET_CONFIG
 
 EXPECTED_MEMBERS = ("base", "legible", "bold", "compressible",
                     "morl_legible_bold_w0.2", "morl_legible_bold_w0.5", "morl_legible_bold_w0.8")
@@ -71,7 +72,7 @@ def test_shipped_scheduler_and_classifier():
         assert s.config[k] == SCHEDULER_CONFIG[k]
     assert s.config.variance_type == "learned_range" and s.config.prediction_type == "epsilon"
     # the reward classifier is small and accurate on the held-out split
-    from msdda.zoo.data import train_val_split
+    from bench.zoo.data import train_val_split
 
     assert zoo.classifier_path().stat().st_size < 1e6
     clf = R.load_classifier()
@@ -89,7 +90,7 @@ def test_shipped_scheduler_and_classifier():
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_data_split_deterministic():
-    from msdda.zoo.data import train_val_split
+    from bench.zoo.data import train_val_split
 
     (a, b), (c, d) = train_val_split()
     (a2, b2), _ = train_val_split()
@@ -189,8 +190,8 @@ def test_tiny_recipes_with_resume(tmp_path):
 def test_rl_step_gaussian_matches_diffusers_sampler(shipped_base):
     """The step Gaussian the RL recipe trains (msdda.schedule) is diffusers' DDPMScheduler.step for the zoo's
     config: with the same generator, both samplers draw the same noise and give the same images."""
-    from msdda.zoo.diffusion import sample_reference
-    from msdda.zoo.rl import StepTable, rollout
+    from bench.zoo.diffusion import sample_reference
+    from bench.zoo.rl import StepTable, rollout
 
     cfg = json.loads((zoo.scheduler_path() / "scheduler_config.json").read_text())
     table = StepTable(cfg, zoo.DEFAULT_STEPS)
@@ -199,4 +200,9 @@ def test_rl_step_gaussian_matches_diffusers_sampler(shipped_base):
         ours, _ = rollout(shipped_base, table, labels, zoo.DEFAULT_GUIDANCE_SCALE, torch.Generator().manual_seed(5))
         ref = sample_reference(shipped_base, labels, steps=zoo.DEFAULT_STEPS,
                                guidance_scale=zoo.DEFAULT_GUIDANCE_SCALE, seed=5)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=2e-3)
+    # Both are float32 samplers of the same steps, but diffusers accumulates alphas_cumprod in float32 over the
+    # schedule's T = 1000 training steps (relative error up to T * eps; msdda.schedule accumulates in float64), and
+    # every step coefficient derives from it: the images agree to that, relative to their magnitude.
+    T = json.loads((zoo.scheduler_path() / "scheduler_config.json").read_text())["num_train_timesteps"]
+    tol = T * torch.finfo(torch.float32).eps * float(ref.abs().max())
+    torch.testing.assert_close(ours, ref, rtol=0, atol=tol)

@@ -1,4 +1,5 @@
-"""The zoo's data set: scikit-learn's 8x8 handwritten digits, upsampled to 16x16.
+"""The zoo's training data: scikit-learn's 8x8 handwritten digits, upsampled to 16x16, and the classifier's
+augmentation.
 
 ``load_digits`` ships inside scikit-learn (no download): 1797 grey images with values 0..16 (ink is *high*),
 10 classes. We upsample bilinearly (``F.interpolate(..., mode="bilinear", align_corners=False)``) to 16x16 and
@@ -13,12 +14,10 @@ import torch
 import torch.nn.functional as F
 
 IMAGE_SIZE = 16
-NUM_CLASSES = 10
-NULL_CLASS = 10  # the label used for the unconditional branch (classifier-free guidance)
 SPLIT_SEED = 0
 N_VAL = 297  # 1500 train / 297 val
 
-__all__ = ["IMAGE_SIZE", "NUM_CLASSES", "NULL_CLASS", "load_digits_16", "train_val_split", "to_unit", "from_unit"]
+__all__ = ["IMAGE_SIZE", "load_digits_16", "train_val_split", "to_unit", "from_unit", "augment"]
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -50,3 +49,15 @@ def train_val_split() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Te
     perm = torch.randperm(x.shape[0], generator=g)
     tr, va = perm[:-N_VAL], perm[-N_VAL:]
     return (x[tr], y[tr]), (x[va], y[va])
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The classifier's training augmentation: random integer shifts in [-2, 2] (background-padded) and Gaussian
+    pixel noise (std U(0, 0.2)), so that it also judges imperfect generated samples."""
+    b = x.shape[0]
+    padded = F.pad(x, (2, 2, 2, 2), value=-1.0)
+    dx = torch.randint(0, 5, (b,), generator=g)
+    dy = torch.randint(0, 5, (b,), generator=g)
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + IMAGE_SIZE, dx[i]:dx[i] + IMAGE_SIZE] for i in range(b)])
+    sigma = torch.rand(b, 1, 1, 1, generator=g) * 0.2
+    return (out + sigma * torch.randn(out.shape, generator=g)).clamp(-1.0, 1.0)

@@ -1,4 +1,5 @@
-"""The zoo's diffusion model: architecture, noise schedule, Improved-DDPM hybrid loss, reference sampler.
+"""The zoo's diffusion model for training: architecture, noise schedule, Improved-DDPM hybrid loss, and the
+diffusers reference sampler.
 
 Architecture: ``diffusers.UNet2DModel`` (see ``UNET_CONFIG``), class-conditional with 11 class embeddings
 (0..9 digits, 10 = null class for classifier-free guidance), 1 input channel, 2 output channels
@@ -18,9 +19,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from .data import NULL_CLASS
+from msdda.kernels import apply_guidance
+from msdda.sampling import sample
+from msdda.schedule import TrainSchedule, gaussian_kl, make_schedule
+from msdda.zoo import NULL_CLASS
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_SCHEDULE = "squaredcos_cap_v2"
@@ -50,8 +55,8 @@ SCHEDULER_CONFIG = dict(
     steps_offset=0,
 )
 
-__all__ = ["UNET_CONFIG", "SCHEDULER_CONFIG", "make_unet", "make_scheduler", "TrainTables", "hybrid_loss",
-           "sample_reference", "cfg_split"]
+__all__ = ["UNET_CONFIG", "SCHEDULER_CONFIG", "make_unet", "make_scheduler", "train_schedule", "hybrid_loss",
+           "guided_output", "sample_reference"]
 
 
 def make_unet():
@@ -66,33 +71,14 @@ def make_scheduler():
     return DDPMScheduler(**SCHEDULER_CONFIG)
 
 
-class TrainTables:
-    """float64 IDDPM tables for the 1000-step training schedule (taken from diffusers' betas)."""
-
-    def __init__(self, scheduler=None):
-        scheduler = scheduler or make_scheduler()
-        b = scheduler.betas.double()
-        ac = torch.cumprod(1.0 - b, 0)
-        ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-        self.betas = b
-        self.alphas_cumprod = ac
-        self.sqrt_ac = ac.sqrt()
-        self.sqrt_1mac = (1.0 - ac).sqrt()
-        self.sqrt_recip_ac = (1.0 / ac).sqrt()
-        self.sqrt_recipm1_ac = (1.0 / ac - 1.0).sqrt()
-        pv = b * (1.0 - ac_prev) / (1.0 - ac)
-        self.post_var = pv
-        self.post_logvar_clipped = torch.log(torch.cat([pv[1:2], pv[1:]]))
-        self.post_c1 = b * ac_prev.sqrt() / (1.0 - ac)
-        self.post_c2 = (1.0 - ac_prev) * (1.0 - b).sqrt() / (1.0 - ac)
-        self.log_betas = torch.log(b)
-
-    def at(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        return getattr(self, name)[t].float().view(-1, 1, 1, 1)
+def train_schedule() -> TrainSchedule:
+    """The float64 1000-step training schedule (msdda.schedule; its betas equal diffusers' ``scheduler.betas``)."""
+    return make_schedule(NUM_TRAIN_TIMESTEPS, BETA_SCHEDULE)
 
 
-def _normal_kl(m1, lv1, m2, lv2):
-    return 0.5 * (-1.0 + lv2 - lv1 + torch.exp(lv1 - lv2) + (m1 - m2) ** 2 * torch.exp(-lv2))
+def _at(values: np.ndarray, t: torch.Tensor) -> torch.Tensor:
+    """float64 per-timestep values gathered at t [B] -> float32 [B, 1, 1, 1]."""
+    return torch.from_numpy(values[t.cpu().numpy()]).float().view(-1, 1, 1, 1)      # fancy indexing copies
 
 
 def _approx_std_normal_cdf(x):
@@ -110,32 +96,44 @@ def _discretized_gaussian_loglik(x, means, log_scales):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_1m_cdf_min, log_delta))
 
 
-def hybrid_loss(model, tables: TrainTables, x0, labels, t, noise) -> tuple[torch.Tensor, dict]:
-    """Improved DDPM hybrid loss for one batch. Returns (loss, {"mse":..., "vb":...})."""
-    x_t = tables.at("sqrt_ac", t) * x0 + tables.at("sqrt_1mac", t) * noise
+def hybrid_loss(model, schedule: TrainSchedule, x0, labels, t, noise) -> tuple[torch.Tensor, dict]:
+    """Improved DDPM hybrid loss for one batch at per-sample timesteps t [B]. Returns (loss, {"mse":..., "vb":...}).
+
+    The VLB term needs the true posterior q(x_{t-1} | x_t, x0) and IDDPM's clipped log-variance range at each
+    sample's own t (its t = 0 decoder term uses the t = 1 posterior variance, where diffusers' sampler has
+    variance 0), so it is computed here from the schedule's float64 arrays rather than from the sampler's
+    per-step scalars."""
+    s = schedule
+    abar, abar_prev, beta = s.alphas_cumprod, s.alphas_cumprod_prev, s.betas
+    post_var = beta * (1.0 - abar_prev) / (1.0 - abar)
+    post_logvar = np.log(np.concatenate([post_var[1:2], post_var[1:]]))      # IDDPM: clipped at t = 0
+    post_c1 = beta * np.sqrt(abar_prev) / (1.0 - abar)
+    post_c2 = (1.0 - abar_prev) * np.sqrt(s.alphas) / (1.0 - abar)
+    x_t = _at(s.sqrt_alphas_cumprod, t) * x0 + _at(s.sqrt_one_minus_alphas_cumprod, t) * noise
     out = model(x_t, t, class_labels=labels).sample
     eps, v = out[:, :1], out[:, 1:]
     mse = (eps - noise).pow(2).mean()
     # VLB term with a stop-gradient on the mean: only the variance channel learns from it.
     eps_sg = eps.detach()
-    x0_pred = tables.at("sqrt_recip_ac", t) * x_t - tables.at("sqrt_recipm1_ac", t) * eps_sg
-    mean = tables.at("post_c1", t) * x0_pred + tables.at("post_c2", t) * x_t
+    x0_pred = _at(np.sqrt(1.0 / abar), t) * x_t - _at(np.sqrt(1.0 / abar - 1.0), t) * eps_sg
+    mean = _at(post_c1, t) * x0_pred + _at(post_c2, t) * x_t
     frac = (v + 1.0) / 2.0
-    logvar = frac * tables.at("log_betas", t) + (1.0 - frac) * tables.at("post_logvar_clipped", t)
-    true_mean = tables.at("post_c1", t) * x0 + tables.at("post_c2", t) * x_t
-    true_logvar = tables.at("post_logvar_clipped", t)
-    kl = _normal_kl(true_mean, true_logvar, mean, logvar).flatten(1).mean(1) / math.log(2.0)
+    logvar = frac * _at(np.log(beta), t) + (1.0 - frac) * _at(post_logvar, t)
+    true_mean = _at(post_c1, t) * x0 + _at(post_c2, t) * x_t
+    true_logvar = _at(post_logvar, t)
+    kl = gaussian_kl(true_mean, true_logvar.exp(), mean, logvar.exp()).flatten(1).mean(1) / math.log(2.0)
     nll = -_discretized_gaussian_loglik(x0, mean, 0.5 * logvar).flatten(1).mean(1) / math.log(2.0)
     vb = torch.where(t == 0, nll, kl)
     vb = vb.mean() * (NUM_TRAIN_TIMESTEPS / 1000.0)
     return mse + vb, {"mse": float(mse.detach()), "vb": float(vb.detach())}
 
 
-def cfg_split(out: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """[2B, 2, H, W] (uncond first) -> guided [B, 2, H, W]: eps = u + g (c - u), variance channel from c."""
-    u, c = out.chunk(2)
-    eps = u[:, :1] + guidance_scale * (c[:, :1] - u[:, :1])
-    return torch.cat([eps, c[:, 1:]], dim=1)
+def guided_output(unet, x: torch.Tensor, t, labels: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """The zoo UNet's classifier-free-guided output [B, 2, H, W] at x (eps guided, variance channel from the
+    conditional half: msdda.kernels.apply_guidance)."""
+    null = torch.full_like(labels, NULL_CLASS)
+    out = unet(torch.cat([x, x]), t, class_labels=torch.cat([null, labels])).sample
+    return apply_guidance(out.unflatten(0, (2, x.shape[0])), x, guidance_scale)
 
 
 @torch.no_grad()
@@ -143,18 +141,18 @@ def sample_reference(unet, labels: torch.Tensor, *, steps: int = 50, guidance_sc
                      seed: int = 0, scheduler=None) -> torch.Tensor:
     """Ancestral DDPM sampling with diffusers' own DDPMScheduler.step (learned-range variance) and CFG.
 
-    This is the independent reference used to measure the base model's quality; it does not use msdda.schedule.
+    The independent reference used to measure the base model's quality: its step is diffusers' own, not
+    msdda.schedule's (only the loop, msdda.sampling.sample, and the guidance, apply_guidance, are shared).
     """
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(dict(scheduler.config)) if scheduler is not None else make_scheduler()
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
-    b = labels.shape[0]
-    x = torch.randn(b, 1, 16, 16, generator=g)
-    null = torch.full_like(labels, NULL_CLASS)
-    lab2 = torch.cat([null, labels])
-    for t in sched.timesteps:
-        out = unet(torch.cat([x, x]), t, class_labels=lab2).sample
-        x = sched.step(cfg_split(out, guidance_scale), t, x, generator=g).prev_sample
+    x = torch.randn(labels.shape[0], 1, 16, 16, generator=g)
+
+    def step(out: torch.Tensor, x_t: torch.Tensor, i: int) -> torch.Tensor:
+        return sched.step(out, sched.timesteps[i], x_t, generator=g).prev_sample
+
+    x = sample(lambda x_t, t: guided_output(unet, x_t, t, labels, guidance_scale), step, x, sched.timesteps)
     return x.clamp(-1.0, 1.0)

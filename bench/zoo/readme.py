@@ -1,8 +1,10 @@
-"""Renders models/README.md from the json files the training stages leave behind."""
+"""Renders the zoo's models/README.md from the json files the training stages leave behind."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from msdda.zoo import KL_BETA, OBJECTIVES, ORACLE_PAIR
 
 
 def _j(path: Path):
@@ -15,7 +17,7 @@ def _j(path: Path):
 def render_zoo_readme(out: Path) -> str:
     d = _j(out / "durations.json") or {}
     lines = ["# msdda default model zoo", "",
-             "Built from scratch by `python -m msdda.zoo.train all` on CPU; each folder has its own model card "
+             "Built from scratch by `python bench/train_zoo.py all` on CPU; each folder has its own model card "
              "(data, architecture, loss, steps, beta, rewards, seed, duration, measured metrics). The shipped "
              "weights were trained with `MSDDA_ZOO_THREADS=1` (one torch thread) on a 2-core machine shared with "
              "other jobs, so the durations below include that contention (base training ran at 0.21 s/step with "
@@ -46,8 +48,6 @@ def render_zoo_readme(out: Path) -> str:
             lines += [f"Rewards over {rs['n']} base samples (raw units; msdda.zoo.rewards). The std is the fixed "
                       "per-objective scale s_k that RL divides each reward by:", "",
                       "| reward | mean | std | min | max |", "|---|---|---|---|---|"]
-            from . import OBJECTIVES
-
             for k, v in sorted(rs["per_reward"].items(), key=lambda kv: OBJECTIVES.index(kv[0])
                                if kv[0] in OBJECTIVES else 99):
                 lines.append(f"| {k} | {v['mean']:.4f} | {v['std']:.4f} | {v['min']:.4f} | {v['max']:.4f} |")
@@ -58,15 +58,11 @@ def render_zoo_readme(out: Path) -> str:
             lines.append("")
     rl = _j(out / "rl_summary.json")
     if rl:
-        from . import KL_BETA, ORACLE_PAIR
-
         lines += ["## Experts and oracles", "",
                   f"KL-regularised step-level RL from the base, KL strength beta = {KL_BETA} for all; oracles on "
                   f"w * r_{ORACLE_PAIR[0]}/s + (1 - w) * r_{ORACLE_PAIR[1]}/s. Mean rewards and class accuracy "
                   "over one seeded evaluation draw shared by all members (msdda.schedule sampler, 50 DDPM steps, "
                   "default guidance):", ""]
-        from . import OBJECTIVES
-
         keys = next(iter(rl.values()))["rewards"].keys()
         objs = [o for o in OBJECTIVES if o in keys] + [o for o in keys if o not in OBJECTIVES]
         lines.append("| model | " + " | ".join(objs) + " | class acc |")

@@ -2,7 +2,7 @@
 
 The policy is the classifier-free-guided DDPM sampler of a fine-tuned copy of the base UNet (guidance
 ``DEFAULT_GUIDANCE_SCALE``, ``DEFAULT_STEPS`` steps, the base's scheduler), and each denoising step is the Gaussian
-``p_theta(x_{t_prev} | x_t) = N(mean, var)`` that :func:`msdda.schedule.gaussian_step` builds from the guided
+``p_theta(x_{t_prev} | x_t) = N(mean, var)`` that :func:`msdda.kernels.gaussian_step` builds from the guided
 eps channel and the (conditional) learned-range variance channel -- exactly the step the engine composes.
 
 Objective (the same ``beta = KL_BETA`` for every expert and oracle):
@@ -40,9 +40,15 @@ from pathlib import Path
 
 import torch
 
-from . import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, KL_BETA, OBJECTIVES, ORACLE_PAIR, ORACLE_WEIGHTS, oracle_name
+from msdda.kernels import VarMode, gaussian_step
+from msdda.sampling import sample
+from msdda.schedule import gaussian_kl, gaussian_log_prob, schedule_from_diffusers_config, step_plan
+from msdda.zoo import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, KL_BETA, NUM_CLASSES, OBJECTIVES, ORACLE_PAIR,
+                       ORACLE_WEIGHTS, oracle_name, zoo_paths)
+
 from .ckpt import load_checkpoint, save_checkpoint
-from .data import NULL_CLASS, NUM_CLASSES
+from .common import format_seconds, log, read_json, record_duration, seeded_generator, write_card, write_json
+from .diffusion import guided_output
 
 __all__ = ["RLConfig", "StepTable", "rollout", "train_rl", "train_experts", "train_oracles", "evaluate_member",
            "reward_scales", "VAR_PROBE_T"]
@@ -75,50 +81,34 @@ class RLConfig:
 
 
 class StepTable:
-    """Timesteps and StepScalars of the sampler, from the base's diffusers scheduler config (msdda.schedule)."""
+    """Timesteps and StepScalars of the sampler (msdda.schedule.step_plan of the base's diffusers scheduler
+    config), and the indices of its stochastic steps (those with a density: not the last, variance-0 step)."""
 
     def __init__(self, scheduler_config: dict, steps: int):
-        from msdda.schedule import inference_timesteps, precompute_step_scalars, previous_timesteps, \
-            schedule_from_diffusers_config
-
-        sched, opts = schedule_from_diffusers_config(scheduler_config)
-        self.timesteps = inference_timesteps((sched, opts), steps)
-        prev = previous_timesteps(sched, self.timesteps, kind="ddpm")
-        self.scalars = precompute_step_scalars(sched, self.timesteps, prev, kind="ddpm", **opts.step_kwargs())
-        from msdda.kernels import VarMode
-
+        self.timesteps, self.scalars = step_plan(schedule_from_diffusers_config(scheduler_config), steps, kind="ddpm")
         self.stochastic = [i for i, s in enumerate(self.scalars)
                            if not (int(s.var_mode) == int(VarMode.FIXED) and s.log_var_fixed == -math.inf)]
-
-
-def _guided(unet, x: torch.Tensor, t: int, labels: torch.Tensor, gs: float) -> torch.Tensor:
-    """CFG output [B, 2, H, W]: eps = u + g (c - u); variance channel from the conditional half."""
-    from .diffusion import cfg_split
-
-    null = torch.full_like(labels, NULL_CLASS)
-    out = unet(torch.cat([x, x]), t, class_labels=torch.cat([null, labels])).sample
-    return cfg_split(out, gs)
 
 
 @torch.no_grad()
 def rollout(unet, table: StepTable, labels: torch.Tensor, gs: float, g: torch.Generator,
             probe=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ancestral sampling with msdda.schedule's step Gaussian. Returns (x_0 clamped to [-1,1], traj [n+1, B, ...]).
+    """Ancestral sampling with msdda's step Gaussian. Returns (x_0 clamped to [-1,1], traj [n+1, B, ...]).
 
     ``probe(i, t, x_t, out, mean, var)`` is called at every step (for variance statistics)."""
-    from msdda.schedule import gaussian_step
-
-    b = labels.shape[0]
-    x = torch.randn(b, 1, 16, 16, generator=g)
+    x = torch.randn(labels.shape[0], 1, 16, 16, generator=g)
     traj = [x]
-    for i, (t, sc) in enumerate(zip(table.timesteps, table.scalars)):
-        out = _guided(unet, x, t, labels, gs)
-        mean, var, _ = gaussian_step(out, x, sc)
+
+    def step(out: torch.Tensor, x_t: torch.Tensor, i: int) -> torch.Tensor:
+        mean, var, _ = gaussian_step(out, x_t, table.scalars[i])
         if probe is not None:
-            probe(i, t, x, out, mean, var)
-        z = torch.randn(x.shape, generator=g)
-        x = mean + var.sqrt() * z if i in table.stochastic else mean
-        traj.append(x)
+            probe(i, table.timesteps[i], x_t, out, mean, var)
+        z = torch.randn(x_t.shape, generator=g)
+        x_prev = mean + var.sqrt() * z if i in table.stochastic else mean
+        traj.append(x_prev)
+        return x_prev
+
+    x = sample(lambda x_t, t: guided_output(unet, x_t, t, labels, gs), step, x, table.timesteps)
     return x.clamp(-1.0, 1.0), torch.stack(traj)
 
 
@@ -129,7 +119,7 @@ def reward_scales(out: Path) -> dict[str, float]:
 
 
 def _reward_fn(weights: dict[str, float], scales: dict[str, float], classifier_file: Path):
-    from .rewards import REWARDS, load_classifier
+    from msdda.zoo.rewards import REWARDS, load_classifier
 
     clf = load_classifier(classifier_file)
 
@@ -154,8 +144,6 @@ def _load_unet(path: Path):
 def train_rl(out: Path, ckpt_dir: Path, name: str, weights: dict[str, float], cfg: RLConfig, *, seed: int,
              force: bool) -> dict:
     """Fine-tune a copy of out/base on sum_k weights[k] * r_k / s_k; save to out/<name>/unet."""
-    from .train import _write_json, log, record_duration
-
     folder = out / name
     ck = ckpt_dir / f"rl_{name}.safetensors"
     stage = f"{'oracle' if name.startswith('morl_') else 'expert'}:{name}"
@@ -177,14 +165,10 @@ def train_rl(out: Path, ckpt_dir: Path, name: str, weights: dict[str, float], cf
         log(f"{name}: resuming from iteration {meta['iter']} ({meta['elapsed']:.0f}s already spent)")
     rfn = _reward_fn(weights, scales, out / "classifier.safetensors")
     salt = zlib.crc32(name.encode()) % 10_000
-    from msdda.schedule import gaussian_kl, gaussian_log_prob, gaussian_step
-
-    from .train import _gen
-
     t0, last = time.time() - meta["elapsed"], time.time()
     hist = meta["history"]
     for it in range(meta["iter"], cfg.iters):
-        g = _gen(seed, it, salt)
+        g = seeded_generator(seed, it, salt)
         n_cls = cfg.batch // cfg.group
         labels = torch.randperm(NUM_CLASSES, generator=g)[:n_cls].repeat_interleave(cfg.group)
         policy.eval()
@@ -203,8 +187,8 @@ def train_rl(out: Path, ckpt_dir: Path, name: str, weights: dict[str, float], cf
             t, sc = table.timesteps[i], table.scalars[i]
             x_t, x_prev = traj[i], traj[i + 1]
             with torch.no_grad():
-                mb, vb, _ = gaussian_step(_guided(base, x_t, t, labels, cfg.guidance_scale), x_t, sc)
-            m, v, _ = gaussian_step(_guided(policy, x_t, t, labels, cfg.guidance_scale), x_t, sc)
+                mb, vb, _ = gaussian_step(guided_output(base, x_t, t, labels, cfg.guidance_scale), x_t, sc)
+            m, v, _ = gaussian_step(guided_output(policy, x_t, t, labels, cfg.guidance_scale), x_t, sc)
             logp = gaussian_log_prob(x_prev, m, v).flatten(1).sum(1)
             kl = gaussian_kl(m, v, mb, vb).flatten(1).sum(1)
             loss = (-(adv * logp) + cfg.beta * kl).mean() / k
@@ -234,7 +218,7 @@ def train_rl(out: Path, ckpt_dir: Path, name: str, weights: dict[str, float], cf
     metrics.update({"weights": weights, "reward_scales": scales, "config": asdict(cfg), "seed": seed,
                     "train_duration_s": train_elapsed, "eval_duration_s": time.time() - t_eval,
                     "history_first5": hist[:5], "history_last5": hist[-5:]})
-    _write_json(folder / "metrics.json", metrics)
+    write_json(folder / "metrics.json", metrics)
     record_duration(out, stage, train_elapsed + metrics["eval_duration_s"])
     _rl_card(folder, name, metrics)
     return metrics
@@ -244,8 +228,7 @@ def train_rl(out: Path, ckpt_dir: Path, name: str, weights: dict[str, float], cf
 def evaluate_member(out: Path, name: str, cfg: RLConfig, *, seed: int) -> dict:
     """Rewards, class accuracy and per-step variance statistics of one member on a fixed seeded draw (the same
     labels and noise for every member). Also refreshes out/rl_summary.json (which holds the base's numbers)."""
-    from .rewards import REWARDS, load_classifier
-    from .train import _read_json, _write_json, log
+    from msdda.zoo.rewards import REWARDS, load_classifier
 
     sched_cfg = json.loads((out / "base" / "scheduler" / "scheduler_config.json").read_text())
     table = StepTable(sched_cfg, cfg.sample_steps)
@@ -262,9 +245,7 @@ def evaluate_member(out: Path, name: str, cfg: RLConfig, *, seed: int) -> dict:
         if t in probe_t and var.dim() > 0:
             lv_own[t] = var.log().mean().item()
             if name != "base":
-                from msdda.schedule import gaussian_step
-
-                _, vb, _ = gaussian_step(_guided(base, x, t, labels, cfg.guidance_scale), x, table.scalars[i])
+                _, vb, _ = gaussian_step(guided_output(base, x, t, labels, cfg.guidance_scale), x, table.scalars[i])
                 dlv_base[t] = (var.log() - vb.log()).mean().item()
 
     x0, _ = rollout(model, table, labels, cfg.guidance_scale, torch.Generator().manual_seed(seed + 4242), probe=probe)
@@ -276,9 +257,9 @@ def evaluate_member(out: Path, name: str, cfg: RLConfig, *, seed: int) -> dict:
     res = {"eval_n": n, "eval_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale, "rewards": rewards,
            "class_accuracy": acc, "mean_log_var": {str(t): lv_own[t] for t in sorted(lv_own, reverse=True)},
            "mean_dlog_var_vs_base_same_xt": {str(t): dlv_base[t] for t in sorted(dlv_base, reverse=True)}}
-    summ = _read_json(out / "rl_summary.json", {})
+    summ = read_json(out / "rl_summary.json", {})
     summ[name] = {k: res[k] for k in ("rewards", "class_accuracy", "mean_log_var", "mean_dlog_var_vs_base_same_xt")}
-    _write_json(out / "rl_summary.json", summ)
+    write_json(out / "rl_summary.json", summ)
     log(f"eval {name}: " + " ".join(f"{k} {v['mean']:.4f}" for k, v in rewards.items()) + f" acc {acc:.3f} "
         + "logvar " + " ".join(f"t{t}:{v:.3f}" for t, v in res["mean_log_var"].items()))
     return res
@@ -290,9 +271,7 @@ def _by_t(d: dict) -> str:
 
 
 def _rl_card(folder: Path, name: str, m: dict) -> None:
-    from .train import _fmt_s, _read_json, write_card
-
-    base = _read_json(folder.parent / "rl_summary.json", {}).get("base", {})
+    base = read_json(folder.parent / "rl_summary.json", {}).get("base", {})
     gains = {k: f"{v['mean']:.4f} (base {base.get('rewards', {}).get(k, {}).get('mean', float('nan')):.4f})"
              for k, v in m["rewards"].items()}
     c = m["config"]
@@ -301,12 +280,12 @@ def _rl_card(folder: Path, name: str, m: dict) -> None:
                 + f", fine-tuned from ../base on the reward sum_k w_k r_k / s_k with w = {m['weights']} and "
                 f"s = {json.dumps({k: round(v, 5) for k, v in m['reward_scales'].items()})} (std of each raw "
                 "reward over base samples).",
-        "Recipe": "KL-regularised step-level RL (msdda.zoo.rl): DDPO-style on-policy per-step policy gradient "
+        "Recipe": "KL-regularised step-level RL (bench/zoo/rl.py): DDPO-style on-policy per-step policy gradient "
                   "-A * log p_theta(x_{t-1}|x_t) with A = clip(r/s - leave-one-out mean of the same class's "
                   "trajectories, -5, 5), plus beta * analytic "
                   "Gaussian KL(p_theta(.|x_t) || p_base(.|x_t)) at the same x_t; full fine-tuning of the UNet, "
                   "mean and learned-range variance channels both trained. "
-                  f"`python -m msdda.zoo.train {'oracle' if name.startswith('morl_') else 'expert'} --name "
+                  f"`python bench/train_zoo.py {'oracle' if name.startswith('morl_') else 'expert'} --name "
                   f"{name if not name.startswith('morl_') else name.rsplit('_w', 1)[1]}`",
         "Settings": {"beta (KL strength, shared by all experts and oracles)": c["beta"],
                      "iterations": c["iters"], "trajectories per iteration": c["batch"],
@@ -314,8 +293,8 @@ def _rl_card(folder: Path, name: str, m: dict) -> None:
                      "sampler": f"{c['sample_steps']} DDPM steps, CFG {c['guidance_scale']}",
                      "stochastic steps trained per iteration": c["train_steps_per_iter"],
                      "optimizer": f"AdamW lr {c['lr']}, grad-clip {c['grad_clip']}", "seed": m["seed"],
-                     "train duration": _fmt_s(m["train_duration_s"]),
-                     "eval duration": _fmt_s(m["eval_duration_s"])},
+                     "train duration": format_seconds(m["train_duration_s"]),
+                     "eval duration": format_seconds(m["eval_duration_s"])},
         "Measured (seeded draw shared with the base, n=%d)" % m["eval_n"]: {
             **{f"reward {k}": v for k, v in gains.items()},
             "class accuracy": f"{m['class_accuracy']:.4f} (base {base.get('class_accuracy', float('nan')):.4f})",
@@ -329,8 +308,6 @@ def _rl_card(folder: Path, name: str, m: dict) -> None:
 
 def reevaluate(out: Path, stage: str, *, names=None, tiny=False, seed=0) -> None:
     """Re-measure existing members (the base's rl_summary entry first) and rewrite their metrics and cards."""
-    from .train import _read_json, _write_json
-
     cfg = _cfg(None, tiny)
     evaluate_member(out, "base", cfg, seed=seed)
     if stage == "expert":
@@ -339,13 +316,13 @@ def reevaluate(out: Path, stage: str, *, names=None, tiny=False, seed=0) -> None
         members = [oracle_name(float(w)) for w in (names or ORACLE_WEIGHTS)]
     for name in members:
         folder = out / name
-        m = _read_json(folder / "metrics.json", None)
+        m = read_json(folder / "metrics.json", None)
         if m is None:
             continue
         t = time.time()
         m.update(evaluate_member(out, name, RLConfig(**m["config"]), seed=seed))
         m["eval_duration_s"] = time.time() - t
-        _write_json(folder / "metrics.json", m)
+        write_json(folder / "metrics.json", m)
         _rl_card(folder, name, m)
 
 
@@ -355,11 +332,6 @@ def variance_stats(out: Path, *, n: int = 200, seed: int = 0, steps: int = DEFAU
     """Every member's step log-variance at the SAME states: x_t taken from base trajectories (seeded draw), each
     member evaluated there at the VAR_PROBE_T steps. Writes out/variance_stats.json:
     {"mean_log_var": {member: {t: mean}}, "mean_abs_dlog_var": {"a|b": {t: mean |log var_a - log var_b|}}}."""
-    from msdda.schedule import gaussian_step
-
-    from . import zoo_paths
-    from .train import _write_json
-
     sched_cfg = json.loads((out / "base" / "scheduler" / "scheduler_config.json").read_text())
     table = StepTable(sched_cfg, steps)
     members = {k: p for k, p in zoo_paths(out).items() if (p / "unet" / "config.json").exists()}
@@ -371,7 +343,7 @@ def variance_stats(out: Path, *, n: int = 200, seed: int = 0, steps: int = DEFAU
         if t not in VAR_PROBE_T or i not in table.stochastic:
             continue
         for k, m in models.items():
-            _, var, _ = gaussian_step(_guided(m, traj[i], t, labels, guidance_scale), traj[i], table.scalars[i])
+            _, var, _ = gaussian_step(guided_output(m, traj[i], t, labels, guidance_scale), traj[i], table.scalars[i])
             logv[k][t] = var.log()
     res = {"n": n, "mean_log_var": {k: {str(t): v.mean().item() for t, v in d.items()} for k, d in logv.items()},
            "mean_abs_dlog_var": {}}
@@ -380,16 +352,14 @@ def variance_stats(out: Path, *, n: int = 200, seed: int = 0, steps: int = DEFAU
         for b in names[a_i + 1:]:
             res["mean_abs_dlog_var"][f"{a}|{b}"] = {str(t): (logv[a][t] - logv[b][t]).abs().mean().item()
                                                     for t in logv[a]}
-    _write_json(out / "variance_stats.json", res)
+    write_json(out / "variance_stats.json", res)
     return res
 
 
 def rewrite_cards(out: Path) -> None:
     """Regenerate every RL member's model card from its metrics.json (no re-evaluation)."""
-    from .train import _read_json
-
     for name in tuple(OBJECTIVES) + tuple(oracle_name(w) for w in ORACLE_WEIGHTS):
-        m = _read_json(out / name / "metrics.json", None)
+        m = read_json(out / name / "metrics.json", None)
         if m is not None:
             _rl_card(out / name, name, m)
 
@@ -402,9 +372,7 @@ def _cfg(steps: int | None, tiny: bool) -> RLConfig:
 
 
 def _ensure_base_eval(out: Path, cfg: RLConfig, seed: int) -> None:
-    from .train import _read_json
-
-    if "base" not in _read_json(out / "rl_summary.json", {}):
+    if "base" not in read_json(out / "rl_summary.json", {}):
         evaluate_member(out, "base", cfg, seed=seed)
 
 

@@ -1,13 +1,14 @@
 """Recipes that rebuild the whole zoo from scratch, seeded and resumable.
 
-    python -m msdda.zoo.train {classifier,base,expert,oracle,all} [--out DIR] [--steps N] [--tiny]
+    python bench/train_zoo.py {classifier,base,expert,oracle,all} [--out DIR] [--steps N] [--tiny]
                               [--name NAME ...] [--seed S] [--force] [--ckpt-dir DIR]
 
-Each stage checkpoints often (safetensors: weights, EMA, optimizer state, step, elapsed time; never pickle)
-and resumes from its last checkpoint when re-run; a finished stage is skipped unless --force. Per-step
-randomness is derived from (seed, step), so a resumed run draws the same batches as an uninterrupted one.
-``all`` runs classifier -> base -> experts -> oracles and logs each stage's duration into <out>/durations.json
-and <out>/README.md. ``--tiny`` shrinks every size (a few steps, tiny batches) for tests.
+(or ``python -m bench.zoo.train ...`` from the repository root). Each stage checkpoints often (safetensors:
+weights, EMA, optimizer state, step, elapsed time; never pickle) and resumes from its last checkpoint when re-run;
+a finished stage is skipped unless --force. Per-step randomness is derived from (seed, step), so a resumed run
+draws the same batches as an uninterrupted one. ``all`` runs classifier -> base -> experts -> oracles and logs
+each stage's duration into <out>/durations.json and <out>/README.md. ``--tiny`` shrinks every size (a few
+steps, tiny batches) for tests. The default --out is the package's own zoo folder (msdda.zoo.ZOO_DIR).
 """
 from __future__ import annotations
 
@@ -22,61 +23,13 @@ from pathlib import Path
 
 import torch
 
-from . import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, ZOO_DIR
+from msdda.zoo import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, NULL_CLASS, ZOO_DIR
+
 from .ckpt import load_checkpoint, save_checkpoint
+from .common import format_seconds, log, read_json, record_duration, seeded_generator, write_card, write_json
+from .rl import reevaluate, train_experts, train_oracles
 
 SEED = 0
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _gen(seed: int, step: int, salt: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt * 104_729) % (2**63 - 1))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# bookkeeping: durations, model cards
-# ----------------------------------------------------------------------------------------------------------------
-
-def _read_json(path: Path, default):
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return default
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def record_duration(out: Path, stage: str, seconds: float) -> None:
-    d = _read_json(out / "durations.json", {})
-    d[stage] = round(float(seconds), 1)
-    _write_json(out / "durations.json", d)
-
-
-def write_card(folder: Path, title: str, sections: dict[str, object]) -> None:
-    lines = [f"# {title}", ""]
-    for k, v in sections.items():
-        lines.append(f"## {k}")
-        lines.append("")
-        if isinstance(v, dict):
-            for kk, vv in v.items():
-                lines.append(f"- **{kk}**: {vv}")
-        else:
-            lines.append(str(v))
-        lines.append("")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "README.md").write_text("\n".join(lines))
-
-
-def _fmt_s(s: float) -> str:
-    return f"{s:.0f} s ({s / 60:.1f} min)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,8 +39,9 @@ def _fmt_s(s: float) -> str:
 def train_classifier(out: Path, ckpt_dir: Path, *, steps: int | None, tiny: bool, seed: int, force: bool) -> dict:
     from safetensors.torch import save_file
 
-    from .classifier import DigitClassifier, augment
-    from .data import train_val_split
+    from msdda.zoo.classifier import DigitClassifier
+
+    from .data import augment, train_val_split
 
     final = out / "classifier.safetensors"
     ck = ckpt_dir / "classifier.safetensors"
@@ -106,7 +60,7 @@ def train_classifier(out: Path, ckpt_dir: Path, *, steps: int | None, tiny: bool
         log(f"classifier: resuming from step {meta['step']}")
     t0, last = time.time() - meta["elapsed"], time.time()
     for step in range(meta["step"], steps):
-        g = _gen(seed, step, 1)
+        g = seeded_generator(seed, step, 1)
         idx = torch.randint(0, xtr.shape[0], (batch,), generator=g)
         x = augment(xtr[idx], g)
         lr = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -132,7 +86,7 @@ def train_classifier(out: Path, ckpt_dir: Path, *, steps: int | None, tiny: bool
     log(f"classifier: val acc {acc:.4f} train acc {tr_acc:.4f} ({nparams} params) in {elapsed:.0f}s")
     metrics = {"val_accuracy": acc, "train_accuracy": tr_acc, "params": nparams, "steps": steps,
                "duration_s": elapsed}
-    _write_json(out / "classifier_metrics.json", metrics)
+    write_json(out / "classifier_metrics.json", metrics)
     record_duration(out, "classifier", elapsed)
     return metrics
 
@@ -151,14 +105,13 @@ LABEL_DROPOUT = 0.1
 
 @torch.no_grad()
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    ep = list(ema.parameters())
-    mp = list(model.parameters())
-    torch._foreach_lerp_(ep, mp, 1.0 - decay)
+    for e, m in zip(ema.parameters(), model.parameters()):
+        e.lerp_(m, 1.0 - decay)
 
 
 def train_base(out: Path, ckpt_dir: Path, *, steps: int | None, tiny: bool, seed: int, force: bool) -> dict:
-    from .data import NULL_CLASS, train_val_split
-    from .diffusion import TrainTables, hybrid_loss, make_scheduler, make_unet
+    from .data import train_val_split
+    from .diffusion import hybrid_loss, make_scheduler, make_unet, train_schedule
 
     folder = out / "base"
     ck = ckpt_dir / "base.safetensors"
@@ -178,21 +131,21 @@ def train_base(out: Path, ckpt_dir: Path, *, steps: int | None, tiny: bool, seed
     if meta["step"]:
         log(f"base: resuming from step {meta['step']} ({meta['elapsed']:.0f}s already spent)")
     sched = make_scheduler()
-    tables = TrainTables(sched)
+    schedule = train_schedule()
     unet.train()
     t0, last = time.time() - meta["elapsed"], time.time()
     run_mse = run_vb = 0.0
     for step in range(meta["step"], steps):
-        g = _gen(seed, step, 2)
+        g = seeded_generator(seed, step, 2)
         idx = torch.randint(0, xtr.shape[0], (batch,), generator=g)
         x0, y = xtr[idx], ytr[idx].clone()
         y[torch.rand(batch, generator=g) < LABEL_DROPOUT] = NULL_CLASS
-        t = torch.randint(0, tables.betas.shape[0], (batch,), generator=g)
+        t = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         lr = BASE_LR * min(1.0, (step + 1) / BASE_WARMUP)
         for grp in opt.param_groups:
             grp["lr"] = lr
-        loss, parts = hybrid_loss(unet, tables, x0, y, t, noise)
+        loss, parts = hybrid_loss(unet, schedule, x0, y, t, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -218,7 +171,7 @@ def train_base(out: Path, ckpt_dir: Path, *, steps: int | None, tiny: bool, seed
     if (out / "classifier.safetensors").exists():
         metrics.update(evaluate_base(out, tiny=tiny, seed=seed))
     metrics["eval_duration_s"] = time.time() - t_eval
-    _write_json(folder / "metrics.json", metrics)
+    write_json(folder / "metrics.json", metrics)
     record_duration(out, "base", train_elapsed + metrics["eval_duration_s"])
     _base_card(folder, metrics, seed)
     return metrics
@@ -226,11 +179,11 @@ def train_base(out: Path, ckpt_dir: Path, *, steps: int | None, tiny: bool, seed
 
 def reevaluate_base(out: Path, *, tiny: bool, seed: int) -> dict:
     folder = out / "base"
-    metrics = _read_json(folder / "metrics.json", {})
+    metrics = read_json(folder / "metrics.json", {})
     t = time.time()
     metrics.update(evaluate_base(out, tiny=tiny, seed=seed))
     metrics["eval_duration_s"] = time.time() - t
-    _write_json(folder / "metrics.json", metrics)
+    write_json(folder / "metrics.json", metrics)
     _base_card(folder, metrics, seed)
     return metrics
 
@@ -245,7 +198,7 @@ def evaluate_base(out: Path, *, tiny: bool, seed: int) -> dict:
     and reward statistics (mean, std, correlations) over base samples at the default guidance scale."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from .rewards import load_classifier
+    from msdda.zoo.rewards import load_classifier
 
     unet = UNet2DModel.from_pretrained(str(out / "base" / "unet"), low_cpu_mem_usage=False).eval()
     sched = DDPMScheduler.from_pretrained(str(out / "base" / "scheduler"))
@@ -281,7 +234,7 @@ def _sample_chunked(unet, labels, steps, gs, seed, sched, chunk=500):
 
 
 def reward_stats(x: torch.Tensor, labels: torch.Tensor, clf=None) -> dict:
-    from .rewards import REWARDS, legible
+    from msdda.zoo.rewards import REWARDS, legible
 
     vals = {}
     for k, f in REWARDS.items():
@@ -310,16 +263,16 @@ def _base_card(folder: Path, m: dict, seed: int) -> None:
                 "epsilon prediction + learned-range variance (Improved DDPM). Classes 0..9, class 10 = null "
                 "(classifier-free guidance).",
         "Data": "sklearn load_digits, bilinear upsample 8x8 -> 16x16, deterministic train split (1500 images; "
-                "msdda.zoo.data).",
+                "bench/zoo/data.py).",
         "Architecture": f"diffusers UNet2DModel {json.dumps(UNET_CONFIG)}; {m.get('params')} parameters, fp32.",
         "Scheduler": f"diffusers DDPMScheduler {json.dumps(SCHEDULER_CONFIG)} (scheduler/).",
         "Loss": "Improved-DDPM hybrid: L_simple (eps MSE) + L_vb(t) in bits/dim with stop-gradient on the mean, "
                 "t uniform over 1000 steps == L_simple + 0.001 * L_vlb. Label dropout 10% to the null class.",
         "Training": {"steps": m.get("train_steps"), "batch": m.get("batch"), "optimizer": f"AdamW lr {BASE_LR}, "
                      f"warmup {BASE_WARMUP}, grad-clip 1.0", "EMA": f"{BASE_EMA} (the saved weights are the EMA)",
-                     "seed": seed, "train duration": _fmt_s(m.get("train_duration_s", 0)),
-                     "eval duration": _fmt_s(m.get("eval_duration_s", 0)),
-                     "recipe": "python -m msdda.zoo.train base"},
+                     "seed": seed, "train duration": format_seconds(m.get("train_duration_s", 0)),
+                     "eval duration": format_seconds(m.get("eval_duration_s", 0)),
+                     "recipe": "python bench/train_zoo.py base"},
         "Measured": {"class accuracy at default guidance "
                      f"{m.get('default_guidance_scale')} ({m.get('eval_steps')} DDPM steps, n={acc.get('n')})":
                      acc.get("accuracy"),
@@ -341,7 +294,7 @@ def _default_ckpt_dir(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m msdda.zoo.train", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python bench/train_zoo.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["classifier", "base", "expert", "oracle", "all"])
     ap.add_argument("--out", type=Path, default=ZOO_DIR)
@@ -372,13 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         elif st == "base":
             train_base(out, ckpt_dir, **kw)
         elif st in ("expert", "oracle") and a.eval_only:
-            from .rl import reevaluate
             reevaluate(out, st, names=a.name, tiny=a.tiny, seed=a.seed)
         elif st == "expert":
-            from .rl import train_experts
             train_experts(out, ckpt_dir, names=a.name, **kw)
         elif st == "oracle":
-            from .rl import train_oracles
             train_oracles(out, ckpt_dir, names=a.name, **kw)
         log(f"=== stage {st} finished in {time.time() - t:.0f}s (this run) ===")
     write_zoo_readme(out)
@@ -386,9 +336,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_zoo_readme(out: Path) -> None:
+    from msdda.atomic import atomic_write_text
+
     from .readme import render_zoo_readme
 
-    (out / "README.md").write_text(render_zoo_readme(out))
+    atomic_write_text(out / "README.md", render_zoo_readme(out))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """msdda's embedded default model zoo: a small class-conditional digits diffusion model and its aligned experts.
 
-Everything here is trained from scratch on scikit-learn's digits (16x16, 1 channel) by
-``python -m msdda.zoo.train all`` (see models/README.md for the recipe, the measured durations and metrics).
+The runtime part only: the shipped weights, where they are, the zoo's constants, and its rewards
+(``msdda.zoo.rewards``, torch-only, used by ``msdda sweep``). Everything here was trained from scratch on
+scikit-learn's digits (16x16, 1 channel) by the recipes in the repository's bench/zoo/
+(``python bench/train_zoo.py all``; see models/README.md for the recipe, the measured durations and metrics).
 
 Layout (``ZOO_DIR`` = this package's ``models/`` folder)::
 
@@ -27,7 +29,7 @@ ORACLE_WEIGHTS: tuple[float, ...] = (0.2, 0.5, 0.8)
 #: zoo sampling defaults: 50 DDPM steps (diffusers "leading" spacing), classifier-free guidance scale
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE_SCALE = 2.0
-#: KL strength shared by every expert and oracle (see train.py)
+#: KL strength shared by every expert and oracle (the training recipe: bench/zoo/rl.py)
 KL_BETA = 0.1
 NULL_CLASS = 10
 NUM_CLASSES = 10

@@ -13,7 +13,7 @@
   ``compress_level=9``), offset by ``COMPRESS_OFFSET_BYTES`` and in units of ``COMPRESS_UNIT_BYTES``:
   ``-(png_bytes - 300) / 64``. Base samples encode to ~300 +- 15 bytes, so this is ~0 +- 0.23: the unit was
   chosen so that its spread over base samples is comparable to ``legible``'s (std ~0.18); ``bold``'s is ~0.03.
-  (RL normalises every reward by its std over base samples anyway, see msdda.zoo.rl.) NOT differentiable (returns a tensor
+  (RL normalises every reward by its std over base samples anyway, see bench/zoo/rl.py.) NOT differentiable (returns a tensor
   without grad) -- the analogue of DDPO's JPEG compressibility; PNG is used because at 16x16 a JPEG file is
   dominated by its ~300-byte constant header and quantisation barely sees thin strokes.
 
@@ -60,7 +60,7 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
     """The reward classifier (eval mode, frozen); cached per file."""
     path = Path(path) if path is not None else classifier_path()
     if not path.exists():
-        raise FileNotFoundError(f"reward classifier weights not found at {path}; run `python -m msdda.zoo.train classifier`")
+        raise FileNotFoundError(f"reward classifier weights not found at {path}; train it with `python bench/train_zoo.py classifier`")
     return _classifier_cached(str(path), path.stat().st_mtime)
 
 
