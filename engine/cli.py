@@ -58,11 +58,18 @@ def library_output(verbose: bool):
     saved_levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL + 1)
+    # Libraries imported earlier in this process read the environment already: turn their bars off directly.
+    bars = [m for m in (sys.modules.get(n) for n in ("diffusers.utils.logging", "transformers.utils.logging"))
+            if m is not None and m.is_progress_bar_enabled()]
+    for module in bars:
+        module.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
+        for module in bars:
+            module.enable_progress_bar()
         for lg, level in zip(loggers, saved_levels):
             lg.setLevel(level)
         for k, v in saved_env.items():

@@ -592,15 +592,39 @@ def test_library_output_is_restored_after_main():
     import logging
     import warnings
 
+    import transformers.utils.logging as tlog
+
     level = logging.getLogger("diffusers").level
+    bars = tlog.is_progress_bar_enabled()
     with cli.library_output(False):
+        assert not tlog.is_progress_bar_enabled()           # "Loading weights" bars would precede the error
         assert logging.getLogger("diffusers").level > logging.CRITICAL
         with warnings.catch_warnings(record=True) as seen:   # keeps the quiet filters, records what passes them
             warnings.warn("hidden")
         assert seen == []
-    assert logging.getLogger("diffusers").level == level
+    assert logging.getLogger("diffusers").level == level and tlog.is_progress_bar_enabled() == bars
     with cli.library_output(True):
         assert logging.getLogger("diffusers").level == level
+
+
+def test_text_pipeline_run_and_one_line_error(tmp_path, capsys):
+    """A text-conditioned pipeline (text encoder, tokenizer, VAE): its loading prints nothing, an error after
+    loading is one line, and a finished folder reruns as a no-op."""
+    from tiny_models import make_tiny_sd_pipeline
+
+    base = make_tiny_sd_pipeline(tmp_path / "sd")
+    expert = perturbed_copy(base, tmp_path / "sd_a", seed=1, scale=0.2)
+    args = ["generate", "--base", str(base), "--expert", f"a={expert}", "--steps", "2", "--num-images", "2",
+            "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert cli.main([*args, "--class", "1"]) == 2
+    _one_error_line(capsys, "this base is text-conditioned: pass --prompt")
+    assert cli.main([*args, "--prompt", "a cat"]) == 0
+    before = _snapshot(tmp_path / "o")
+    assert cli.main([*args, "--prompt", "a cat"]) == 0
+    assert _snapshot(tmp_path / "o") == before and capsys.readouterr().err == ""
+    assert cli.main([*args, "--prompt", "a dog"]) == 2
+    _one_error_line(capsys, "holds a different run (differs in: prompt)")
 
 
 def test_help_is_complete():
