@@ -1,48 +1,126 @@
 """``msdda``: the command line. A thin layer over the Python API.
 
 Every bad input ends with one line on stderr (``msdda: error: ...``) and exit status 2, never a traceback.
-Images and manifests are written atomically; an interrupted ``generate`` started again with the same
-arguments continues where it stopped.
+Library warnings and logging (diffusers, transformers, accelerate, torch, Python ``warnings``) are silenced
+unless ``--verbose`` or ``MSDDA_VERBOSE=1`` is given, so that line is the only one.
+
+``generate`` and ``sweep`` check everything they can (arguments, models, conditioning, strategy, weights
+against the experts) before they create or touch the output folder, and write into run folders
+(``msdda.runfolder``): locked for the whole run, resumed by the same command, verified and repaired when the
+same command meets a finished folder, and refused when they hold anything else.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import logging
 import math
+import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+GRID = "grid.png"
+SUMMARY = "summary.json"
+MAX_SWEEP_POINTS = 101          # point folders are named w0.00 ... w1.00: two decimals tell 101 apart
+# Loggers of the libraries msdda drives; silenced (with Python warnings) unless --verbose.
+LIBRARY_LOGGERS = ("diffusers", "transformers", "accelerate", "torch", "huggingface_hub", "onnxruntime", "onnx")
+_QUIET_ENV = {"DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error",
+              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 class CliError(ValueError):
     """Bad command-line input. Printed as one line, exit status 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors raised as one-line CliErrors (argparse itself prints usage lines first)."""
+
+    def error(self, message):
+        raise CliError(f"{message} (see {self.prog} --help)")
+
+
+# ---------------------------------------------------------------------- quiet libraries
+@contextlib.contextmanager
+def library_output(verbose: bool):
+    """Within the block, libraries print nothing: their loggers are raised above CRITICAL, Python warnings are
+    ignored, and the environment variables diffusers/transformers read on first import say 'error'. Restored
+    afterwards (``main`` may run in-process, e.g. under tests)."""
+    if verbose:
+        yield
+        return
+    saved_env = {k: os.environ.get(k) for k in _QUIET_ENV}
+    for k, v in _QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    saved_levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    # Libraries imported earlier in this process read the environment already: turn their bars off directly.
+    bars = [m for m in (sys.modules.get(n) for n in ("diffusers.utils.logging", "transformers.utils.logging"))
+            if m is not None and m.is_progress_bar_enabled()]
+    for module in bars:
+        module.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for module in bars:
+            module.enable_progress_bar()
+        for lg, level in zip(loggers, saved_levels):
+            lg.setLevel(level)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _verbose_from_env() -> bool:
+    return os.environ.get("MSDDA_VERBOSE", "").strip().lower() not in ("", "0", "false", "no")
+
+
 # ---------------------------------------------------------------------- parsing helpers
-def parse_weights(text: str | None) -> dict[str, float] | None:
-    """'a=0.7,b=0.3' -> {'a': 0.7, 'b': 0.3}."""
+def parse_assignments(text: str | None, option: str) -> dict[str, float] | None:
+    """'a=0.7,b=0.3' -> {'a': 0.7, 'b': 0.3}: the syntax, numbers and duplicate names of --weights and
+    --expert-betas (their values are checked by msdda.validation, as the API checks them)."""
     if text is None:
         return None
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
+        name = name.strip()
         if not sep or not name:
-            raise CliError(f"--weights: expected NAME=VALUE, got {part!r}")
+            raise CliError(f"{option}: expected NAME=VALUE, got {part!r}")
         try:
-            w = float(value)
+            number = float(value)
         except ValueError:
-            raise CliError(f"--weights: {name}={value!r} is not a number") from None
-        if not math.isfinite(w):
-            raise CliError(f"--weights: weight for {name!r} is not a finite number ({value})")
-        if w < 0:
-            raise CliError(f"--weights: weight for {name!r} is negative ({value})")
+            raise CliError(f"{option}: {name}={value!r} is not a number") from None
         if name in out:
-            raise CliError(f"--weights: {name!r} given twice")
-        out[name] = w
+            raise CliError(f"{option}: {name!r} given twice")
+        out[name] = number
     if not out:
-        raise CliError("--weights: no weights given")
+        raise CliError(f"{option}: nothing given")
     return out
+
+
+def parse_weights(text: str | None) -> dict[str, float] | None:
+    """'a=0.7,b=0.3' -> {'a': 0.7, 'b': 0.3}; finite and >= 0 (msdda.validation.check_weights)."""
+    from msdda.validation import check_weights
+
+    weights = parse_assignments(text, "--weights")
+    return None if weights is None else check_weights(weights, option="--weights")
+
+
+def parse_betas(text: str | None) -> dict[str, float] | None:
+    """'a=1,b=2' -> {'a': 1.0, 'b': 2.0}; finite and > 0 (msdda.validation.check_expert_betas)."""
+    from msdda.validation import check_expert_betas
+
+    betas = parse_assignments(text, "--expert-betas")
+    return None if betas is None else check_expert_betas(betas, option="--expert-betas")
 
 
 def parse_experts(items: list[str] | None) -> dict[str, str]:
@@ -57,19 +135,15 @@ def parse_experts(items: list[str] | None) -> dict[str, str]:
     return experts
 
 
-def parse_betas(text: str | None) -> dict[str, float] | None:
+def parse_pair(text: str | None) -> list[str] | None:
     if text is None:
         return None
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            raise CliError(f"--expert-betas: expected NAME=NUMBER, got {part!r}") from None
-        if not sep or not math.isfinite(out[name]) or out[name] <= 0:
-            raise CliError(f"--expert-betas: KL strength for {name!r} must be a positive number")
-    return out
+    pair = [p.strip() for p in text.split(",")]
+    if len(pair) != 2 or not all(pair):
+        raise CliError(f"--pair: expected A,B, got {text!r}")
+    if pair[0] == pair[1]:
+        raise CliError(f"--pair: the two experts must differ, got {text!r}")
+    return pair
 
 
 def resolve_models(args) -> tuple[str, dict[str, str]]:
@@ -110,28 +184,53 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=8, help="images per forward batch (default 8)")
 
 
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+    from msdda.validation import DEFAULT_LIMITS
+
+    g = p.add_argument_group("limits (refused before anything is allocated)")
+    g.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help=f"largest number of images one command makes (default {DEFAULT_LIMITS.max_images})")
+    g.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help=f"largest number of denoising steps (default {DEFAULT_LIMITS.max_steps})")
+
+
+def _add_verbose_arg(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    # SUPPRESS on subcommands, so that `msdda --verbose generate` is not reset by the subcommand's default
+    p.add_argument("--verbose", action="store_true", default=default,
+                   help="show library warnings and logging (also MSDDA_VERBOSE=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="msdda", description="Compose aligned diffusion experts at denoising time (MSDDA).")
+    parser = ArgumentParser(prog="msdda", description="Compose aligned diffusion experts at denoising time (MSDDA).")
+    _add_verbose_arg(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,sweep,export}")
 
     gen = sub.add_parser("generate", help="generate images with weights chosen per run",
                          description="Generate images composing the experts with the given weights. Writes "
-                                     "OUT/00000.png..., OUT/grid.png and OUT/manifest.json; re-running the same "
-                                     "command after an interruption continues where it stopped.")
+                                     "OUT/00000.png..., OUT/grid.png and OUT/manifest.json. The same command "
+                                     "again continues an interrupted run, or verifies a finished one and remakes "
+                                     "only damaged or missing images; a folder holding another run or other "
+                                     "files is refused, and so is a second run while one is writing.")
     _add_model_args(gen)
     _add_sampling_args(gen)
     gen.add_argument("--weights", metavar="NAME=W,...", help="expert weights, e.g. legible=0.6,bold=0.4 (default: equal)")
     gen.add_argument("--num-images", type=int, default=16, help="number of images (default 16)")
     gen.add_argument("--out", default="out", metavar="DIR", help="output folder (default ./out)")
+    _add_limit_args(gen)
+    _add_verbose_arg(gen)
 
     sweep = sub.add_parser("sweep", help="generate over a grid of weights between two experts",
-                           description="For w in linspace(0, 1, --points): weights A=w, B=1-w. Writes OUT/w0.50/grid.png ... and OUT/summary.json.")
+                           description="For w in linspace(0, 1, --points): weights A=w, B=1-w. Writes "
+                                       "OUT/w0.50/grid.png ... and OUT/summary.json; resumes and refuses like "
+                                       "generate.")
     _add_model_args(sweep)
     _add_sampling_args(sweep)
     sweep.add_argument("--pair", required=False, metavar="A,B", help="the two experts to sweep between (default: the first two)")
-    sweep.add_argument("--points", type=int, default=5, help="number of weights (default 5)")
+    sweep.add_argument("--points", type=int, default=5, help=f"number of weights, 2..{MAX_SWEEP_POINTS} (default 5)")
     sweep.add_argument("--num-images", type=int, default=8, help="images per weight (default 8)")
     sweep.add_argument("--out", default="sweep", metavar="DIR", help="output folder (default ./sweep)")
+    _add_limit_args(sweep)
+    _add_verbose_arg(sweep)
 
     ex = sub.add_parser("export", help="export UNets to ONNX (and TensorRT where available)",
                         description="Export the base and every expert UNet to verified ONNX files. With no models named, exports the embedded zoo.")
@@ -141,28 +240,52 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17)")
     ex.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     ex.add_argument("--dynamic-hw", action="store_true", help="dynamic height and width (batch is always dynamic)")
+    _add_verbose_arg(ex)
     return parser
 
 
-# ---------------------------------------------------------------------- commands
-def _engine(args):
-    from msdda import Engine
+# ---------------------------------------------------------------------- checks before loading
+def _limits(args):
+    from msdda.validation import Limits
 
-    base, experts = resolve_models(args)
-    return Engine.from_pretrained(base, experts, backend=args.backend, device=args.device, scheduler=args.scheduler)
+    given = {k: getattr(args, k, None) for k in ("max_images", "max_steps")}
+    try:
+        return Limits(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        raise CliError(f"--{str(exc).replace('_', '-')}") from None
 
 
-def _defaults(args, engine) -> tuple[int, float]:
+def _uses_zoo(args) -> bool:
+    return args.base is None and not args.expert
+
+
+def _sampling(args, limits, num_images: int) -> dict:
+    """The sampling arguments shared by generate and sweep, checked before any model is loaded."""
+    from msdda import validation as v
     from msdda import zoo
 
-    using_zoo = args.base is None
-    steps = args.steps if args.steps is not None else (zoo.DEFAULT_STEPS if using_zoo else 50)
-    gscale = args.guidance_scale if args.guidance_scale is not None else (zoo.DEFAULT_GUIDANCE_SCALE if using_zoo else 7.5)
-    if steps < 1:
-        raise CliError(f"--steps must be >= 1, got {steps}")
-    return steps, gscale
+    steps = args.steps if args.steps is not None else (zoo.DEFAULT_STEPS if _uses_zoo(args) else 50)
+    gscale = args.guidance_scale if args.guidance_scale is not None else \
+        (zoo.DEFAULT_GUIDANCE_SCALE if _uses_zoo(args) else 7.5)
+    checked = dict(steps=v.check_steps(steps, limits), guidance_scale=v.check_guidance_scale(gscale),
+                   eta=v.check_eta(args.eta), strategy=args.strategy, normalize=args.normalize,
+                   expert_betas=parse_betas(args.expert_betas))
+    v.check_seed(args.seed, num_images)
+    v.check_batch_size(args.batch_size, limits)
+    v.check_device(args.device)
+    return checked
 
 
+def _engine(args, limits=None):
+    from msdda import Engine
+    from msdda.validation import DEFAULT_LIMITS
+
+    base, experts = resolve_models(args)
+    return Engine.from_pretrained(base, experts, backend=args.backend, device=args.device, scheduler=args.scheduler,
+                                  limits=limits or DEFAULT_LIMITS)
+
+
+# ---------------------------------------------------------------------- checks after loading
 def _conditioning_kwargs(args, engine) -> dict:
     if engine.is_text:
         if args.prompt is None:
@@ -174,54 +297,115 @@ def _conditioning_kwargs(args, engine) -> dict:
         if args.class_label is None:
             raise CliError(f"this base is class-conditional: pass --class N (0..{engine.num_classes - 2})")
         return {"class_labels": args.class_label}
+    if args.class_label is not None:
+        raise CliError("this base is unconditional: --class is not accepted")
     return {}
 
 
-def run_batches(engine, args, weights, out_dir: Path, num_images: int, progress_desc: str) -> list[Path]:
-    """Generate images 0..num_images-1 into out_dir, skipping those already written (resume)."""
+def _request(args, engine, sampling: dict, weights, num_images: int) -> dict:
+    """The keyword arguments of every ``engine.generate`` call of this run, checked by the Engine's own
+    ``check_request`` (conditioning, strategy, weights and betas against the loaded experts, steps against the
+    schedule) before any output exists."""
+    from msdda.validation import check_expert_betas, check_weights
+
+    cond = _conditioning_kwargs(args, engine)
+    if weights is not None:
+        check_weights(weights, engine.experts, option="--weights")
+    if sampling["expert_betas"] is not None:
+        check_expert_betas(sampling["expert_betas"], engine.experts, option="--expert-betas")
+    request = dict(cond, weights=weights, **sampling)
+    engine.check_request(num_images=num_images, seed=args.seed, **{k: v for k, v in request.items() if k != "prompt"})
+    return request
+
+
+def _run_params(args, engine, request: dict, num_images: int) -> dict:
+    """What defines the run's images; the same command again must give the same parameters."""
+    import msdda
+
+    return {
+        "command": "generate", "msdda_version": msdda.__version__,
+        "models": [{"name": m.name, "path": m.path, "sha256": m.sha256} for m in engine.models],
+        "weights": request["weights"], "normalize": request["normalize"], "expert_betas": request["expert_betas"],
+        "strategy": request["strategy"], "backend": args.backend, "device": args.device,
+        "scheduler": engine.scheduler, "steps": request["steps"], "eta": request["eta"],
+        "guidance_scale": request["guidance_scale"], "seed": args.seed,
+        "seeds": [args.seed + i for i in range(num_images)], "num_images": num_images,
+        "prompt": args.prompt, "class": args.class_label,
+    }
+
+
+# ---------------------------------------------------------------------- writing a run
+def owns_generate_file(name: str) -> bool:
+    """The files a generate run folder holds: NNNNN.png, grid.png, manifest.json."""
+    return name in ("manifest.json", GRID) or re.fullmatch(r"\d{5,}\.png", name) is not None
+
+
+def owns_sweep_file(name: str) -> bool:
+    return name in ("manifest.json", SUMMARY)
+
+
+def image_names(num_images: int) -> list[str]:
+    return [f"{i:05d}.png" for i in range(num_images)]
+
+
+def _recorded_sha256(previous: dict | None) -> dict:
+    """The sha256 of each file a finished run recorded (empty for a fresh or unfinished run)."""
+    if not previous or previous.get("complete") is not True or not isinstance(previous.get("sha256"), dict):
+        return {}
+    return previous["sha256"]
+
+
+def generate_into(engine, run, request: dict, *, seed: int, num_images: int, batch_size: int, desc: str) -> list[str]:
+    """Make every image of the run that is missing or damaged in ``run`` (each with its own seed), then the
+    grid and the finished manifest. Returns the names of the images made."""
     from tqdm import tqdm
 
-    from msdda.atomic import atomic_save_image
+    from msdda.runfolder import image_intact
 
-    steps, gscale = _defaults(args, engine)
-    cond = _conditioning_kwargs(args, engine)
-    betas = parse_betas(args.expert_betas)
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
-    paths = [out_dir / f"{i:05d}.png" for i in range(num_images)]
-    todo = [i for i, p in enumerate(paths) if not _valid_png(p)]
-    bar = tqdm(total=len(todo) * steps, desc=progress_desc, unit="step", disable=None)
-    for start in range(0, len(todo), args.batch_size):
-        chunk = todo[start:start + args.batch_size]
-        out = engine.generate(**cond, weights=weights, num_images=len(chunk), steps=steps, eta=args.eta,
-                              guidance_scale=gscale, seed=[args.seed + i for i in chunk], strategy=args.strategy,
-                              normalize=args.normalize, expert_betas=betas,
-                              callback=lambda i, n: bar.update(1))
-        for i, image in zip(chunk, out.images):
-            atomic_save_image(paths[i], image)
-    bar.close()
-    return paths
-
-
-def _valid_png(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    from PIL import Image
-
+    names = image_names(num_images)
+    recorded = _recorded_sha256(run.previous)
+    todo = [i for i, name in enumerate(names) if not image_intact(run.path / name, recorded.get(name))]
+    bar = tqdm(total=len(todo) * request["steps"], desc=desc, unit="step", disable=None, leave=False)
     try:
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except Exception:
-        return False
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            out = engine.generate(**request, num_images=len(chunk), seed=[seed + i for i in chunk],
+                                  callback=lambda i, n: bar.update(1))
+            for i, image in zip(chunk, out.images):
+                run.write_image(names[i], image)
+    finally:
+        bar.close()
+    made = [names[i] for i in todo]
+    _finish(run, names, made)
+    return made
 
 
-def save_grid(paths: list[Path], dest: Path) -> None:
+def _finish(run, names: list[str], made: list[str]) -> None:
+    """Record every image's sha256, remake the grid if anything changed, and write the finished manifest
+    (only when it differs from the one on disk: a rerun of a finished, intact folder writes nothing)."""
+    from msdda.loading import file_sha256
+    from msdda.runfolder import MANIFEST, image_intact
+
+    recorded = _recorded_sha256(run.previous)
+    made_set = set(made)
+    sha = {}
+    try:
+        for name in names:
+            sha[name] = recorded[name] if name in recorded and name not in made_set else file_sha256(run.path / name)
+    except OSError as exc:
+        raise CliError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    if made or GRID not in recorded or not image_intact(run.path / GRID, recorded[GRID]):
+        save_grid(run, names)
+        sha[GRID] = file_sha256(run.path / GRID)
+    else:
+        sha[GRID] = recorded[GRID]
+    run.write_json(MANIFEST, {**run.params, "complete": True, "images": names, "grid": GRID, "sha256": sha})
+
+
+def save_grid(run, names: list[str]) -> None:
     from PIL import Image
 
-    from msdda.atomic import atomic_save_image
-
-    images = [Image.open(p).convert("RGB") for p in paths]
+    images = [Image.open(run.path / n).convert("RGB") for n in names]
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size
@@ -230,113 +414,87 @@ def save_grid(paths: list[Path], dest: Path) -> None:
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         grid.paste(im.resize((w * scale, h * scale), Image.NEAREST), (2 + c * (w * scale + 2), 2 + r * (h * scale + 2)))
-    atomic_save_image(dest, grid)
+    run.write_image(GRID, grid)
 
 
-def _manifest(args, engine, weights, steps, gscale, num_images) -> dict:
-    import msdda
-
-    return {
-        "msdda_version": msdda.__version__,
-        "models": [{"name": m.name, "path": m.path, "sha256": m.sha256} for m in engine.models],
-        "weights": weights, "normalize": args.normalize, "expert_betas": parse_betas(args.expert_betas),
-        "strategy": args.strategy, "backend": args.backend, "device": args.device, "scheduler": engine.scheduler,
-        "steps": steps, "eta": args.eta, "guidance_scale": gscale, "seed": args.seed,
-        "seeds": [args.seed + i for i in range(num_images)], "num_images": num_images,
-        "prompt": args.prompt, "class": args.class_label,
-    }
-
-
-def _prepare_out(out_dir: Path, manifest: dict) -> None:
-    """Create out_dir, or check that it holds the same run (resume); write the manifest atomically."""
-    from msdda.atomic import atomic_write_json
-
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CliError(f"cannot create output folder {out_dir}: {exc.strerror}") from None
-    path = out_dir / "manifest.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            raise CliError(f"{path} is corrupt; remove it or use another --out") from None
-        old_run = {k: v for k, v in old.items() if k != "complete"}
-        if old_run != manifest:
-            changed = sorted(k for k in set(old_run) | set(manifest) if old_run.get(k) != manifest.get(k))
-            raise CliError(f"{out_dir} holds a different run (differs in: {', '.join(changed)}); use another --out")
-    atomic_write_json(path, {**manifest, "complete": False})
-
-
+# ---------------------------------------------------------------------- commands
 def cmd_generate(args) -> int:
+    from msdda.runfolder import RunFolder, check_target
+    from msdda.validation import check_num_images, normalized_weights
+
+    limits = _limits(args)
+    num_images = check_num_images(args.num_images, limits)
     weights = parse_weights(args.weights)
-    if args.num_images < 1:
-        raise CliError(f"--num-images must be >= 1, got {args.num_images}")
-    engine = _engine(args)
-    _check_weights(weights, engine, args.normalize)
-    steps, gscale = _defaults(args, engine)
-    out_dir = Path(args.out)
-    manifest = _manifest(args, engine, weights, steps, gscale, args.num_images)
-    _prepare_out(out_dir, manifest)
-    paths = run_batches(engine, args, weights, out_dir, args.num_images, "generate")
-    save_grid(paths, out_dir / "grid.png")
-    from msdda.atomic import atomic_write_json
-
-    atomic_write_json(out_dir / "manifest.json", {**manifest, "complete": True,
-                                                  "images": [p.name for p in paths], "grid": "grid.png"})
-    print(f"wrote {len(paths)} images, {out_dir / 'grid.png'} and {out_dir / 'manifest.json'}")
+    if weights is not None:
+        normalized_weights(list(weights.values()), normalize=args.normalize, label="--weights")
+    sampling = _sampling(args, limits, num_images)
+    out = Path(args.out)
+    check_target(out, owns_generate_file)                     # refuse a foreign folder before loading models
+    engine = _engine(args, limits)
+    request = _request(args, engine, sampling, weights, num_images)
+    params = _run_params(args, engine, request, num_images)
+    with RunFolder(out, params, owns_generate_file) as run:
+        made = generate_into(engine, run, request, seed=args.seed, num_images=num_images, batch_size=args.batch_size,
+                             desc="generate")
+    if run.resumed and not made:
+        print(f"{out} already holds this run, verified: {num_images} images, {out / GRID}, {out / 'manifest.json'}")
+    else:
+        print(f"wrote {len(made)} images, {out / GRID} and {out / 'manifest.json'}")
     return 0
-
-
-def _check_weights(weights, engine, normalize) -> None:
-    if weights is None:
-        return
-    unknown = sorted(set(weights) - set(engine.experts))
-    if unknown:
-        raise CliError(f"unknown expert {unknown[0]!r} in --weights; experts are: {', '.join(engine.experts) or 'none'}")
-    total = sum(weights.values())
-    if total <= 0:
-        raise CliError("--weights: all weights are zero")
-    if not normalize and abs(total - 1) > 1e-6:
-        raise CliError(f"--weights sum to {total:g}, not 1 (add --normalize to rescale)")
 
 
 def cmd_sweep(args) -> int:
-    from msdda.atomic import atomic_write_json
+    from msdda.runfolder import RunFolder, check_target
+    from msdda.validation import check_int, check_num_images
 
-    engine = _engine(args)
-    if args.pair:
-        pair = [p.strip() for p in args.pair.split(",")]
-        if len(pair) != 2:
-            raise CliError(f"--pair: expected A,B, got {args.pair!r}")
-    else:
-        pair = list(engine.experts[:2])
-    if len(pair) != 2 or any(p not in engine.experts for p in pair):
-        raise CliError(f"--pair must name two loaded experts ({', '.join(engine.experts) or 'none'})")
-    if args.points < 2:
-        raise CliError(f"--points must be >= 2, got {args.points}")
-    steps, gscale = _defaults(args, engine)
+    limits = _limits(args)
+    pair = parse_pair(args.pair)
+    points = check_int("--points", args.points, lo=2, hi=MAX_SWEEP_POINTS)
+    num_images = check_num_images(args.num_images, limits)
+    if points * num_images > limits.max_images:
+        raise CliError(f"--points x --num-images = {points * num_images} images, more than the limit of "
+                       f"{limits.max_images} (raise it with --max-images)")
+    sampling = _sampling(args, limits, num_images)
     out_root = Path(args.out)
-    summary = {"pair": pair, "points": []}
-    for j in range(args.points):
-        w = round(j / (args.points - 1), 6)
+    check_target(out_root, owns_sweep_file)
+    engine = _engine(args, limits)
+    if pair is None:
+        if len(engine.experts) < 2:
+            raise CliError(f"sweep needs two experts; loaded: {', '.join(engine.experts) or 'none'}")
+        pair = list(engine.experts[:2])
+    unknown = [p for p in pair if p not in engine.experts]
+    if unknown:
+        raise CliError(f"--pair: unknown expert {unknown[0]!r}; experts are: {', '.join(engine.experts) or 'none'}")
+    plan = []
+    for j in range(points):
+        w = round(j / (points - 1), 6)
         weights = {pair[0]: w, pair[1]: round(1 - w, 6)}
-        out_dir = out_root / f"w{w:.2f}"
-        manifest = _manifest(args, engine, weights, steps, gscale, args.num_images)
-        _prepare_out(out_dir, manifest)
-        paths = run_batches(engine, args, weights, out_dir, args.num_images, f"{pair[0]}={w:.2f}")
-        save_grid(paths, out_dir / "grid.png")
-        atomic_write_json(out_dir / "manifest.json", {**manifest, "complete": True, "images": [p.name for p in paths]})
-        summary["points"].append({"weights": weights, "grid": f"{out_dir.name}/grid.png",
-                                  **_zoo_rewards(engine, args, paths)})
-    atomic_write_json(out_root / "summary.json", summary)
-    print(f"wrote {args.points} grids and {out_root / 'summary.json'}")
+        request = _request(args, engine, sampling, weights, num_images)
+        plan.append((f"w{w:.2f}", weights, request, _run_params(args, engine, request, num_images)))
+    root_params = {**plan[0][3], "command": "sweep", "pair": pair, "points": points, "weights": None}
+    with RunFolder(out_root, root_params, owns_sweep_file) as root:
+        summary = {"pair": pair, "points": []}
+        for label, weights, request, params in plan:
+            point = RunFolder(out_root / label, params, owns_generate_file)
+            try:
+                with point:
+                    generate_into(engine, point, request, seed=args.seed, num_images=num_images,
+                                  batch_size=args.batch_size, desc=f"{pair[0]}={weights[pair[0]]:.2f}")
+            finally:
+                if point.finished or point.resumed:
+                    root.note_finished(label)
+            summary["points"].append({"weights": weights, "grid": f"{label}/{GRID}",
+                                      **_zoo_rewards(args, [point.path / n for n in image_names(num_images)])})
+        root.write_json(SUMMARY, summary)
+        root.write_json("manifest.json", {**root.params, "complete": True, "summary": SUMMARY,
+                                          "folders": [label for label, *_ in plan]})
+    print(f"wrote {points} grids and {out_root / SUMMARY}")
     return 0
 
 
-def _zoo_rewards(engine, args, paths) -> dict:
+def _zoo_rewards(args, paths) -> dict:
     """Mean zoo rewards of the written images, when the models are the zoo's (else nothing)."""
-    if args.base is not None or args.class_label is None:
+    if not _uses_zoo(args) or args.class_label is None:
         return {}
     import numpy as np
     import torch
@@ -365,16 +523,53 @@ def cmd_export(args) -> int:
 COMMANDS = {"generate": cmd_generate, "sweep": cmd_sweep, "export": cmd_export}
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def error_line(exc: BaseException) -> str:
+    """The one stderr line for an error: ``msdda: error: ...`` (an OS error names its path)."""
+    if isinstance(exc, MemoryError):
+        text = "out of memory (lower --num-images or --batch-size)"
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return f"msdda: error: {' '.join(text.split())}"
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so a run folder is cleaned up as on any error.
+    Only the main thread may set handlers; elsewhere the default stays."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:   # LoadError, ExportError, CliError...
-        print(f"msdda: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except CliError as exc:
+        print(error_line(exc), file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("msdda: interrupted; run the same command again to continue", file=sys.stderr)
-        return 130
+    with library_output(getattr(args, "verbose", False) or _verbose_from_env()), _sigterm_interrupts():
+        try:
+            return COMMANDS[args.command](args)
+        except (ValueError, OSError, MemoryError) as exc:   # LoadError, ExportError, CliError, RunFolderError...
+            print(error_line(exc), file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            print("msdda: interrupted; run the same command again to continue", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ calls from several threads.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -20,8 +19,11 @@ from msdda.kernels import StepScalars, fused_expert_step, philox_normal, raise_i
 from msdda.loading import BaseModel, LoadError, load_base, load_expert
 from msdda.sampling import Denoise, sample
 from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
+from msdda.validation import (DEFAULT_LIMITS, Limits, batch_size, batch_tensor, check_class_labels, check_device,
+                              check_eta, check_guidance_scale, check_noise, check_steps, check_strategy, per_sample,
+                              per_sample_weights, seed_list)
 
-__all__ = ["Engine", "GenerateOutput"]
+__all__ = ["Engine", "GenerateOutput", "CheckedRequest", "Limits"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,18 @@ class GenerateOutput:
     seeds: list[int] = field(default_factory=list)
     weights: list[dict] = field(default_factory=list)
     strategy: str = "msdda"
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """The validated, per-sample form of one ``generate`` call's arguments (see ``Engine.check_request``)."""
+    batch: int
+    steps: int
+    eta: float
+    guidance_scale: float
+    seeds: list[int]
+    weights: list[dict]
+    plan: Plan
 
 
 @dataclass(frozen=True)
@@ -46,10 +60,13 @@ class Engine:
 
     def __init__(self, base: BaseModel, experts: Mapping[str, torch.nn.Module], *, backend="torch", device="cpu",
                  dtype=None, scheduler: str | None = None, models: Sequence[ModelInfo] = (),
-                 backend_options: Mapping | None = None):
+                 backend_options: Mapping | None = None, limits: Limits = DEFAULT_LIMITS):
         if "base" in experts:
             raise LoadError("an expert may not be called 'base': that name is the base model")
-        self.device = torch.device(device)
+        if not isinstance(limits, Limits):
+            raise ValueError(f"limits must be a msdda.validation.Limits, not {limits!r}")
+        self.limits = limits
+        self.device = check_device(device)
         self.base = base
         self.members = ("base",) + tuple(experts)
         self.models = tuple(models)
@@ -82,12 +99,15 @@ class Engine:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, base, experts: Mapping[str, str] | None = None, *, backend: str = "torch",
-                        device="cpu", dtype=None, scheduler: str | None = None, **backend_options) -> "Engine":
+                        device="cpu", dtype=None, scheduler: str | None = None, limits: Limits = DEFAULT_LIMITS,
+                        **backend_options) -> "Engine":
         """Load a base (pipeline, ``unet/`` folder or UNet folder) and experts {name: folder} from local disk.
 
         ``scheduler``: "ddpm" or "ddim"; None keeps the base's own scheduler class. Experts whose
         architecture, prediction type, latent shape or scheduler differ from the base are refused here.
+        ``limits``: the largest ``num_images`` and ``steps`` one call accepts (``msdda.validation.Limits``).
         """
+        check_device(device)                      # before loading anything
         base_model = load_base(base, dtype)
         loaded, infos = {}, [ModelInfo("base", str(base), base_model.weights_sha256)]
         for name, path in (experts or {}).items():
@@ -96,7 +116,7 @@ class Engine:
             loaded[name], sha = load_expert(name, path, base_model, dtype)
             infos.append(ModelInfo(name, str(path), sha))
         return cls(base_model, loaded, backend=backend, device=device, dtype=dtype, scheduler=scheduler,
-                   models=infos, backend_options=backend_options)
+                   models=infos, backend_options=backend_options, limits=limits)
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -131,14 +151,14 @@ class Engine:
             if prompt_embeds is None:
                 if prompt is None:
                     raise ValueError("this base is text-conditioned: pass prompt= or prompt_embeds=")
-                prompts = _per_sample(prompt, batch, "prompt")
+                prompts = per_sample(prompt, batch, "prompt")
                 prompt_embeds = self.encode_prompt(prompts)
-            prompt_embeds = _batch_tensor(prompt_embeds, batch, "prompt_embeds").to(self.device, self.dtype)
+            prompt_embeds = batch_tensor(prompt_embeds, batch, "prompt_embeds").to(self.device, self.dtype)
             if not cfg:
                 return Conditioning(encoder_hidden_states=prompt_embeds)
             if negative_prompt_embeds is None:
-                negative_prompt_embeds = self.encode_prompt(_per_sample(negative_prompt or "", batch, "negative_prompt"))
-            negative_prompt_embeds = _batch_tensor(negative_prompt_embeds, batch, "negative_prompt_embeds")
+                negative_prompt_embeds = self.encode_prompt(per_sample(negative_prompt or "", batch, "negative_prompt"))
+            negative_prompt_embeds = batch_tensor(negative_prompt_embeds, batch, "negative_prompt_embeds")
             if negative_prompt_embeds.shape != prompt_embeds.shape:
                 raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
                                  f"{tuple(prompt_embeds.shape)} differ in shape")
@@ -148,7 +168,7 @@ class Engine:
         if self.num_classes:
             if class_labels is None:
                 raise ValueError(f"this base is class-conditional: pass class_labels= (0..{self.num_classes - 2})")
-            labels = torch.as_tensor(_per_sample(class_labels, batch, "class_labels"), dtype=torch.int64)
+            labels = torch.as_tensor(per_sample(class_labels, batch, "class_labels"), dtype=torch.int64)
             if bool(((labels < 0) | (labels > self.num_classes - 2)).any()):
                 raise ValueError(f"class labels must lie in 0..{self.num_classes - 2} (class {self.num_classes - 1} "
                                  "is the null class used for guidance)")
@@ -173,9 +193,9 @@ class Engine:
             batch = len(weights) if isinstance(weights, (list, tuple)) else 1
         elif isinstance(weights, (list, tuple)) and len(weights) != batch:
             raise ValueError(f"weights has {len(weights)} entries for {batch} samples")
-        per_sample = _per_sample_weights(weights, batch, self.experts, strategy)
-        if per_sample:
-            coeff = coefficient_matrix(per_sample, self.members, normalize=normalize, expert_betas=expert_betas,
+        per_sample_w = per_sample_weights(weights, batch, self.experts, strategy)
+        if per_sample_w:
+            coeff = coefficient_matrix(per_sample_w, self.members, normalize=normalize, expert_betas=expert_betas,
                                        beta=beta)
         else:  # a single network (base / expert:NAME) needs no weights
             coeff = torch.zeros(batch, len(self.members), dtype=torch.float64)
@@ -220,19 +240,12 @@ class Engine:
         weight 0. seed: an int (sample b gets seed + b) or a list of ints, one per sample. latents: x_T
         [B, C, H, W]. noise: z for every step, [steps, B, C, H, W]. Returns images and x_0 latents.
         """
-        if output_type not in ("pil", "pt", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'pt', 'np' or 'latent', not {output_type!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, not {steps!r}")
-        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
-            raise ValueError(f"guidance_scale must be a finite number, not {guidance_scale!r}")
-        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
-            raise ValueError(f"eta must be a finite number >= 0, not {eta!r}")
-        batch = _batch_size(num_images, weights, seed, latents)
-        seeds = _seeds(seed, batch)
-        per_sample = _per_sample_weights(weights, batch, self.experts, strategy)
-        plan = self.plan(strategy, per_sample or None, batch=batch, normalize=normalize, expert_betas=expert_betas,
-                         beta=beta)
+        req = self.check_request(weights=weights, num_images=num_images, steps=steps, eta=eta,
+                                 guidance_scale=guidance_scale, seed=seed, strategy=strategy, latents=latents,
+                                 output_type=output_type, normalize=normalize, expert_betas=expert_betas, beta=beta,
+                                 class_labels=class_labels)
+        batch, steps, eta, guidance_scale, seeds, per_sample_w, plan = (
+            req.batch, req.steps, req.eta, req.guidance_scale, req.seeds, req.weights, req.plan)
 
         cfg = self.uses_guidance(guidance_scale)
         cond = self.conditioning(batch, cfg=cfg, prompt=prompt, prompt_embeds=prompt_embeds,
@@ -242,7 +255,7 @@ class Engine:
         seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=self.device)
         x = self._initial_latents(latents, seed_tensor, batch)
         if noise is not None:
-            noise = _check_noise(noise, steps, x).to(self.device, self.dtype)
+            noise = check_noise(noise, steps, x).to(self.device, self.dtype)
 
         denoise = self.denoiser(plan, cond, cfg)
         step_coeff = (plan.coeff if plan.kind == "product" else torch.ones(batch, 1, dtype=torch.float64))
@@ -266,7 +279,29 @@ class Engine:
             names = ", ".join(self.members[m] for m in plan.members)
             raise ValueError(f"infeasible composition over ({names}): {exc}") from None
         images = self._decode(x0, output_type)
-        return GenerateOutput(images=images, latents=x0, seeds=seeds, weights=per_sample, strategy=strategy)
+        return GenerateOutput(images=images, latents=x0, seeds=seeds, weights=per_sample_w, strategy=strategy)
+
+    def check_request(self, *, weights=None, num_images=1, steps=50, eta=1.0, guidance_scale=7.5, seed=0,
+                      strategy="msdda", latents=None, output_type="pil", normalize=False, expert_betas=None,
+                      beta=1.0, class_labels=None) -> CheckedRequest:
+        """Validate ``generate``'s arguments without running anything (the checks ``generate`` itself runs
+        first), so that a caller, such as the CLI, can refuse bad input before it creates any output.
+        ``class_labels`` (optional here) are checked against a class-conditional base's range."""
+        if output_type not in ("pil", "pt", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'pt', 'np' or 'latent', not {output_type!r}")
+        strategy = check_strategy(strategy, self.experts)
+        steps = check_steps(steps, self.limits, self.sched_params[0].num_train_timesteps)
+        guidance_scale = check_guidance_scale(guidance_scale)
+        eta = check_eta(eta)
+        batch = batch_size(num_images, weights, seed, latents, self.limits)   # bounded before anything is built
+        seeds = seed_list(seed, batch)
+        per_sample_w = per_sample_weights(weights, batch, self.experts, strategy)
+        plan = self.plan(strategy, per_sample_w or None, batch=batch, normalize=normalize, expert_betas=expert_betas,
+                         beta=beta)
+        if class_labels is not None and self.num_classes:
+            check_class_labels(per_sample(class_labels, batch, "class_labels"), self.num_classes)
+        return CheckedRequest(batch=batch, steps=steps, eta=eta, guidance_scale=guidance_scale, seeds=seeds,
+                              weights=per_sample_w, plan=plan)
 
     def _initial_latents(self, latents, seed_tensor: torch.Tensor, batch: int) -> torch.Tensor:
         if latents is None:
@@ -320,71 +355,3 @@ class Engine:
 
         u8 = (arr * 255).round().astype(np.uint8)
         return [Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img) for img in u8]
-
-
-# ---------------------------------------------------------------------- argument helpers
-def _batch_size(num_images, weights, seed, latents) -> int:
-    if not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images must be a positive integer, not {num_images!r}")
-    batch = num_images
-    for name, value in (("weights", weights), ("seed", seed)):
-        if isinstance(value, (list, tuple)) and len(value) != batch:
-            if batch == 1:
-                batch = len(value)
-            else:
-                raise ValueError(f"{name} has {len(value)} entries for {batch} images")
-    if latents is not None and batch == 1 and len(latents) > 1:
-        batch = len(latents)
-    return batch
-
-
-def _seeds(seed, batch: int) -> list[int]:
-    values = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + b for b in range(batch)]
-    if len(values) != batch:
-        raise ValueError(f"seed list has {len(values)} entries for {batch} images")
-    for s in values:
-        if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or not 0 <= int(s) < 2**63:
-            raise ValueError(f"seeds must be integers in [0, 2**63), got {s!r}")
-    return [int(s) for s in values]
-
-
-def _per_sample_weights(weights, batch: int, experts: Sequence[str], strategy: str) -> list[dict]:
-    """Per-sample weight dicts; [] when the strategy runs one network and no weights were given."""
-    if weights is None:
-        if strategy == "base" or strategy.startswith("expert:"):
-            return []
-        if not experts:
-            raise ValueError(f"strategy {strategy!r} needs experts; none are loaded")
-        return [{name: 1.0 / len(experts) for name in experts} for _ in range(batch)]
-    if isinstance(weights, Mapping):
-        return [dict(weights) for _ in range(batch)]
-    if isinstance(weights, (list, tuple)) and all(isinstance(w, Mapping) for w in weights):
-        return [dict(w) for w in weights]
-    raise ValueError("weights must be a dict {expert: weight} or a list of such dicts, one per sample")
-
-
-def _per_sample(value, batch: int, name: str) -> list:
-    if isinstance(value, (str, int, np.integer)):
-        return [value] * batch
-    if isinstance(value, torch.Tensor):
-        value = value.tolist() if value.dim() else [value.item()] * batch
-    value = list(value)
-    if len(value) != batch:
-        raise ValueError(f"{name} has {len(value)} entries for {batch} images")
-    return value
-
-
-def _batch_tensor(t, batch: int, name: str) -> torch.Tensor:
-    t = torch.as_tensor(t)
-    if t.dim() != 3 or t.shape[0] not in (1, batch):
-        raise ValueError(f"{name} must be [B, L, D] with B = {batch} (or 1), got {tuple(t.shape)}")
-    return t.expand(batch, -1, -1)
-
-
-def _check_noise(noise, steps: int, x: torch.Tensor) -> torch.Tensor:
-    noise = torch.as_tensor(noise)
-    if tuple(noise.shape) != (steps, *x.shape):
-        raise ValueError(f"noise must have shape {(steps, *x.shape)} ([steps, B, C, H, W]), got {tuple(noise.shape)}")
-    if not bool(torch.isfinite(noise).all()):
-        raise ValueError("noise contains NaN or Inf")
-    return noise

@@ -83,10 +83,44 @@ def unet_folder(path) -> Path:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from ``path`` (every config a model folder holds is one); anything else is a LoadError."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise LoadError(f"{path}: unreadable JSON ({_one_line(exc)})") from None
+    if not isinstance(obj, dict):
+        raise LoadError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+# Largest UNet sample_size (per side) accepted from a config: pixel models up to 1024x1024 and latents of far
+# larger images fit; a bigger value is a damaged config and would allocate gigabytes per image.
+MAX_SAMPLE_SIZE = 4096
+
+
+def check_unet_config(config: dict, path: Path) -> None:
+    """The sizes a runtime allocates from (sample_size, channels) in the config at ``path`` are positive integers
+    in sane ranges."""
+    size = config.get("sample_size")
+    sides = size if isinstance(size, (list, tuple)) else [size]
+    if len(sides) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SAMPLE_SIZE
+                                           for v in sides):
+        raise LoadError(f"{path}: sample_size must be an integer (or two) in 1..{MAX_SAMPLE_SIZE}, got {size!r}")
+    for key in ("in_channels", "out_channels"):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1024:
+            raise LoadError(f"{path}: {key} must be an integer in 1..1024, got {value!r}")
+
+
+def check_scheduler_config(config: dict, path: Path) -> None:
+    """The scheduler config builds a schedule msdda can sample with (bounded num_train_timesteps, known
+    schedule and prediction types); the tables are cached, so the Engine reuses this work."""
+    from msdda.schedule import schedule_from_diffusers_config
+
+    try:
+        schedule_from_diffusers_config(config)
+    except ValueError as exc:
+        raise LoadError(f"{path}: {_one_line(exc)}") from None
 
 
 def load_unet(folder: Path, dtype=None) -> tuple[torch.nn.Module, dict, str]:
@@ -97,6 +131,7 @@ def load_unet(folder: Path, dtype=None) -> tuple[torch.nn.Module, dict, str]:
     cls_name = config.get("_class_name", "UNet2DModel")
     if cls_name not in ("UNet2DModel", "UNet2DConditionModel"):
         raise LoadError(f"{folder}: unsupported UNet class {cls_name!r}")
+    check_unet_config(config, folder / "config.json")
     weights = folder / UNET_WEIGHTS
     if not weights.is_file():
         _refuse_pickles(folder)
@@ -116,7 +151,9 @@ def scheduler_config_for(path: Path, unet_dir: Path) -> dict | None:
     for candidate in (path / "scheduler", unet_dir.parent / "scheduler", path):
         cfg = candidate / "scheduler_config.json"
         if cfg.is_file():
-            return read_json(cfg)
+            config = read_json(cfg)
+            check_scheduler_config(config, cfg)
+            return config
     return None
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "VARIANCE_TYPES",
     "TIMESTEP_SPACINGS",
+    "MAX_TRAIN_TIMESTEPS",
     "make_schedule",
     "schedule_from_diffusers_config",
     "inference_timesteps",
@@ -61,6 +62,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 KINDS = ("ddpm", "ddim")
+# Training schedules in use have 1000 (DDPM, Stable Diffusion) to 4000 (improved DDPM) steps. A config far above
+# this is damaged or hostile: the tables would take gigabytes and minutes to build, so it is refused.
+MAX_TRAIN_TIMESTEPS = 100_000
 
 
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> str:
@@ -189,8 +193,15 @@ def make_schedule(
     if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, np.integer)):
         raise ValueError(f"num_train_timesteps must be an int, got {num_train_timesteps!r}")
     n = int(num_train_timesteps)
+    if n > MAX_TRAIN_TIMESTEPS:
+        raise ValueError(f"num_train_timesteps must be <= {MAX_TRAIN_TIMESTEPS}, got {n}")
     if trained_betas is not None:
-        tb = tuple(float(b) for b in np.asarray(trained_betas, dtype=np.float64).reshape(-1))
+        try:
+            tb = tuple(float(b) for b in np.asarray(trained_betas, dtype=np.float64).reshape(-1))
+        except (TypeError, ValueError):
+            raise ValueError("trained_betas must be a non-empty sequence of floats in (0, 1)") from None
+        if len(tb) > MAX_TRAIN_TIMESTEPS:
+            raise ValueError(f"trained_betas has {len(tb)} entries, more than {MAX_TRAIN_TIMESTEPS}")
         if len(tb) < 1 or not all(0.0 < b < 1.0 for b in tb):
             raise ValueError("trained_betas must be a non-empty sequence of floats in (0, 1)")
         return _make_schedule_cached(("trained", len(tb), bool(rescale_betas_zero_snr), tb))
@@ -275,7 +286,11 @@ def schedule_from_diffusers_config(config: Mapping[str, Any]) -> tuple[TrainSche
     if _as_bool("thresholding", get("thresholding", False)):
         raise ValueError("thresholding=True (dynamic thresholding) is not supported; use clip_sample instead")
     n = _as_int("num_train_timesteps", get("num_train_timesteps", 1000), 1)
+    if n > MAX_TRAIN_TIMESTEPS:
+        raise ValueError(f"num_train_timesteps must be <= {MAX_TRAIN_TIMESTEPS}, got {n}")
     trained_betas = config.get("trained_betas")
+    if trained_betas is not None and (not isinstance(trained_betas, Sequence) or isinstance(trained_betas, str)):
+        raise ValueError(f"trained_betas must be a list of numbers, got {type(trained_betas).__name__}")
     if trained_betas is not None and len(trained_betas) != n:
         raise ValueError(f"trained_betas has {len(trained_betas)} entries but num_train_timesteps is {n}")
     beta_schedule = _choice("beta_schedule", get("beta_schedule", "linear"), BETA_SCHEDULES)

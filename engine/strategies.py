@@ -16,7 +16,10 @@ from typing import Mapping, Sequence
 
 import torch
 
-STRATEGIES = ("msdda", "mpa", "soup", "base", "expert:NAME")
+from msdda.validation import (STRATEGIES, check_beta, check_expert_betas, check_strategy, check_weights,
+                              normalized_weights)
+
+__all__ = ["STRATEGIES", "Plan", "coefficient_matrix", "resolve", "mix_outputs"]
 
 
 @dataclass(frozen=True)
@@ -34,30 +37,18 @@ def coefficient_matrix(weights: Sequence[Mapping[str, float]], members: Sequence
     ``beta``, c_k = w_k beta_k / beta and the reference (base) gets c_0 = 1 - sum_k c_k, which may be negative.
     """
     experts = list(members[1:])
+    beta = check_beta(beta)
+    if expert_betas is not None:
+        expert_betas = check_expert_betas(expert_betas, experts)
     rows = []
     for i, w in enumerate(weights):
-        unknown = sorted(set(w) - set(experts))
-        if unknown:
-            raise ValueError(f"unknown expert {unknown[0]!r} in weights; experts are: {', '.join(experts) or 'none'}")
-        values = [float(w.get(name, 0.0)) for name in experts]
-        bad = [n for n, v in zip(experts, values) if not math.isfinite(v)]
-        if bad:
-            raise ValueError(f"weight for {bad[0]!r} is not a finite number ({w[bad[0]]})")
-        neg = [n for n, v in zip(experts, values) if v < 0]
-        if neg:
-            raise ValueError(f"weight for {neg[0]!r} is negative ({w[neg[0]]}); weights must be >= 0")
-        total = sum(values)
-        if total <= 0:
-            raise ValueError(f"weights for sample {i} are all zero; give at least one expert a positive weight")
-        if normalize:
-            values = [v / total for v in values]
-        elif abs(total - 1.0) > 1e-6:
-            raise ValueError(f"weights for sample {i} sum to {total:g}, not 1 (pass normalize=True / --normalize)")
+        checked = check_weights(w, experts)
+        values = normalized_weights([checked.get(name, 0.0) for name in experts], normalize=normalize,
+                                    label=f"weights for sample {i}")
         if expert_betas is not None:
-            missing = [n for n in experts if n not in expert_betas]
-            if missing:
-                raise ValueError(f"expert_betas has no KL strength for {missing[0]!r}")
-            values = [v * float(expert_betas[n]) / beta for n, v in zip(experts, values)]
+            values = [v * expert_betas[n] / beta for n, v in zip(experts, values)]
+            if not all(math.isfinite(v) for v in values) or not math.isfinite(sum(values)):
+                raise ValueError(f"weights for sample {i} times expert_betas / beta overflow ({values})")
             rows.append([1.0 - sum(values)] + values)
         else:
             rows.append([0.0] + values)
@@ -68,15 +59,11 @@ def resolve(strategy: str, members: Sequence[str], coeff: torch.Tensor) -> Plan:
     """Turn a strategy name and the full coefficient matrix [B, M] into a Plan."""
     batch = coeff.shape[0]
     one = torch.ones(batch, 1, dtype=torch.float64)
+    check_strategy(strategy, members[1:])
     if strategy == "base":
         return Plan("single", (0,), one)
     if strategy.startswith("expert:"):
-        name = strategy.split(":", 1)[1]
-        if name not in members[1:]:
-            raise ValueError(f"unknown expert {name!r} in strategy; experts are: {', '.join(members[1:]) or 'none'}")
-        return Plan("single", (members.index(name),), one)
-    if strategy not in ("msdda", "mpa", "soup"):
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        return Plan("single", (members.index(strategy.split(":", 1)[1]),), one)
     used = tuple(m for m in range(len(members)) if bool((coeff[:, m] != 0).any()))
     kind = {"msdda": "product", "mpa": "mix", "soup": "soup"}[strategy]
     return Plan(kind, used, coeff[:, list(used)])

@@ -45,7 +45,7 @@ from .cache import (ArtifactCache, CacheKey, ExportError, atomic_write_text, con
 
 __all__ = ["ExportRecord", "export_unet_onnx", "onnx_for_unet", "onnx_cache_key", "export_pipeline",
            "export_models", "unet_export_spec", "onnx_initializers", "INPUT_NAMES", "OUTPUT_NAME", "MIN_OPSET",
-           "DEFAULT_TOLERANCE", "cleanup_tool"]
+           "DEFAULT_TOLERANCE", "cleanup_tool", "check_export_options"]
 
 MIN_OPSET = 17
 MAX_OPSET = 20                    # the TorchScript exporter's newest
@@ -151,7 +151,8 @@ def unet_export_spec(unet, *, text_len: int | None = None) -> dict:
     return dict(sample_shape=(cfg["in_channels"], h, w), cond=cond, text_shape=None)
 
 
-def _check_args(sample_shape, cond, text_shape, opset, precision):
+def check_export_options(opset, precision) -> None:
+    """The opset and precision an export accepts; checked before any model is loaded or folder created."""
     if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
         raise ExportError(f"opset must be an integer >= {MIN_OPSET} (got {opset!r}): GroupNorm/LayerNorm/attention "
                           "export and TensorRT 10 need opset 17 or newer")
@@ -159,6 +160,10 @@ def _check_args(sample_shape, cond, text_shape, opset, precision):
         raise ExportError(f"opset {opset} is newer than the exporter supports (<= {MAX_OPSET})")
     if precision not in _DTYPES:
         raise ExportError(f"precision must be 'fp32' or 'fp16', not {precision!r}")
+
+
+def _check_args(sample_shape, cond, text_shape, opset, precision):
+    check_export_options(opset, precision)
     if cond not in INPUT_NAMES:
         raise ExportError(f"cond must be 'none', 'class' or 'text', not {cond!r}")
     try:
@@ -530,6 +535,7 @@ def export_pipeline(base, experts: Mapping[str, str] | None, out_dir, *, opset: 
     """Export the base's UNet and every expert's to ``out_dir/<name>.onnx`` (the base as ``base.onnx``) and
     write ``out_dir/manifest.json``. Experts are loaded and checked by msdda.loading (UNet folders or LoRA
     adapters merged onto the base). Returns the manifest dict."""
+    check_export_options(opset, precision)          # before loading models or creating out_dir
     experts = dict(experts or {})
     for name in experts:
         if name == "base" or not _NAME_RE.match(name):
