@@ -58,7 +58,8 @@ def combo_report(combo: tuple[str, ...], per: Mapping[str, list[Item]], records:
         mask = pareto_mask(means)
         hv = hypervolume(means, ref)
         entry = strategies[s]
-        entry.update(hypervolume=hv, hypervolume_normalized=hv / box if box > 0 else float("nan"),
+        # None for a degenerate box: the results JSON is strict and holds no NaN
+        entry.update(hypervolume=hv, hypervolume_normalized=hv / box if box > 0 else None,
                      pareto=[int(i) for i in np.flatnonzero(mask)], n_points=int(means.shape[0]))
         if boot_idx is not None:
             bs = np.array([hypervolume(a[:, :, idx[: a.shape[2]]].mean(axis=2), ref) for idx in boot_idx])
