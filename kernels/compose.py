@@ -84,16 +84,14 @@ def compose_kernel(
     if K_UNROLL > 0:  # unrolled: every expert's loads can be in flight at once
         for k in tl.static_range(K_UNROLL):
             m, v, c = _load_expert(m_ptrs, v_ptrs, c_ptr, mask, VAR_PER_ELEMENT)
-            prec, wsum, czero, mzero, vmin = accumulate_expert(prec, wsum, czero, mzero, vmin, m, v, c,
-                                                                     k == 0)
+            prec, wsum, czero, mzero, vmin = accumulate_expert(prec, wsum, czero, mzero, vmin, m, v, c, k == 0)
             m_ptrs += stride_mk
             v_ptrs += stride_vk
             c_ptr += stride_ck
     else:
         for _k in range(K):
             m, v, c = _load_expert(m_ptrs, v_ptrs, c_ptr, mask, VAR_PER_ELEMENT)
-            prec, wsum, czero, mzero, vmin = accumulate_expert(prec, wsum, czero, mzero, vmin, m, v, c,
-                                                                     False)
+            prec, wsum, czero, mzero, vmin = accumulate_expert(prec, wsum, czero, mzero, vmin, m, v, c, False)
             m_ptrs += stride_mk
             v_ptrs += stride_vk
             c_ptr += stride_ck
@@ -133,12 +131,7 @@ def _compose_triton(a: ComposeArgs, validate: bool = True, error_count=None) -> 
             a.noise.stride(0) if a.noise is not None else 0)
     meta = dict(K_UNROLL=k_unroll(K), VAR_PER_ELEMENT=var.shape[2] > 1, NOISE=a.noise_mode, CHECK=check,
                 W=launch.vector_width(mean.dtype))
-    if launch.TRITON_ON_CPU:
-        block = launch.interpreter_block(N)
-        with launch.LAUNCH_LOCK:
-            compose_kernel[(triton.cdiv(N, block), B)](*args, **meta, BLOCK=block, num_warps=4)
-    else:
-        compose_kernel_tuned[lambda m: (triton.cdiv(N, m["BLOCK"]), B)](*args, **meta)
+    launch.run(compose_kernel, compose_kernel_tuned, args, meta, N, B)
     if validate:
         finish_check(int(err.item()), True, error_count, lambda n: explain_bad("compose_gaussians", a, n))
     return out.reshape(a.shape)

@@ -167,8 +167,7 @@ def fused_step_kernel(
             m, v = _expert_gaussian(r_ptrs, xt, mask, N, stride_rg, guidance, px, po, mx, m0, mo, clip, var_fixed,
                                     lr_a, lr_b, var_mode, VAR_MODE, CFG, CLIP, BLOCK, W)
             c = tl.load(c_ptr).to(tl.float32)
-            prec, wsum, czero, mzero, vmin = accumulate_expert(prec, wsum, czero, mzero, vmin, m, v, c,
-                                                                     k == 0)
+            prec, wsum, czero, mzero, vmin = accumulate_expert(prec, wsum, czero, mzero, vmin, m, v, c, k == 0)
             r_ptrs += stride_rk
             c_ptr += stride_ck
     else:
@@ -176,8 +175,7 @@ def fused_step_kernel(
             m, v = _expert_gaussian(r_ptrs, xt, mask, N, stride_rg, guidance, px, po, mx, m0, mo, clip, var_fixed,
                                     lr_a, lr_b, var_mode, VAR_MODE, CFG, CLIP, BLOCK, W)
             c = tl.load(c_ptr).to(tl.float32)
-            prec, wsum, czero, mzero, vmin = accumulate_expert(prec, wsum, czero, mzero, vmin, m, v, c,
-                                                                     False)
+            prec, wsum, czero, mzero, vmin = accumulate_expert(prec, wsum, czero, mzero, vmin, m, v, c, False)
             r_ptrs += stride_rk
             c_ptr += stride_ck
 
@@ -229,12 +227,7 @@ def _fused_triton(f: FusedArgs, validate=True, error_count=None) -> torch.Tensor
     err = torch.zeros(1, dtype=torch.int32, device=out.device) if validate else error_count
     args = kernel_arguments(f, out, err if check else out)
     meta = kernel_constexprs(f, int(f.scalars.var_mode), check, False, f.scalars.clip < math.inf)
-    if launch.TRITON_ON_CPU:
-        block = launch.interpreter_block(N)
-        with launch.LAUNCH_LOCK:
-            fused_step_kernel[(triton.cdiv(N, block), B)](*args, **meta, BLOCK=block, num_warps=4)
-    else:
-        fused_step_kernel_tuned[lambda m: (triton.cdiv(N, m["BLOCK"]), B)](*args, **meta)
+    launch.run(fused_step_kernel, fused_step_kernel_tuned, args, meta, N, B)
     if validate:
         finish_check(int(err.item()), True, error_count, lambda n: explain_fused(f, n))
     return out.reshape(f.shape)

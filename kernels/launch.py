@@ -6,6 +6,7 @@
   per shape class and cached on disk, on GPUs only: the interpreter cannot time configurations, so there one
   configuration (``interpreter_block``) is used.
 - ``vector_width(dtype)``: W, elements per 16-byte vector, the kernels' tile row.
+- ``run``: one launch of a kernel by the wrappers, with the configuration chosen as above.
 - ``PreparedLaunch``: one kernel, one configuration and fixed arguments, resolved once; each ``launch`` then
   passes the few arguments that change straight to Triton's compiled launcher (no binding, no specialisation,
   no autotuning lookups on the host).
@@ -19,8 +20,8 @@ import threading
 import torch
 import triton
 
-__all__ = ["GPU_CONFIGS", "LAUNCH_LOCK", "PreparedLaunch", "TRITON_ON_CPU", "interpreter_block", "tuned",
-           "use_triton", "vector_width", "whole_rows"]
+__all__ = ["CAPTURE_CONFIG", "GPU_CONFIGS", "LAUNCH_LOCK", "PreparedLaunch", "TRITON_ON_CPU", "interpreter_block",
+           "run", "tuned", "use_triton", "vector_width", "whole_rows"]
 
 TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -64,6 +65,25 @@ def tuned(kernel, key):
                            prune_configs_by={"early_config_prune": whole_rows})(kernel)
 
 
+CAPTURE_CONFIG = (1024, 4)  # (BLOCK, num_warps) inside a CUDA graph capture, where no configuration is timed
+
+
+def run(kernel, tuned_kernel, args, meta, n: int, B: int) -> None:
+    """Launch ``kernel`` over grid (cdiv(n, BLOCK), B): autotuned on a GPU (the first call of a shape class times
+    the configurations; later calls look the choice up), one configuration under the interpreter, and
+    CAPTURE_CONFIG while a CUDA graph is being captured (timing runs would break the capture; prepared plans
+    tune before any capture)."""
+    if TRITON_ON_CPU:
+        block = interpreter_block(n)
+        with LAUNCH_LOCK:
+            kernel[(triton.cdiv(n, block), B)](*args, **meta, BLOCK=block, num_warps=4)
+    elif torch.cuda.is_current_stream_capturing():
+        block, warps = CAPTURE_CONFIG
+        kernel[(triton.cdiv(n, block), B)](*args, **meta, BLOCK=block, num_warps=warps)
+    else:
+        tuned_kernel[lambda m: (triton.cdiv(n, m["BLOCK"]), B)](*args, **meta)
+
+
 class PreparedLaunch:
     """One kernel with every argument but a few fixed, resolved once, then launched with no host work beyond
     Triton's own launcher.
@@ -90,6 +110,8 @@ class PreparedLaunch:
             raise ValueError(f"PreparedLaunch: slots must follow the kernel's argument order, got {list(slots)}")
         if TRITON_ON_CPU:
             block, warps, stages = interpreter_block(n), 4, 1
+        elif torch.cuda.is_current_stream_capturing():  # prepared inside a capture: nothing can be timed
+            (block, warps), stages = CAPTURE_CONFIG, 3
         else:
             with _TUNE_LOCK:  # best_config is the autotuner's last choice: read it right after this run
                 tuned[lambda meta: (triton.cdiv(n, meta["BLOCK"]), B)](**{**fixed, **example})
