@@ -31,8 +31,8 @@ LAUNCH_LOCK = threading.Lock() if TRITON_ON_CPU else contextlib.nullcontext()
 
 # Candidate (elements per program, warps): one to four 16-byte vectors a thread. Small grids (a few samples of
 # 64x64 latents) want small blocks to fill every SM; large ones amortise the per-program work over wide blocks.
-GPU_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w)
-               for b, w in ((512, 4), (1024, 4), (2048, 4), (2048, 8), (4096, 8))]
+# Few on purpose: each is a compile on a shape class's first call (about a second each for the Philox variants).
+GPU_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((512, 4), (1024, 4), (2048, 8), (4096, 8))]
 INTERPRET_BLOCK_MAX = 4096  # the interpreter pays per program, not per element: few, wide programs
 
 
