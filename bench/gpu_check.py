@@ -2,20 +2,32 @@
 """Build, verify against torch, and time every GPU path of msdda in one go.
 
     python bench/gpu_check.py [--base PATH --expert NAME=PATH ...] [--batch 2] [--steps 20] [--aot-build DIR]
+                              [--only kernels,launch,torch,ort_cuda,tensorrt,aot] [--out FILE]
 
-On a machine with an NVIDIA GPU it runs, each verified before it is timed:
-  compose     the Triton compose kernel vs the same math in eager torch at K=3 x 8x3x512x512 (fp32), achieved GB/s
-              next to a measured device-to-device copy, and the CUDA launches per call
-  fused_step  fused_expert_step (CFG, learned-range variance, Philox) vs its float64 reference, GB/s and launches
+On a machine with an NVIDIA GPU it runs these sections, each verified before it is timed (each is one function,
+``section_<name>(rec, ctx)``, filling its record):
+  kernels     compose_gaussians and fused_expert_step (through its prepared plan) at K=3 8x3x512x512 and K=2
+              8x4x128x128, float32 and float16, per-element and per-expert (fixed) variances, given and Philox
+              noise: each verified against the float64 reference, then its device time per call (CUDA graph of
+              back-to-back calls over enough input sets to exceed the L2 cache, so no host time and no cache hits
+              inside), bytes moved, GB/s and the fraction of a device-to-device copy of the same bytes timed the
+              same way in the same run
+  launch      host cost per call at SD latent size (1x4x64x64, K=2, CFG): fused_expert_step (the plain wrapper)
+              vs the prepared plan's launch (checked and unchecked) vs a bare Triton JIT launch of the same kernel
+              vs replaying a CUDA graph that captured plan.launch(step=<device counter>); and that graph, replayed
+              at every step of a DDPM learned-range schedule (variance mode changing per step), gives the eager
+              by-value steps' latents
   torch       the torch backend (loop and vmap) vs the modules themselves
   ort_cuda    the ONNX Runtime backend on the CUDA execution provider (when onnxruntime-gpu is installed)
   tensorrt    TensorRT engines (fp16): build time, refit time per expert, forward vs torch, refittable vs
               non-refittable speed, and a CUDA-graph step loop vs the eager loop (same seeds: same x_0)
   aot         libmsdda_step (the C library, built with cmake when --aot-build has none) through ctypes vs
               fused_expert_step: identical output, launch cost
-It prints a short table and writes the full record to bench/results/gpu_check-<time>.json.
+It prints a short table and writes the full record to bench/results/gpu-<gpu>-<date>.json (or --out).
 
-Without a CUDA GPU it prints why and exits 0, doing nothing.
+Without a CUDA GPU it prints why and exits 0, doing nothing. The kernels and launch sections also run on the CPU
+under the Triton interpreter at tiny sizes (``run_sections(..., device="cpu", quick=True)``; tests/test_gpu_check.py),
+so their logic is tested before a GPU ever runs them.
 """
 from __future__ import annotations
 
@@ -25,6 +37,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +45,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -49,7 +63,8 @@ def no_gpu_reason() -> str | None:
 
 # ------------------------------------------------------------------------------------------------ timing
 def cuda_time(fn, *, warmup: int = 3, reps: int = 20) -> float:
-    """Median milliseconds of fn() on the current stream, by CUDA events."""
+    """Median milliseconds of fn() on the current stream, by CUDA events (host time included when fn is
+    host-bound: use device_ms for kernels)."""
     import torch
 
     for _ in range(warmup):
@@ -83,49 +98,377 @@ def count_launches(fn) -> int | None:
         return None
 
 
-def copy_gbps(nbytes: int) -> float:
-    """Device-to-device copy bandwidth (read + write) at this size."""
+def _sync(device) -> None:
     import torch
 
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    ms = cuda_time(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / ms / 1e6
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-# ------------------------------------------------------------------------------------------------ checks
-def check_compose(rec: dict) -> None:
+def device_ms(fns, device, *, calls: int = 24, replays: int = 5) -> tuple[float, str]:
+    """Milliseconds of device time per call of fns (called in turn, e.g. one per input set).
+
+    CUDA: ``calls`` calls captured in one CUDA graph, replayed ``replays`` times between two events: the kernels
+    run back to back with no host time between them. If capture fails, the same calls eagerly between events
+    (host time may then be included: the method says which). CPU: wall time of the calls."""
+    import torch
+
+    for f in fns:  # compile, autotune, allocate outside the timing (and outside any capture)
+        f()
+    _sync(device)
+    if device.type != "cuda":
+        n = max(len(fns), 2)
+        t0 = time.perf_counter()
+        for i in range(n):
+            fns[i % len(fns)]()
+        return (time.perf_counter() - t0) / n * 1e3, "wall"
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                fns[i % len(fns)]()
+        graph.replay()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(replays):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / (replays * calls), "cuda_graph"
+    except Exception:
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for i in range(calls):
+            fns[i % len(fns)]()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / calls, "events_eager"
+
+
+def host_us(fn, device, *, calls: int = 300) -> float:
+    """Microseconds of host time per fn() call, in a loop with no sync: for a small kernel the host is the
+    bottleneck, so this is the call's host overhead."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t = time.perf_counter() - t0
+    _sync(device)
+    return t / calls * 1e6
+
+
+def input_sets(nbytes: int, device, quick: bool) -> int:
+    """How many input sets a timing cycles through so that one pass over them exceeds 2.5x the L2 cache (every
+    call then reads DRAM, as the copy it is compared with does); 1 on a CPU or in quick runs."""
+    import torch
+
+    if quick or device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    return max(1, min(16, math.ceil(2.5 * l2 / max(nbytes, 1))))
+
+
+def copy_ms(nbytes: int, device, sets: int) -> tuple[float, str]:
+    """Device time of dst.copy_(src) moving nbytes in total (nbytes/2 read, nbytes/2 written), timed like the
+    kernels (same number of input sets)."""
+    import torch
+
+    n = max(1, nbytes // 8)  # float32 elements read (and written)
+    pairs = [(torch.empty(n, device=device).normal_(), torch.empty(n, device=device)) for _ in range(sets)]
+    return device_ms([lambda s=s, d=d: d.copy_(s) for s, d in pairs], device)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+F32_FLOOR = 16  # float32 eps of allowance relative to max |x_prev| (tests/test_compose.py FLOOR_EPS)
+GPU_NORMAL = 64  # float32 eps between CUDA's and numpy's Box-Muller normals (tests/test_philox.py)
+
+KERNEL_SIZES = {"K=3 8x3x512x512": (3, (8, 3, 512, 512)), "K=2 8x4x128x128": (2, (8, 4, 128, 128))}
+QUICK_SIZES = {"K=2 2x4x8x8": (2, (2, 4, 8, 8))}
+
+
+def kernel_cases(quick: bool = False):
+    """The roofline table's rows: (kernel, size label, K, shape, dtype, variance kind, noise). ``quick``: tiny
+    sizes, and only enough rows to take every code path once (each dtype, variance kind and noise)."""
+    sizes = QUICK_SIZES if quick else KERNEL_SIZES
+    for kernel, variances, noises in (("compose", ("elem", "k"), ("given", "philox")),
+                                      ("fused_step", ("learned_range", "fixed"), ("philox",))):
+        for label, (K, shape) in sizes.items():
+            for dtype in ("float32", "float16"):
+                for var in variances:
+                    for noise in noises:
+                        odd = ((var == variances[0]) + (noise == noises[0]) + (dtype == "float32")) % 2
+                        if quick and not odd:  # a half of the rows that still has each value of each column
+                            continue
+                        yield dict(kernel=kernel, size=label, K=K, shape=list(shape), dtype=dtype, var=var,
+                                   noise=noise)
+
+
+def _tolerance(dtype, philox: bool, device) -> float:
+    import torch
+
+    eps32 = torch.finfo(torch.float32).eps
+    floor = F32_FLOOR * eps32 if dtype == torch.float32 else torch.finfo(dtype).eps
+    return floor + (GPU_NORMAL * eps32 if philox and device.type == "cuda" else 0.0)
+
+
+def _compose_case(case, device, quick):
+    """(inputs per set, call(set) -> x_prev, bytes per call, check() -> (err, tol))."""
     import torch
 
     from msdda.kernels import compose_gaussians, compose_gaussians_ref
 
-    K, B, C, H, W = 3, 8, 3, 512, 512
-    g = torch.Generator(device="cuda").manual_seed(0)
-    mean = torch.randn(K, B, C, H, W, device="cuda", generator=g)
-    var = torch.rand(K, B, C, H, W, device="cuda", generator=g) + 0.1
-    coeff = torch.tensor([0.5, 0.3, 0.2], device="cuda")
-    noise = torch.randn(B, C, H, W, device="cuda", generator=g)
+    K, (B, C, H, W) = case["K"], case["shape"]
+    dt = getattr(torch, case["dtype"])
+    g = torch.Generator(device=device).manual_seed(0)
+    elem, philox = case["var"] == "elem", case["noise"] == "philox"
+    seeds = torch.arange(B, dtype=torch.int64, device=device) + 1234
+    coeff = torch.softmax(torch.randn(K, device=device, generator=g), 0)
+    err_count = torch.zeros(1, dtype=torch.int32, device=device)
 
-    def torch_eager():
-        w = coeff.view(K, 1, 1, 1, 1) / var
-        prec = w.sum(0)
-        return (w * mean).sum(0) / prec + noise / prec.sqrt()
+    def make():
+        mean = torch.randn(K, B, C, H, W, device=device, generator=g).to(dt)
+        var = (torch.rand(K, B, C, H, W, device=device, generator=g) + 0.1).to(dt) if elem else \
+            torch.rand(K, B, device=device, generator=g) + 0.1
+        noise = None if philox else torch.randn(B, C, H, W, device=device, generator=g).to(dt)
+        return mean, var, noise
 
-    got = compose_gaussians(mean, var, coeff, noise=noise)
-    ref = compose_gaussians_ref(mean[:, :1], var[:, :1], coeff, noise=noise[:1]).float()
-    err = (got[:1] - ref).abs().max().item()
-    err_eager = (torch_eager() - got).abs().max().item()
-    nbytes = (2 * K + 2) * B * C * H * W * 4            # K means, K vars, the noise read; x_prev written
-    t_tri = cuda_time(lambda: compose_gaussians(mean, var, coeff, noise=noise, validate=False,
-                                                error_count=torch.zeros(1, dtype=torch.int32, device="cuda")))
-    t_eager = cuda_time(torch_eager)
-    rec.update(shape=[K, B, C, H, W], max_err_vs_ref_f64=err, max_err_eager_vs_triton=err_eager, ok=err < 1e-4,
-               triton_ms=t_tri, torch_ms=t_eager, triton_gbps=nbytes / t_tri / 1e6, torch_gbps=nbytes / t_eager / 1e6,
-               d2d_copy_gbps=copy_gbps(nbytes), speedup=t_eager / t_tri,
-               launches_triton=count_launches(lambda: compose_gaussians(
-                   mean, var, coeff, noise=noise, validate=False,
-                   error_count=torch.zeros(1, dtype=torch.int32, device="cuda"))),
-               launches_torch=count_launches(torch_eager))
+    first = make()
+    esize = torch.finfo(dt).bits // 8
+    n = B * C * H * W
+    nbytes = K * n * esize + first[1].numel() * first[1].element_size() + (0 if philox else n * esize) + n * esize
+
+    def call(inputs):
+        mean, var, noise = inputs
+        z = dict(seed=seeds, offset=3) if philox else dict(noise=noise)
+        return compose_gaussians(mean, var, coeff, validate=False, error_count=err_count, **z)
+
+    def check():
+        mean, var, noise = first
+        z = dict(seed=seeds[:1], offset=3) if philox else dict(noise=noise[:1].cpu())
+        ref = compose_gaussians_ref(mean[:, :1].cpu(), var[:, :1].cpu(), coeff.cpu(), **z)
+        got = call(first)[:1].cpu()
+        err = (got.double() - ref.double()).abs().max().item()
+        return err, _tolerance(dt, philox, device) * max(1.0, ref.double().abs().max().item()), int(err_count.item())
+
+    sets = [first] + [make() for _ in range(input_sets(nbytes, device, quick) - 1)]
+    return sets, call, nbytes, check, None
+
+
+def _fused_case(case, device, quick):
+    """As _compose_case, for fused_expert_step through its prepared plan (and the plain wrapper's call)."""
+    import torch
+
+    from msdda.kernels import StepScalars, VarMode, fused_expert_step, fused_expert_step_ref, prepare_fused_step
+
+    K, (B, C, H, W) = case["K"], case["shape"]
+    dt = getattr(torch, case["dtype"])
+    g = torch.Generator(device=device).manual_seed(0)
+    learned = case["var"] == "learned_range"
+    if learned:
+        sc = StepScalars(px=1.02, po=-0.2, mx=0.6, m0=0.4, mo=0.0, var_mode=VarMode.LEARNED_RANGE, lv_min=-6.0,
+                         lv_max=-4.0)
+    else:
+        sc = StepScalars(px=1.02, po=-0.2, mx=0.6, m0=0.4, mo=0.0, var_mode=VarMode.FIXED,
+                         log_var_fixed=math.log(0.01))
+    C_out = 2 * C if learned else C
+    seeds = torch.arange(B, dtype=torch.int64, device=device) + 1234
+    coeff = torch.softmax(torch.randn(B, K, device=device, generator=g), -1)
+    gs = 5.0
+
+    def make():
+        raw = torch.randn(K, 2, B, C_out, H, W, device=device, generator=g)
+        if learned:
+            raw[:, :, :, C:] = 2 * torch.rand(K, 2, B, C, H, W, device=device, generator=g) - 1
+        return raw.to(dt), torch.randn(B, C, H, W, device=device, generator=g).to(dt), \
+            torch.empty(B, C, H, W, device=device, dtype=dt)
+
+    first = make()
+    plan = prepare_fused_step(first[0], first[1], coeff, [sc], guidance_scale=gs, seed=seeds, offset=7)
+    esize = torch.finfo(dt).bits // 8
+    n = B * C * H * W
+    nbytes = K * (3 if learned else 2) * n * esize + 2 * n * esize  # u, c (+ c's variance channel); x_t; x_prev
+
+    def call(inputs):
+        raw, x_t, out = inputs
+        return plan.launch(raw, x_t, out, step=0, check=False)
+
+    def wrapper(inputs):
+        raw, x_t, _ = inputs
+        return fused_expert_step(raw, x_t, coeff, sc, guidance_scale=gs, seed=seeds, offset=7, validate=False,
+                                 error_count=plan.error_count)
+
+    def check():
+        raw, x_t, _ = first
+        ref = fused_expert_step_ref(raw[:, :, :1].cpu(), x_t[:1].cpu(), coeff[:1].cpu(), sc, guidance_scale=gs,
+                                    seed=seeds[:1].cpu(), offset=7)
+        got = call(first)[:1].cpu()
+        by_value = wrapper(first)[:1].cpu()
+        err = (got.double() - ref.double()).abs().max().item()
+        tol = _tolerance(dt, True, device) * max(1.0, ref.double().abs().max().item())
+        same = bool(torch.equal(got, by_value))  # the plan's table launch and the by-value launch: same bits
+        return err, tol if same else -1.0, int(plan.error_count.item())
+
+    sets = [first] + [make() for _ in range(input_sets(nbytes, device, quick) - 1)]
+    return sets, call, nbytes, check, wrapper
+
+
+def section_kernels(rec: dict, ctx) -> None:
+    """The roofline table: every kernel case verified, then timed against a copy of the same bytes."""
+    rows = []
+    copies = {}
+    for case in kernel_cases(ctx.quick):
+        build = _compose_case if case["kernel"] == "compose" else _fused_case
+        row = dict(case)
+        try:
+            sets, call, nbytes, check, wrapper = build(case, ctx.device, ctx.quick)
+            err, tol, bad = check()
+            row.update(max_err_vs_ref_f64=err, tolerance=tol, bad_elements=bad, ok=0 <= err <= tol and bad == 0,
+                       bytes=nbytes, input_sets=len(sets))
+            ms, how = device_ms([lambda s=s: call(s) for s in sets], ctx.device)
+            key = (nbytes, len(sets))
+            if key not in copies:
+                copies[key] = copy_ms(nbytes, ctx.device, len(sets))
+            cms, _ = copies[key]
+            gbps, copy_gbps = nbytes / ms / 1e6, nbytes / cms / 1e6
+            row.update(ms=ms, timing=how, gbps=gbps, copy_ms=cms, copy_gbps=copy_gbps, frac_of_copy=gbps / copy_gbps)
+            if wrapper is not None:  # the plain wrapper's kernel (scalars by value): the same work
+                wms, _ = device_ms([lambda s=s: wrapper(s) for s in sets], ctx.device)
+                row.update(wrapper_ms=wms, wrapper_frac_of_copy=nbytes / wms / 1e6 / copy_gbps)
+        except Exception as exc:
+            row.update(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-1500:])
+        rows.append(row)
+        print(f"    {_case_label(row)}: {_fmt(row.get('ms'), ' ms')} {_fmt(row.get('gbps'))} GB/s "
+              f"{_fmt(100 * row['frac_of_copy'] if 'frac_of_copy' in row else None)}% of copy "
+              f"{'ok' if row.get('ok') else 'FAILED'}", flush=True)
+    target = [r.get("frac_of_copy", 0.0) for r in rows]
+    rec.update(cases=rows, ok=all(r.get("ok") for r in rows), min_frac_of_copy=min(target) if target else None,
+               target_frac_of_copy=0.85)
+
+
+def _case_label(r) -> str:
+    return f"{r['kernel']} {r['size']} {r['dtype']} var={r['var']} noise={r['noise']}"
+
+
+def _fmt(v, unit=""):
+    return "-" if v is None else (f"{v:.3g}{unit}" if isinstance(v, float) else f"{v}{unit}")
+
+
+# ------------------------------------------------------------------------------------------------ launch
+def section_launch(rec: dict, ctx) -> None:
+    """Host cost per call at SD latent size, and one CUDA graph serving every step of a schedule."""
+    import torch
+
+    from msdda import schedule as sch
+    from msdda.kernels import fused_expert_step, prepare_fused_step
+
+    device = ctx.device
+    B, C, H, W = (1, 4, 8, 8) if ctx.quick else (1, 4, 64, 64)
+    K, gs, steps = 2, 7.5, (4 if ctx.quick else 50)
+    g = torch.Generator(device=device).manual_seed(0)
+    params = sch.schedule_from_diffusers_config({"num_train_timesteps": 1000, "clip_sample": False})
+    scalars = sch.step_plan(params, steps, kind="ddim", eta=0.0)[1]
+    raw = torch.randn(K, 2, B, C, H, W, device=device, generator=g)
+    x_t = torch.randn(B, C, H, W, device=device, generator=g)
+    out = torch.empty_like(x_t)
+    coeff = torch.full((B, K), 1.0 / K, device=device)
+    seeds = torch.arange(B, dtype=torch.int64, device=device)
+    ec = torch.zeros(1, dtype=torch.int32, device=device)
+    plan = prepare_fused_step(raw, x_t, coeff, scalars, guidance_scale=gs, seed=seeds, error_count=ec)
+    calls = 3 if ctx.quick or device.type != "cuda" else 300
+    i = [0]
+
+    def step():
+        i[0] = (i[0] + 1) % steps
+        return i[0]
+
+    res = dict(shape=[B, C, H, W], K=K, cfg=True)
+    res["plain_us"] = host_us(lambda: fused_expert_step(raw, x_t, coeff, scalars[step()], guidance_scale=gs,
+                                                        seed=seeds, offset=1 + i[0], validate=False,
+                                                        error_count=ec), device, calls=calls)
+    res["plan_us"] = host_us(lambda: plan.launch(raw, x_t, out, step=step()), device, calls=calls)
+    res["plan_unchecked_us"] = host_us(lambda: plan.launch(raw, x_t, out, step=step(), check=False), device,
+                                       calls=calls)
+    p = plan.prepared
+    if p is not None:
+        zero = torch.zeros(1, dtype=torch.int64, device=device)
+        bare = lambda: p.kernel[p.grid](*p.arguments((raw, x_t, out, zero, step())),  # noqa: E731
+                                        num_warps=p.num_warps, num_stages=p.num_stages)
+        res["bare_jit_us"] = host_us(bare, device, calls=calls)
+        res["fast_launcher"] = p.compiled is not None
+        res["config"] = dict(BLOCK=p.block, num_warps=p.num_warps)
+    res["plan_speedup_vs_plain"] = res["plain_us"] / res["plan_unchecked_us"]
+    if device.type == "cuda":
+        res.update(_graph_check(ctx))
+        counter = torch.zeros(1, dtype=torch.int64, device=device)
+        graph = torch.cuda.CUDAGraph()
+        plan.launch(raw, x_t, out, step=counter)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            plan.launch(raw, x_t, out, step=counter, check=False)
+            counter.add_(1)
+        counter.zero_()  # host_us replays steps - 1 times (one warm-up + steps - 2): the counter stays in the table
+        res["graph_replay_us"] = host_us(graph.replay, device, calls=steps - 2)
+        res["plan_device_us"] = device_ms([lambda: plan.launch(raw, x_t, out, step=0, check=False)], device)[0] * 1e3
+    else:
+        res["graph"] = "skipped: no CUDA graphs without a GPU"
+    rec.update(res, ok=res.get("graph_same_as_eager", True) and int(ec.item()) == 0)
+    print(f"    host us/call: plain {res['plain_us']:.1f}, plan {res['plan_us']:.1f}, unchecked "
+          f"{res['plan_unchecked_us']:.1f}, bare jit {_fmt(res.get('bare_jit_us'))}, graph replay "
+          f"{_fmt(res.get('graph_replay_us'))}", flush=True)
+
+
+def _graph_check(ctx) -> dict:
+    """Capture plan.launch(step=<device counter>) + counter += 1 once; replayed at every step of a DDPM
+    learned-range schedule with CFG (LEARNED_RANGE steps, then a FIXED noise-free one), it must give the eager
+    by-value steps' latents."""
+    import torch
+
+    from msdda import schedule as sch
+    from msdda.kernels import fused_expert_step, prepare_fused_step
+
+    device = ctx.device
+    params = sch.schedule_from_diffusers_config({"num_train_timesteps": 1000, "variance_type": "learned_range"})
+    scalars = sch.step_plan(params, 10, kind="ddpm")[1]
+    K, B, C, H, W = 2, 2, 4, 64, 64
+    g = torch.Generator(device=device).manual_seed(1)
+    raws = []
+    for _ in scalars:
+        r = torch.randn(K, 2, B, 2 * C, H, W, device=device, generator=g)
+        r[:, :, :, C:] = 2 * torch.rand(K, 2, B, C, H, W, device=device, generator=g) - 1
+        raws.append(r)
+    x0 = torch.randn(B, C, H, W, device=device, generator=g)
+    coeff = torch.softmax(torch.randn(B, K, device=device, generator=g), -1)
+    seeds = torch.arange(B, dtype=torch.int64, device=device) + 11
+    x = x0
+    eager = []
+    for i, sc in enumerate(scalars):
+        x = fused_expert_step(raws[i], x, coeff, sc, guidance_scale=4.0, seed=seeds, offset=1 + i)
+        eager.append(x)
+    s_raw, s_x, s_out = raws[0].clone(), x0.clone(), torch.empty_like(x0)
+    counter = torch.zeros(1, dtype=torch.int64, device=device)
+    plan = prepare_fused_step(s_raw, s_x, coeff, scalars, guidance_scale=4.0, seed=seeds)
+    plan.launch(s_raw, s_x, s_out, step=counter)  # warm (compiled and tuned before capture)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        plan.launch(s_raw, s_x, s_out, step=counter, check=False)
+        counter.add_(1)
+    counter.zero_()
+    diffs = []
+    x = x0
+    for i in range(len(scalars)):
+        s_raw.copy_(raws[i])
+        s_x.copy_(x)
+        graph.replay()
+        x = s_out.clone()
+        diffs.append((x - eager[i]).abs().max().item())
+    torch.cuda.synchronize()
+    return dict(graph_steps=len(scalars), graph_modes=sorted({int(s.var_mode) for s in scalars}),
+                graph_max_diff_vs_eager=max(diffs), graph_same_as_eager=max(diffs) == 0.0,
+                graph_counter_after=int(counter.item()), graph_errors=int(plan.error_count.item()))
 
 
 def _step_inputs(K=3, B=4, C=4, H=64, W=64, cfg=True, seed=0):
@@ -142,25 +485,6 @@ def _step_inputs(K=3, B=4, C=4, H=64, W=64, cfg=True, seed=0):
                           lv_min=-6.0, lv_max=-4.0)
     seeds = torch.arange(B, dtype=torch.int64, device="cuda") + 1234
     return raw, x_t, coeff, scalars, seeds
-
-
-def check_fused_step(rec: dict) -> None:
-    import torch
-
-    from msdda.kernels import fused_expert_step, fused_expert_step_ref
-
-    raw, x_t, coeff, scalars, seeds = _step_inputs(B=8, C=3, H=512, W=512)
-    args = dict(guidance_scale=5.0, seed=seeds, offset=7)
-    got = fused_expert_step(raw, x_t, coeff, scalars, **args)
-    ref = fused_expert_step_ref(raw[:, :, :1].cpu().double(), x_t[:1].cpu().double(), coeff[:1].cpu().double(),
-                                scalars, guidance_scale=5.0, seed=seeds[:1].cpu(), offset=7)
-    err = (got[:1].cpu().double() - ref).abs().max().item()
-    ec = torch.zeros(1, dtype=torch.int32, device="cuda")
-    step = lambda: fused_expert_step(raw, x_t, coeff, scalars, validate=False, error_count=ec, **args)  # noqa: E731
-    ms = cuda_time(step)
-    nbytes = raw.numel() * 4 * 3 // 4 + 2 * x_t.numel() * 4    # u, c and the variance half of c are read
-    rec.update(shape=list(raw.shape), max_err_vs_ref_f64=err, ok=err < 1e-3, ms=ms, gbps=nbytes / ms / 1e6,
-               d2d_copy_gbps=copy_gbps(nbytes), launches=count_launches(step))
 
 
 def _models(args, tmp: Path):
@@ -408,6 +732,59 @@ def check_aot(rec, build: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def new_record(device) -> dict:
+    import torch
+
+    rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(), "device": str(device),
+           "torch": torch.__version__, "checks": {}}
+    try:
+        import triton
+
+        rec["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        rec.update(gpu=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)))
+    else:
+        rec.update(gpu=f"cpu ({platform.machine()})", capability=[])
+    return rec
+
+
+def run_section(record: dict, name: str, fn, *a) -> None:
+    """Run one section into record["checks"][name]; an exception fails that section only."""
+    rec = record["checks"].setdefault(name, {})
+    t0 = time.perf_counter()
+    try:
+        fn(rec, *a)
+    except Exception as exc:
+        rec.update(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-2000:])
+    rec["wall_s"] = round(time.perf_counter() - t0, 3)
+    print(f"  {name}: {'skipped' if 'skipped' in rec else ('ok' if rec.get('ok') else 'FAILED')} "
+          f"({rec['wall_s']:.1f} s)", flush=True)
+
+
+KERNEL_SECTIONS = {"kernels": section_kernels, "launch": section_launch}
+
+
+def run_kernel_sections(names=("kernels", "launch"), device="cuda", quick=False, record=None) -> dict:
+    """The sections that need no models, on ``device`` (on a CPU they run under the Triton interpreter when
+    TRITON_INTERPRET=1 was set before msdda.kernels was imported; ``quick``: tiny sizes)."""
+    import torch
+
+    device = torch.device(device)
+    record = record if record is not None else new_record(device)
+    ctx = SimpleNamespace(device=device, quick=quick)
+    for name in names:
+        run_section(record, name, KERNEL_SECTIONS[name], ctx)
+    return record
+
+
+def results_path(record: dict) -> Path:
+    """bench/results/gpu-<gpu>-<date>.json"""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", record.get("gpu", "gpu")).strip("-")
+    return RESULTS / f"gpu-{slug}-{record['time'][:10]}.json"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="msdda GPU check: build, verify and time every GPU path")
     ap.add_argument("--base", help="base model folder (default: the zoo if trained, else tiny test models)")
@@ -416,8 +793,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2, help="network batch N (2B under CFG)")
     ap.add_argument("--steps", type=int, default=20, help="denoising steps for the CUDA-graph check")
     ap.add_argument("--aot-build", type=Path, default=None, help="cmake build folder of libmsdda_step")
-    ap.add_argument("--only", default="compose,fused_step,torch,ort_cuda,tensorrt,aot")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/gpu_check-<time>.json)")
+    ap.add_argument("--only", default="kernels,launch,torch,ort_cuda,tensorrt,aot")
+    ap.add_argument("--quick", action="store_true", help="tiny kernel sizes (a smoke run of the script)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/gpu-<gpu>-<date>.json)")
     args = ap.parse_args(argv)
 
     reason = no_gpu_reason()
@@ -427,62 +805,59 @@ def main(argv=None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
 
-    only = set(args.only.split(","))
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(),
-              "gpu": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
-              "torch": torch.__version__, "checks": {}}
+    only = [s for s in args.only.split(",") if s]
+    record = new_record(torch.device("cuda"))
     tmp = Path(tempfile.mkdtemp(prefix="msdda-gpu-check-"))
     cache = tmp / "cache"
+    run_kernel_sections([n for n in KERNEL_SECTIONS if n in only], "cuda", args.quick, record)
     nets = base = None
-
-    def run(name, fn, *a):
-        if name not in only:
-            return
-        rec = record["checks"].setdefault(name, {})
-        t0 = time.perf_counter()
-        try:
-            fn(rec, *a)
-        except Exception as exc:
-            rec.update(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-2000:])
-        rec["wall_s"] = round(time.perf_counter() - t0, 3)
-        print(f"  {name}: {'skipped' if 'skipped' in rec else ('ok' if rec.get('ok') else 'FAILED')} "
-              f"({rec['wall_s']:.1f} s)", flush=True)
-
-    run("compose", check_compose)
-    run("fused_step", check_fused_step)
-    if only & {"torch", "ort_cuda", "tensorrt"}:
+    if set(only) & {"torch", "ort_cuda", "tensorrt"}:
         nets, base = _models(args, tmp)
         record["models"] = {"members": list(nets), "class": type(base.unet).__name__,
                             "params_per_member": sum(p.numel() for p in base.unet.parameters())}
-    run("torch", check_torch_backend, nets, base, args.batch)
-    run("ort_cuda", check_ort_cuda, nets, base, args.batch, cache)
-    run("tensorrt", check_tensorrt, nets, base, args.batch, cache, args.steps)
-    run("aot", check_aot, args.aot_build or (tmp / "aot-build"))
+    for name, fn, a in (("torch", check_torch_backend, (nets, base, args.batch)),
+                        ("ort_cuda", check_ort_cuda, (nets, base, args.batch, cache)),
+                        ("tensorrt", check_tensorrt, (nets, base, args.batch, cache, args.steps)),
+                        ("aot", check_aot, (args.aot_build or (tmp / "aot-build"),))):
+        if name in only:
+            run_section(record, name, fn, *a)
 
     print_table(record)
-    out = args.out or RESULTS / f"gpu_check-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1, default=str))
+    out = args.out or results_path(record)
+    write_record(record, out)
     print(f"wrote {out}")
     shutil.rmtree(tmp, ignore_errors=True)
     failed = [k for k, v in record["checks"].items() if not v.get("ok") and "skipped" not in v]
     return 1 if failed else 0
 
 
-def print_table(record) -> None:
-    def f(v, unit=""):
-        return "-" if v is None else (f"{v:.3g}{unit}" if isinstance(v, float) else f"{v}{unit}")
+def write_record(record: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, out)
 
+
+def print_table(record) -> None:
+    f = _fmt
     print(f"\n{record['gpu']} (sm_{''.join(map(str, record['capability']))}), torch {record['torch']}")
     print(f"{'check':<22}{'status':<9}{'time':>12}{'vs':>12}{'GB/s':>10}{'launches':>10}  note")
     for name, r in record["checks"].items():
         status = "skip" if "skipped" in r else ("ok" if r.get("ok") else "FAIL")
-        if name == "compose":
-            rows = [(name, r.get("triton_ms"), r.get("torch_ms"), r.get("triton_gbps"), r.get("launches_triton"),
-                     f"torch {f(r.get('launches_torch'))} launches; d2d copy {f(r.get('d2d_copy_gbps'))} GB/s")]
-        elif name == "fused_step":
-            rows = [(name, r.get("ms"), None, r.get("gbps"), r.get("launches"),
-                     f"d2d copy {f(r.get('d2d_copy_gbps'))} GB/s; err {f(r.get('max_err_vs_ref_f64'))}")]
+        if name == "kernels":
+            for c in r.get("cases", []):
+                st = "ok" if c.get("ok") else "FAIL"
+                frac = c.get("frac_of_copy")
+                print(f"  {_case_label(c):<56}{st:<5}{f(c.get('ms'), ' ms'):>11}{f(c.get('gbps')):>8} GB/s "
+                      f"{f(None if frac is None else 100 * frac):>5}% of copy ({f(c.get('copy_gbps'))} GB/s)"
+                      f"{'' if c.get('wrapper_ms') is None else ', wrapper ' + f(c.get('wrapper_ms'), ' ms')}"
+                      f"{' ' + c['error'] if 'error' in c else ''}")
+            rows = [("kernels", None, None, None, None, f"min {f(r.get('min_frac_of_copy'))} of copy (target 0.85)")]
+        elif name == "launch":
+            rows = [("launch", None, None, None, None,
+                     f"host us/call: plain {f(r.get('plain_us'))}, plan {f(r.get('plan_us'))}, unchecked "
+                     f"{f(r.get('plan_unchecked_us'))}, bare jit {f(r.get('bare_jit_us'))}, graph replay "
+                     f"{f(r.get('graph_replay_us'))}; graph == eager: {r.get('graph_same_as_eager')}")]
         elif name == "torch":
             rows = [(f"torch/{g}", r.get(g, {}).get("ms"), None, None, r.get(g, {}).get("launches"),
                      f"err {f(r.get(g, {}).get('max_err'))}") for g in ("loop", "vmap")]

@@ -15,7 +15,7 @@ import torch
 
 from msdda import schedule as sch
 from msdda.backends import Conditioning, make_backend
-from msdda.kernels import StepScalars, fused_expert_step, philox_normal, raise_if_bad
+from msdda.kernels import StepScalars, fused_expert_step, philox_normal, prepare_fused_step, raise_if_bad
 from msdda.loading import BaseModel, LoadError, load_base, load_expert
 from msdda.sampling import Denoise, sample
 from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
@@ -264,12 +264,21 @@ class Engine:
         error_count = torch.zeros(1, dtype=torch.int32, device=self.device)
         g = float(guidance_scale) if cfg else None
 
+        prepared = []  # the step prepared once, at step 0 (it needs raw's layout); every later step is a launch
+
         def combine(raw: torch.Tensor, x_t: torch.Tensor, i: int) -> torch.Tensor:
             if plan.kind == "mix":
                 raw = mix_outputs(raw, mix_coeff)
+            if prepared:
+                return prepared[0].launch(raw, x_t, step=i)
             z = {"noise": noise[i]} if noise is not None else {"seed": seed_tensor, "offset": 1 + i}
-            return fused_expert_step(raw, x_t, step_coeff, scalars[i], guidance_scale=g, validate=(i == 0),
-                                     error_count=error_count, **z)
+            x = fused_expert_step(raw, x_t, step_coeff, scalars[i], guidance_scale=g, validate=(i == 0),
+                                  error_count=error_count, **z)  # step 0 validates: a bad composition explained
+            if raw.is_contiguous() and x_t.is_contiguous():  # bit-identical to fused_expert_step per step
+                z = {"noise": noise} if noise is not None else {"seed": seed_tensor}
+                prepared.append(prepare_fused_step(raw, x_t, step_coeff, scalars, guidance_scale=g,
+                                                   error_count=error_count, **z))
+            return x
 
         try:
             with torch.inference_mode():

@@ -1,26 +1,31 @@
-"""Philox4x32-10 normals, bit-for-bit as Triton's ``tl.randn`` draws them (ARCHITECTURE.md section 3).
+"""Philox4x32-10 normals, bit-for-bit as msdda's kernels draw them with Triton's ``tl.randn4x`` (ARCHITECTURE.md
+section 3).
 
-The noise z for element ``e`` (flat index within one sample) of sample ``b`` at step-offset ``o`` is
+The noise z for element ``e`` (flat index within one sample) of sample ``b`` at step-offset ``o`` is normal number
+``e % 4`` of one Philox call at counter ``e // 4``:
 
-    tl.randn(seed_b, e + o * 2**32)
-      = Box-Muller(uniform(w0), uniform(w1)),  (w0, w1, _, _) = Philox4x32-10(counter=(e, o, 0, 0),
-                                                                               key=(seed_b & 0xffffffff, seed_b >> 32))
+    (n0, n1, n2, n3) = tl.randn4x(seed_b, e // 4 + o * 2**32)
+      (w0, w1, w2, w3) = Philox4x32-10(counter=(e // 4, o, 0, 0), key=(seed_b & 0xffffffff, seed_b >> 32))
+      (n0, n1) = Box-Muller(uniform(w0), uniform(w1)) = (r cos th, r sin th)
+      (n2, n3) = Box-Muller(uniform(w2), uniform(w3))
+    z[b, e] = n_{e % 4}
 
-``philox_normal`` reproduces that on the host (torch tensors in and out; the arithmetic runs in numpy, whose uint32
-/ uint64 ops wrap by definition and are ~30x faster here than int64 torch emulation), so the CPU path and the
-Triton kernel give the same image for the same seed. What is exact and what is not:
+so one Philox call serves four consecutive elements (the kernels' cost per element is a quarter of a Philox call
+and half a Box-Muller). ``philox_normal`` reproduces that on the host (torch tensors in and out; the arithmetic
+runs in numpy, whose uint32 / uint64 ops wrap by definition and are ~30x faster here than int64 torch emulation),
+so the CPU path and the Triton kernel give the same image for the same seed. What is exact and what is not:
 
 - The Philox words and the uint -> uniform conversion are integer ops, an int -> float32 conversion and one
   float32 multiply: correctly rounded everywhere, so they are bit-identical on every device.
-- Box-Muller needs float32 ``log``, ``sqrt``, ``cos``, which are implementation-defined. Triton's interpreter
-  (TRITON_INTERPRET=1) evaluates them with numpy's float32 ufuncs, so this module evaluates them with the very
-  same ufuncs and matches the interpreted kernel bit for bit. (torch's own float32 ``log``/``cos`` differ from
-  numpy's by 1-4 ulp, and torch 2.13's CPU float32 ``sqrt`` is not correctly rounded, hence numpy.) A compiled
-  GPU kernel uses CUDA's transcendentals instead; its normals should agree with these to a few float32 ulp, not
-  bits (not measured here: no GPU). numpy's SIMD ufuncs may also differ by an ulp between CPU generations.
+- Box-Muller needs float32 ``log``, ``sqrt``, ``cos``, ``sin``, which are implementation-defined. Triton's
+  interpreter (TRITON_INTERPRET=1) evaluates them with numpy's float32 ufuncs, so this module evaluates them with
+  the very same ufuncs and matches the interpreted kernel bit for bit. (torch's own float32 ``log``/``cos`` differ
+  from numpy's by 1-4 ulp, and torch 2.13's CPU float32 ``sqrt`` is not correctly rounded, hence numpy.) A
+  compiled GPU kernel uses CUDA's libdevice functions instead; its normals should agree with these to a few float32
+  ulp, not bits (not measured here: no GPU). numpy's SIMD ufuncs may also differ by an ulp between CPU generations.
 
 Every value is computed per element from (seed_b, e, o) alone, so a sample's noise never depends on the rest of
-the batch, nor on the kernel's block size.
+the batch, nor on the kernel's block size (blocks hold whole groups of four elements).
 """
 from __future__ import annotations
 
@@ -76,12 +81,21 @@ def _uint_to_uniform(w: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) * _UNIFORM_SCALE  # exact int -> f32 rounding (to nearest), one f32 multiply
 
 
-_CHUNK = 1 << 17  # elements per Philox pass over one large sample
-_BLOCK = 1 << 14  # elements per pass over several small samples (their keys broadcast down the rows)
+_CHUNK = 1 << 15  # Philox counters (four elements each) per pass over one large sample
+_BLOCK = 1 << 12  # counters per pass over several small samples (their keys broadcast down the rows)
+
+
+def _box_muller(wa: np.ndarray, wb: np.ndarray):
+    """Triton's ``pair_uniform_to_normal`` of two Philox words, with the float32 ufuncs the interpreter uses."""
+    u1 = np.maximum(_U_MIN, _uint_to_uniform(wa))
+    th = _TWO_PI * _uint_to_uniform(wb)
+    r = np.sqrt(np.float32(-2.0) * np.log(u1))
+    return r * np.cos(th), r * np.sin(th)
 
 
 def _draw(seeds: torch.Tensor, offset: int, shape, normal: bool) -> torch.Tensor:
-    """[B, *shape] float32 of tl.randn (normal) or tl.rand draws at counter (e, offset, 0, 0), key seed_b."""
+    """[B, *shape] float32: element e of sample b is draw e % 4 of counter (e // 4, offset, 0, 0), key seed_b, as
+    ``tl.randn4x`` (normal) or ``tl.rand4x`` (uniform) return them."""
     if seeds.dim() != 1 or seeds.dtype != torch.int64:
         raise ValueError(f"philox: seeds must be an int64 tensor [B], got {seeds.dtype} {tuple(seeds.shape)}")
     if not 0 <= int(offset) < 2**32:
@@ -94,36 +108,38 @@ def _draw(seeds: torch.Tensor, offset: int, shape, normal: bool) -> torch.Tensor
     if n == 0 or len(s) == 0:
         return torch.empty(len(s), *shape, device=seeds.device)
     keys_lo, keys_hi = (s & _M32).astype(np.uint32)[:, None], (s >> _32).astype(np.uint32)[:, None]
-    out = np.empty((len(s), n), dtype=np.float32)
+    counters = -(-n // 4)
+    out = np.empty((len(s), counters, 4), dtype=np.float32)
     o = np.uint32(offset)
-    # passes of [rows, elements]: several small samples per pass (keys broadcast down the rows), or one large
+    # passes of [rows, counters]: several small samples per pass (keys broadcast down the rows), or one large
     # sample in chunks; either way about one cache-sized block of temporaries at a time
-    rows = max(1, _BLOCK // n)
-    step = n if rows > 1 else _CHUNK
+    rows = max(1, _BLOCK // counters)
+    step = counters if rows > 1 else _CHUNK
     for r0 in range(0, len(s), rows):
         r1 = min(len(s), r0 + rows)
-        for lo in range(0, n, step):
-            e = np.arange(lo, min(n, lo + step), dtype=np.uint32)[None, :]
-            w0, w1, _, _ = _philox_np(e, o, np.uint32(0), np.uint32(0), keys_lo[r0:r1], keys_hi[r0:r1])
-            u1 = _uint_to_uniform(w0)
-            if not normal:
-                out[r0:r1, lo:lo + e.shape[1]] = u1
-                continue
-            # Box-Muller exactly as pair_uniform_to_normal, with the float32 ufuncs the interpreter uses
-            u1 = np.maximum(_U_MIN, u1)
-            th = _TWO_PI * _uint_to_uniform(w1)
-            r = np.sqrt(np.float32(-2.0) * np.log(u1))
-            out[r0:r1, lo:lo + e.shape[1]] = r * np.cos(th)
-    return torch.from_numpy(out).reshape(len(s), *shape).to(seeds.device)
+        for lo in range(0, counters, step):
+            hi = min(counters, lo + step)
+            c = np.arange(lo, hi, dtype=np.uint32)[None, :]
+            w = _philox_np(c, o, np.uint32(0), np.uint32(0), keys_lo[r0:r1], keys_hi[r0:r1])
+            if normal:
+                (z0, z1), (z2, z3) = _box_muller(w[0], w[1]), _box_muller(w[2], w[3])
+            else:
+                z0, z1, z2, z3 = (_uint_to_uniform(x) for x in w)
+            block = out[r0:r1, lo:hi]
+            block[..., 0], block[..., 1], block[..., 2], block[..., 3] = z0, z1, z2, z3
+    flat = out.reshape(len(s), 4 * counters)[:, :n]
+    return torch.from_numpy(np.ascontiguousarray(flat)).reshape(len(s), *shape).to(seeds.device)
 
 
 def philox_uniform(seeds: torch.Tensor, offset: int, shape) -> torch.Tensor:
-    """``tl.rand(seed_b, e + offset * 2**32)``: float32 uniforms in [0, 1), [B, *shape] on seeds' device."""
+    """Uniform number e % 4 of ``tl.rand4x(seed_b, e // 4 + offset * 2**32)`` for every sample b and flat element
+    e: float32 in [0, 1), [B, *shape] on seeds' device (the uniforms behind ``philox_normal``)."""
     return _draw(seeds, offset, shape, normal=False)
 
 
 def philox_normal(seeds: torch.Tensor, offset: int, shape) -> torch.Tensor:
-    """``tl.randn(seed_b, e + offset * 2**32)`` for every sample b and flat element e: float32 [B, *shape].
+    """Normal number e % 4 of ``tl.randn4x(seed_b, e // 4 + offset * 2**32)`` for every sample b and flat element
+    e: float32 [B, *shape] (the module docstring spells it out).
 
     seeds: int64 tensor [B] (any values; the int64 bit pattern is the 64-bit Philox key).
     offset: step offset o in [0, 2**32) (the runtime uses 0 for x_T and 1 + i for step i).

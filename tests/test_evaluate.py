@@ -29,9 +29,9 @@ def torch_step(monkeypatch):
     the evaluation (the step itself is tested against its definition in test_fused_step.py), and the
     interpreter would dominate their time. The engine and these samplers use the same path, so comparisons
     between them stay exact."""
-    import msdda.kernels.compose as compose
+    from msdda.kernels import launch
 
-    monkeypatch.setattr(compose, "_TRITON_ON_CPU", False)
+    monkeypatch.setattr(launch, "TRITON_ON_CPU", False)
 
 
 @pytest.fixture(scope="module")

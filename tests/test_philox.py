@@ -1,7 +1,9 @@
-"""philox_normal reproduces Triton's tl.randn / tl.rand / tl.randint bit for bit (ARCHITECTURE.md section 3).
+"""philox_normal reproduces the kernels' noise, Triton's tl.randn4x / tl.rand4x / tl.randint4x with four draws per
+Philox counter, bit for bit (ARCHITECTURE.md section 3).
 
 Under the interpreter everything is bit-exact. With MSDDA_TEST_GPU=1 (compiled kernels on CUDA) the Philox words and
-uniforms must still be bit-exact, while the normals go through CUDA's float32 log/cos and are compared to a few ulp.
+uniforms must still be bit-exact, while the normals go through CUDA's float32 log/cos/sin and are compared to a few
+ulp.
 """
 import math
 import os
@@ -18,33 +20,51 @@ GPU = os.environ.get("MSDDA_TEST_GPU") == "1"
 DEV = "cuda" if GPU else "cpu"
 
 
+# GPU normals: Box-Muller's log, sqrt, cos and sin from CUDA's libdevice and numpy's float32 ufuncs each within a
+# few ulp, so the normals (|z| < 6) agree within 64 float32 eps, relative and absolute.
+GPU_NORMAL_TOL = 64 * torch.finfo(torch.float32).eps
+
+
 def same_normals(a, b):
-    """Bit-identical under the interpreter; within a few float32 ulp on a GPU (its own log/cos)."""
+    """Bit-identical under the interpreter; within a few float32 ulp on a GPU (its own log/cos/sin)."""
     a, b = a.cpu(), b.cpu()
     if GPU:
-        return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        return torch.allclose(a, b, rtol=GPU_NORMAL_TOL, atol=GPU_NORMAL_TOL)
     return torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 @triton.jit
+def _store4(ptr, c, mask_n, a0, a1, a2, a3):
+    """Element 4c + j gets draw j."""
+    tl.store(ptr + 4 * c, a0, mask=4 * c < mask_n)
+    tl.store(ptr + 4 * c + 1, a1, mask=4 * c + 1 < mask_n)
+    tl.store(ptr + 4 * c + 2, a2, mask=4 * c + 2 < mask_n)
+    tl.store(ptr + 4 * c + 3, a3, mask=4 * c + 3 < mask_n)
+
+
+@triton.jit
 def _draw_kernel(seed_ptr, z_ptr, u_ptr, w_ptr, offset, N, BLOCK: tl.constexpr):
-    """For sample b, element e: the three draws the kernels make at counter (e, offset, 0, 0), key seed_b."""
+    """For sample b and counters c of one block: Triton's own four normals, uniforms and words at counter
+    (c, offset, 0, 0), key seed_b, stored at elements 4c .. 4c + 3 (the layout ARCHITECTURE.md section 3 defines)."""
     b = tl.program_id(1)
-    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = e < N
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     seed = tl.load(seed_ptr + b)
-    off = e.to(tl.int64) + (offset.to(tl.int64) << 32)
-    tl.store(z_ptr + b * N + e, tl.randn(seed, off), mask=mask)
-    tl.store(u_ptr + b * N + e, tl.rand(seed, off), mask=mask)
-    tl.store(w_ptr + b * N + e, tl.randint(seed, off).to(tl.int64) & 0xFFFFFFFF, mask=mask)
+    off = c.to(tl.int64) + (offset.to(tl.int64) << 32)
+    n0, n1, n2, n3 = tl.randn4x(seed, off)
+    _store4(z_ptr + b * N, c, N, n0, n1, n2, n3)
+    u0, u1, u2, u3 = tl.rand4x(seed, off)
+    _store4(u_ptr + b * N, c, N, u0, u1, u2, u3)
+    w0, w1, w2, w3 = tl.randint4x(seed, off)
+    _store4(w_ptr + b * N, c, N, w0.to(tl.int64) & 0xFFFFFFFF, w1.to(tl.int64) & 0xFFFFFFFF,
+            w2.to(tl.int64) & 0xFFFFFFFF, w3.to(tl.int64) & 0xFFFFFFFF)
 
 
-def _triton_draws(seeds, offset, n, block=256):
+def _triton_draws(seeds, offset, n, block=64):
     B = seeds.shape[0]
     z = torch.empty(B, n, device=DEV)
     u = torch.empty(B, n, device=DEV)
     w = torch.empty(B, n, dtype=torch.int64, device=DEV)
-    _draw_kernel[(triton.cdiv(n, block), B)](seeds.to(DEV), z, u, w, offset, n, BLOCK=block)
+    _draw_kernel[(triton.cdiv(triton.cdiv(n, 4), block), B)](seeds.to(DEV), z, u, w, offset, n, BLOCK=block)
     return z.cpu(), u.cpu(), w.cpu()
 
 
@@ -53,12 +73,12 @@ SEEDS = torch.tensor([0, 1, 12345, 2**32 - 1, 2**32, 2**40 + 7, -5, 2**63 - 1, -
 
 @pytest.mark.parametrize("offset", [0, 1, 7, 2**31 + 3, 2**32 - 1])
 def test_bit_exact_against_triton(offset):
-    n = 3 * 37  # odd, spans several blocks with a ragged tail
-    z, u, w = _triton_draws(SEEDS, offset, n, block=64)
-    w0, _, _, _ = philox4x32_10(torch.arange(n)[None], torch.tensor([[offset]]), torch.zeros(1, 1, dtype=torch.int64),
-                                torch.zeros(1, 1, dtype=torch.int64), (SEEDS & 0xFFFFFFFF)[:, None],
-                                ((SEEDS >> 32) & 0xFFFFFFFF)[:, None])
-    assert torch.equal(w0, w)
+    n = 3 * 37  # odd (not a multiple of 4), spans several blocks with a ragged tail
+    z, u, w = _triton_draws(SEEDS, offset, n, block=8)
+    words = philox4x32_10(torch.arange(-(-n // 4))[None], torch.tensor([[offset]]),
+                          torch.zeros(1, 1, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int64),
+                          (SEEDS & 0xFFFFFFFF)[:, None], ((SEEDS >> 32) & 0xFFFFFFFF)[:, None])
+    assert torch.equal(torch.stack(words, -1).reshape(len(SEEDS), -1)[:, :n], w)  # element 4c + j: word j
     assert torch.equal(philox_uniform(SEEDS, offset, (3, 37)).reshape(len(SEEDS), n).view(torch.int32),
                        u.view(torch.int32))
     mine = philox_normal(SEEDS, offset, (3, 37))
@@ -97,11 +117,12 @@ def test_per_sample_streams_and_offsets():
     assert not torch.equal(z[0], z[1])
 
 
-@pytest.mark.parametrize("shape", [(4, 1024), (5, 4000)])
+@pytest.mark.parametrize("shape", [(4, 1024), (5, 4001), (2**17 + 13,)])
 def test_batch_split_into_passes_matches_one_sample_at_a_time(shape):
-    """The host draws several small samples per numpy pass (philox._BLOCK elements), and a large one in chunks:
-    a sample's noise must not depend on which pass it fell in. 4096 elements: 4 samples a pass, so 10 samples
-    take 3 passes (the last one short); 20000 elements: one sample a pass, in chunks."""
+    """The host draws several small samples per numpy pass (philox._BLOCK counters of four elements), and a large
+    one in chunks (philox._CHUNK counters): a sample's noise must not depend on which pass it fell in. 4096
+    elements: 4 samples a pass, so 10 samples take 3 passes (the last one short); 20004: one sample a pass;
+    2**17 + 13: one sample a pass, in two chunks, the second ragged."""
     seeds = torch.arange(10, dtype=torch.int64) * 7919 - 3
     z = philox_normal(seeds, 7, shape)
     for b in range(len(seeds)):

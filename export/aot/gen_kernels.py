@@ -2,9 +2,14 @@
 """Compile msdda's fused-step Triton kernel ahead of time and emit its cubins as C arrays.
 
 Run by CMake (add_custom_command) at build time; needs no GPU. It imports THE kernel the Python runtime uses,
-``msdda.kernels.fused_step._fused_step_kernel``, and compiles it with Triton's own compiler for each target
+``msdda.kernels.fused_step.fused_step_kernel``, and compiles it with Triton's own compiler for each target
 (GPUTarget("cuda", arch, 32)) and each constexpr variant the C library dispatches on. The generated C file
 holds, per (arch, variant): the cubin bytes, the kernel's symbol name, its dynamic shared memory and warps.
+
+The library's variants take the step's scalars by value (TABLE=False), loop over K at run time (K_UNROLL=0:
+any number of experts), keep the clamp (CLIP=True; clip = inf is a no-op) and read float32 (W=4). Its pointers
+need only 4-byte alignment, so no divisibility is assumed (scalar loads; the Python runtime's JIT specialises
+on 16-byte alignment and vectorises).
 
 The kernel's runtime signature is spelled out below (SIGNATURE): if the kernel's parameter list changes, the
 build fails here instead of the C launcher packing arguments wrongly.
@@ -24,18 +29,19 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DISABLE_LINE_INFO", "1")
 
-KERNEL = "_fused_step_kernel"
-# Every parameter of _fused_step_kernel in order, with the Triton type the C launcher passes
+KERNEL = "fused_step_kernel"
+# Every parameter of fused_step_kernel in order, with the Triton type the C launcher passes
 # (pointers: CUdeviceptr; i32: int32_t; i64: int64_t; fp32: float). "constexpr" ones select a variant.
 SIGNATURE = [
     ("raw_ptr", "*fp32"), ("xt_ptr", "*fp32"), ("coeff_ptr", "*fp32"), ("noise_ptr", "*fp32"),
-    ("seed_ptr", "*i64"), ("out_ptr", "*fp32"), ("err_ptr", "*i32"),
-    ("K", "i32"), ("N", "i32"), ("offset", "i64"),
+    ("seed_ptr", "*i64"), ("out_ptr", "*fp32"), ("err_ptr", "*i32"), ("table_ptr", "*fp32"), ("step_ptr", "*i64"),
+    ("K", "i32"), ("N", "i32"), ("B", "i32"), ("offset", "i64"), ("step", "i32"), ("n_steps", "i32"),
     ("stride_rk", "i64"), ("stride_rg", "i64"), ("stride_rb", "i64"), ("stride_xb", "i64"),
-    ("stride_ck", "i64"), ("stride_cb", "i64"), ("stride_nb", "i64"),
+    ("stride_ck", "i64"), ("stride_cb", "i64"), ("stride_nb", "i64"), ("stride_ns", "i64"),
     ("guidance", "fp32"), ("px", "fp32"), ("po", "fp32"), ("mx", "fp32"), ("m0", "fp32"), ("mo", "fp32"),
-    ("clip", "fp32"), ("var_fixed", "fp32"), ("lv_min", "fp32"), ("lv_max", "fp32"),
-    ("VAR_MODE", "constexpr"), ("CFG", "constexpr"), ("NOISE", "constexpr"), ("CHECK", "constexpr"),
+    ("clip", "fp32"), ("var_fixed", "fp32"), ("lr_a", "fp32"), ("lr_b", "fp32"),
+    ("K_UNROLL", "constexpr"), ("VAR_MODE", "constexpr"), ("CFG", "constexpr"), ("CLIP", "constexpr"),
+    ("NOISE", "constexpr"), ("CHECK", "constexpr"), ("TABLE", "constexpr"), ("W", "constexpr"),
     ("BLOCK", "constexpr"),
 ]
 BLOCK = 1024
@@ -43,7 +49,7 @@ NUM_WARPS = 4
 NUM_STAGES = 3
 # The variants the C ABI exposes: every variance mode, with/without CFG, given noise or Philox noise; the
 # bad-element count is always kept (CHECK=True: the caller passes an int32 counter).
-VARIANTS = [dict(VAR_MODE=v, CFG=c, NOISE=n, CHECK=True, BLOCK=BLOCK)
+VARIANTS = [dict(K_UNROLL=0, VAR_MODE=v, CFG=c, CLIP=True, NOISE=n, CHECK=True, TABLE=False, W=4, BLOCK=BLOCK)
             for v in (0, 1, 2) for c in (False, True) for n in (1, 2)]
 
 

@@ -224,21 +224,26 @@ int msdda_step_launch(const msdda_step_args *a, void *stream) {
     CUdeviceptr raw = a->raw, xt = a->x_t, coeff = a->coeff, out = a->x_prev, err = a->error_count;
     CUdeviceptr noise = a->noise ? a->noise : a->x_prev;   /* unused by the variant when 0: any valid pointer */
     CUdeviceptr seeds = a->seeds ? a->seeds : a->x_prev;
-    int32_t K = a->K, N = (int32_t)(a->C * S);
+    CUdeviceptr table = a->x_prev, step_ptr = a->x_prev;  /* the step table is the Python plan's; unused here */
+    int32_t K = a->K, N = (int32_t)(a->C * S), B = a->B, step = 0, n_steps = 0;
     int64_t offset = (int64_t)a->seed_offset;
     int64_t stride_rb = (int64_t)a->C_out * S;
     int64_t stride_rg = cfg ? (int64_t)a->B * stride_rb : 0;
     int64_t stride_rk = G * (int64_t)a->B * stride_rb;
     int64_t stride_xb = (int64_t)N, stride_ck = 1, stride_cb = a->coeff_per_sample ? a->K : 0;
-    int64_t stride_nb = a->noise_mode == MSDDA_NOISE_GIVEN ? (int64_t)N : 0;
+    int64_t stride_nb = a->noise_mode == MSDDA_NOISE_GIVEN ? (int64_t)N : 0, stride_ns = 0;
     float guidance = cfg ? a->guidance_scale : 1.0f;
     float px = a->scalars.px, po = a->scalars.po, mx = a->scalars.mx, m0 = a->scalars.m0, mo = a->scalars.mo;
-    float clip = a->scalars.clip, var_fixed = a->scalars.var_fixed, lv_min = a->scalars.lv_min,
-          lv_max = a->scalars.lv_max;
+    float clip = a->scalars.clip, var_fixed = a->scalars.var_fixed;
+    /* LEARNED_RANGE: exp(frac lv_max + (1 - frac) lv_min), frac = (v + 1) / 2, is 2^(lr_a + lr_b v) */
+    const double log2e = 1.4426950408889634;
+    float lr_a = (float)(log2e * ((double)a->scalars.lv_max + (double)a->scalars.lv_min) / 2);
+    float lr_b = (float)(log2e * ((double)a->scalars.lv_max - (double)a->scalars.lv_min) / 2);
     CUdeviceptr global_scratch = 0, profile_scratch = 0;
-    void *params[] = {&raw, &xt, &coeff, &noise, &seeds, &out, &err, &K, &N, &offset,
-                      &stride_rk, &stride_rg, &stride_rb, &stride_xb, &stride_ck, &stride_cb, &stride_nb,
-                      &guidance, &px, &po, &mx, &m0, &mo, &clip, &var_fixed, &lv_min, &lv_max,
+    void *params[] = {&raw, &xt, &coeff, &noise, &seeds, &out, &err, &table, &step_ptr,
+                      &K, &N, &B, &offset, &step, &n_steps,
+                      &stride_rk, &stride_rg, &stride_rb, &stride_xb, &stride_ck, &stride_cb, &stride_nb, &stride_ns,
+                      &guidance, &px, &po, &mx, &m0, &mo, &clip, &var_fixed, &lr_a, &lr_b,
                       &global_scratch, &profile_scratch};
     const msdda_kernel_variant *kv = &msdda_kernel_variants[v];
     unsigned grid_x = (unsigned)((N + kv->block - 1) / kv->block);

@@ -1,7 +1,7 @@
 /*
  * libmsdda_step: msdda's fused composed denoising step as a stable C ABI.
  *
- * One call launches the SAME Triton kernel the Python runtime uses (msdda.kernels.fused_step._fused_step_kernel),
+ * One call launches the SAME Triton kernel the Python runtime uses (msdda.kernels.fused_step.fused_step_kernel),
  * compiled ahead of time for sm_80 (all compute capability 8.x GPUs) and sm_90, on a caller-given CUDA stream:
  * classifier-free guidance, x0 prediction and clipping, each expert's Gaussian, the K-way product of Gaussians with
  * exponents c_k, the noise draw (given, or Philox keyed by a per-sample seed and a step offset, bit-identical to
@@ -22,7 +22,11 @@
  *   error_count int32 [1]      incremented by the number of bad elements (precision <= 0 or non-finite)
  *
  * Versioning: MSDDA_STEP_VERSION_MAJOR changes break the ABI; minor versions only append to msdda_step_args
- * (callers set struct_size = sizeof(msdda_step_args), so an older caller keeps working with a newer library).
+ * (callers set struct_size = sizeof(msdda_step_args), so an older caller keeps working with a newer library)
+ * or change results without changing the ABI:
+ *   1.1: the Philox noise draws four normals per counter, tl.randn4x-style (element e takes normal e % 4 of the
+ *        counter (e / 4, seed_offset, 0, 0)), as the Python runtime's noise does (ARCHITECTURE.md section 3); 1.0
+ *        drew one per element. The same seed gives another (equally distributed) noise than 1.0.
  */
 #ifndef MSDDA_STEP_H
 #define MSDDA_STEP_H
@@ -30,7 +34,7 @@
 #include <stdint.h>
 
 #define MSDDA_STEP_VERSION_MAJOR 1
-#define MSDDA_STEP_VERSION_MINOR 0
+#define MSDDA_STEP_VERSION_MINOR 1
 #define MSDDA_STEP_VERSION_PATCH 0
 #define MSDDA_STEP_VERSION (MSDDA_STEP_VERSION_MAJOR * 10000 + MSDDA_STEP_VERSION_MINOR * 100 + MSDDA_STEP_VERSION_PATCH)
 
@@ -63,7 +67,8 @@ typedef enum msdda_var_mode {
 
 typedef enum msdda_noise_mode {
     MSDDA_NOISE_GIVEN = 1,  /* z read from args.noise */
-    MSDDA_NOISE_PHILOX = 2  /* z = Philox4x32-10 normal, key = seeds[b], counter = (element, seed_offset, 0, 0) */
+    MSDDA_NOISE_PHILOX = 2  /* z = normal (element % 4) of Philox4x32-10, key = seeds[b],
+                               counter = (element / 4, seed_offset, 0, 0) (tl.randn4x) */
 } msdda_noise_mode;
 
 /* One step's scalars (msdda.kernels.StepScalars, with var_fixed = exp(log_var_fixed)). */
