@@ -15,7 +15,8 @@ import torch
 
 from msdda import schedule as sch
 from msdda.backends import Conditioning, make_backend
-from msdda.kernels import StepScalars, fused_expert_step, philox_normal, prepare_fused_step, raise_if_bad
+from msdda.kernels import (StepScalars, fused_expert_step, fused_expert_step_ref, philox_normal, prepare_fused_step,
+                           raise_if_bad)
 from msdda.loading import BaseModel, LoadError, load_base, load_expert
 from msdda.sampling import Denoise, sample
 from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
@@ -92,6 +93,9 @@ class Engine:
         self.backend_name = backend
         self.backend = make_backend(backend, networks, device=self.device, dtype=dtype, **options)
         self.dtype = self.backend.dtype
+        # The kernels compute in float32. A float64 Engine (a verification twin of a float32 one) steps with the
+        # float64 definition instead, chosen once here.
+        self._step_fn = fused_expert_step_ref if self.dtype == torch.float64 else fused_expert_step
         for part in (base.text_encoder, base.vae):
             if part is not None:
                 part.to(self.device)
@@ -264,6 +268,7 @@ class Engine:
         error_count = torch.zeros(1, dtype=torch.int32, device=self.device)
         g = float(guidance_scale) if cfg else None
 
+        step_fn = self._step_fn
         prepared = []  # the step prepared once, at step 0 (it needs raw's layout); every later step is a launch
 
         def combine(raw: torch.Tensor, x_t: torch.Tensor, i: int) -> torch.Tensor:
@@ -272,9 +277,10 @@ class Engine:
             if prepared:
                 return prepared[0].launch(raw, x_t, step=i)
             z = {"noise": noise[i]} if noise is not None else {"seed": seed_tensor, "offset": 1 + i}
-            x = fused_expert_step(raw, x_t, step_coeff, scalars[i], guidance_scale=g, validate=(i == 0),
-                                  error_count=error_count, **z)  # step 0 validates: a bad composition explained
-            if raw.is_contiguous() and x_t.is_contiguous():  # bit-identical to fused_expert_step per step
+            x = step_fn(raw, x_t, step_coeff, scalars[i], guidance_scale=g, validate=(i == 0),
+                      error_count=error_count, **z)  # step 0 validates: a bad composition explained
+            # the plan is bit-identical to fused_expert_step per step
+            if step_fn is fused_expert_step and raw.is_contiguous() and x_t.is_contiguous():
                 z = {"noise": noise} if noise is not None else {"seed": seed_tensor}
                 prepared.append(prepare_fused_step(raw, x_t, step_coeff, scalars, guidance_scale=g,
                                                    error_count=error_count, **z))

@@ -43,7 +43,8 @@ def test_weights_hash_is_deterministic_and_sensitive(tmp_path):
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "w.safetensors")
     assert h == weights_hash(tmp_path / "w.safetensors")                   # nor module vs safetensors file
     changed = {k: v.clone() for k, v in sd.items()}
-    changed["0.bias"][1] += 1e-7
+    bias = changed["0.bias"]
+    bias[1] = torch.nextafter(bias[1], torch.tensor(float("inf")))    # the smallest possible change: one ulp
     assert weights_hash(changed) != h
     assert weights_hash({k: v.half() for k, v in sd.items()}) != h        # dtype is part of the hash
     renamed = {("x" + k): v for k, v in sd.items()}
@@ -158,11 +159,58 @@ def test_unwritable_cache_folder_is_a_one_line_error(tmp_path):
         with pytest.raises(ExportError, match="cache folder") as info:
             ArtifactCache(root).get_or_build(_key(), Builder())
         assert "\n" not in str(info.value)
-    if os.geteuid() != 0:                      # root ignores permission bits
+    assert "not writable (Permission denied)" in _cache_error_in_read_only_folder(tmp_path)
+
+
+def _cache_error_in_read_only_folder(tmp_path) -> str:
+    """The error of a cache in a mode-0500 folder, met by its owner. Root ignores permission bits, so under root (as
+    CI runs) a forked child drops to the unprivileged user "nobody", owner of the folder, and meets it as a user
+    would; the message comes back through a pipe."""
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
-        with pytest.raises(ExportError, match="not writable"):
+        try:
             ArtifactCache(ro).get_or_build(_key(), Builder())
+        except ExportError as exc:
+            return str(exc)
+        return "no error"
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    parent = tempfile.mkdtemp(prefix="msdda-ro-")             # in /tmp: root's private pytest folder is 0700
+    try:
+        os.chmod(parent, 0o755)
+        ro = Path(parent) / "ro"
+        ro.mkdir(mode=0o500)
+        os.chown(ro, nobody.pw_uid, nobody.pw_gid)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                           # the child: never returns into pytest
+            try:
+                os.close(read_end)
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                try:
+                    ArtifactCache(ro).get_or_build(_key(), Builder())
+                    message = "no error"
+                except ExportError as exc:
+                    message = str(exc)
+                os.write(write_end, message.encode())
+            except BaseException as exc:                       # surfaced by the parent's assertion
+                os.write(write_end, f"child failed: {exc!r}".encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as fh:
+            message = fh.read().decode()
+        os.waitpid(pid, 0)
+        return message
+    finally:
+        shutil.rmtree(parent)
 
 
 # ------------------------------------------------------------------------------------------ two processes

@@ -10,6 +10,7 @@ import torch
 import msdda
 from msdda.loading import LoadError
 from tiny_models import make_tiny_sd_pipeline, make_tiny_unet2d, perturbed_copy
+from tolerance import assert_differ, assert_within, generate_float64, rounding_bound, twin_bound
 
 STEPS = 4
 
@@ -48,12 +49,27 @@ def pixel_engine(pixel_models):
     return msdda.Engine.from_pretrained(base, experts)
 
 
+@pytest.fixture(scope="session")
+def pixel_engine64(pixel_models):
+    """The float64 twin of pixel_engine: the same networks in float64 (tolerance.generate_float64)."""
+    base, experts = pixel_models
+    return msdda.Engine.from_pretrained(base, experts, dtype=torch.float64)
+
+
 def _gen(engine, **kw):
+    """x_0 latents; a float64 Engine generates as the float64 twin (tolerance.generate_float64)."""
     kw.setdefault("steps", STEPS)
     kw.setdefault("output_type", "latent")
     kw.setdefault("class_labels", 3)
     kw.setdefault("guidance_scale", 2.0)
+    if engine.dtype == torch.float64:
+        return generate_float64(engine, **kw).latents
     return engine.generate(**kw).latents
+
+
+def _same(got, want):
+    """Bitwise equality, for comparisons that are exact by construction (the caller says why)."""
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("strategy", ["msdda", "mpa", "soup", "base", "expert:a", "expert:b"])
@@ -62,29 +78,39 @@ def test_every_strategy_runs_and_is_finite(pixel_engine, strategy):
     assert lat.shape == (2, 1, 8, 8) and torch.isfinite(lat).all()
 
 
-def test_strategies_differ_where_they_should(pixel_engine):
+def test_strategies_differ_where_they_should(pixel_engine, pixel_engine64):
+    """Each pair differs by far more than the float32 error of the reference strategy (its float64 twin)."""
     w = {"a": 0.5, "b": 0.5}
     out = {s: _gen(pixel_engine, weights=w, strategy=s) for s in ("msdda", "mpa", "base", "expert:a")}
-    assert not torch.allclose(out["msdda"], out["base"])
-    assert not torch.allclose(out["expert:a"], out["base"])
+    tol = {s: twin_bound(out[s], _gen(pixel_engine64, weights=w, strategy=s)) for s in ("mpa", "base")}
+    assert_differ(out["msdda"], out["base"], tol["base"], "msdda vs base")
+    assert_differ(out["expert:a"], out["base"], tol["base"], "expert:a vs base")
     # learned, distinct variances: the exact product differs from output averaging
-    assert not torch.allclose(out["msdda"], out["mpa"], atol=1e-5)
+    assert_differ(out["msdda"], out["mpa"], tol["mpa"], "msdda vs mpa")
 
 
 def test_single_expert_weight_equals_that_expert(pixel_engine):
-    """w = (1, 0): the product of one Gaussian is that Gaussian; msdda, mpa and expert:a coincide."""
+    """w = (1, 0): the product of one Gaussian is that Gaussian; msdda, mpa, soup and expert:a coincide.
+
+    Exactly, by construction: a zero weight drops b from the plan, so msdda runs expert a alone with c = 1.0,
+    the very step expert:a runs; mpa's mix multiplies by 1.0 and sums one term (both exact); soup's parameters
+    are 1.0 * theta_a (exact), evaluated by the same module code on the same inputs."""
     a = _gen(pixel_engine, weights={"a": 1.0}, strategy="expert:a")
     for s in ("msdda", "mpa", "soup"):
-        torch.testing.assert_close(_gen(pixel_engine, weights={"a": 1.0, "b": 0.0}, strategy=s), a, atol=1e-5, rtol=1e-5)
+        _same(_gen(pixel_engine, weights={"a": 1.0, "b": 0.0}, strategy=s), a)
 
 
 def test_msdda_equals_mpa_with_equal_variances(fixed_var_models):
+    """Equal in exact arithmetic; in float32 the two step formulas round differently and the UNet carries the
+    difference through the steps, so the bound is mpa's own float32 error (its float64 twin) x TWIN_MULTIPLE."""
     base, experts = fixed_var_models
     eng = msdda.Engine.from_pretrained(base, experts)
+    eng64 = msdda.Engine.from_pretrained(base, experts, dtype=torch.float64)
     for w in ({"a": 0.3, "b": 0.7}, {"a": 0.8, "b": 0.2}):
-        m = _gen(eng, weights=w, strategy="msdda", class_labels=None, num_images=2)
-        p = _gen(eng, weights=w, strategy="mpa", class_labels=None, num_images=2)
-        torch.testing.assert_close(m, p, atol=2e-5, rtol=1e-5)
+        kw = dict(weights=w, class_labels=None, num_images=2)
+        m = _gen(eng, strategy="msdda", **kw)
+        p = _gen(eng, strategy="mpa", **kw)
+        assert_within(m, p, twin_bound(p, _gen(eng64, strategy="mpa", **kw)), f"msdda vs mpa, {w}")
 
 
 def test_base_strategy_matches_diffusers_ddpm_loop(pixel_models):
@@ -100,45 +126,62 @@ def test_base_strategy_matches_diffusers_ddpm_loop(pixel_models):
     ours = eng.generate(class_labels=[1, 7], num_images=2, steps=STEPS, guidance_scale=1.0, strategy="base",
                         latents=x_T, noise=noise, output_type="latent").latents
 
-    unet = UNet2DModel.from_pretrained(base / "unet").eval()
-    sched = DDPMScheduler.from_pretrained(base / "scheduler")
-    sched.set_timesteps(STEPS)
-    x = x_T.clone()
-    with torch.no_grad():
-        for i, t in enumerate(sched.timesteps):
-            out = unet(x, t, class_labels=torch.tensor([1, 7])).sample
-            # diffusers' DDPM step draws its own z; make it draw ours so both runs see the same noise
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(ddpm_mod, "randn_tensor", lambda *a, **k: noise[i].clone())
-                x = sched.step(out, t, x).prev_sample
-    torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
+    def diffusers_loop(dtype):
+        unet = UNet2DModel.from_pretrained(base / "unet").eval().to(dtype)
+        sched = DDPMScheduler.from_pretrained(base / "scheduler")
+        sched.set_timesteps(STEPS)
+        if dtype == torch.float64:   # diffusers' algorithm in float64: its float32 tables recomputed in float64
+            sched.alphas_cumprod = torch.cumprod(1.0 - sched.betas.double(), 0)
+            sched.one = torch.tensor(1.0, dtype=torch.float64)
+        x = x_T.to(dtype)
+        with torch.no_grad():
+            for i, t in enumerate(sched.timesteps):
+                out = unet(x, t, class_labels=torch.tensor([1, 7])).sample
+                # diffusers' DDPM step draws its own z; make it draw ours so both runs see the same noise
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(ddpm_mod, "randn_tensor", lambda *a, **k: noise[i].to(dtype))
+                    x = sched.step(out, t, x).prev_sample
+        return x
+
+    # The bound is what diffusers' own float32 arithmetic of this loop produces (its float64 twin: the same
+    # UNet and scheduler algorithm in float64) x TWIN_MULTIPLE; ours runs the same UNet in float32 and a step
+    # from float64 scalars, so it errs no more than diffusers does.
+    ref = diffusers_loop(torch.float32)
+    assert_within(ours, ref, twin_bound(ref, diffusers_loop(torch.float64)), "strategy=base vs diffusers DDPM")
 
 
-def test_per_sample_weights_match_separate_calls(pixel_engine):
+# A batch and a single call are the same math, but the CPU kernels block (and so sum) differently for another
+# batch size: the bound is the batched call's float32 error (its float64 twin) x TWIN_MULTIPLE.
+def test_per_sample_weights_match_separate_calls(pixel_engine, pixel_engine64):
     ws = [{"a": 0.9, "b": 0.1}, {"a": 0.2, "b": 0.8}, {"a": 0.5, "b": 0.5}]
-    together = _gen(pixel_engine, weights=ws, seed=[10, 11, 12], num_images=3)
+    kw = dict(weights=ws, seed=[10, 11, 12], num_images=3)
+    together = _gen(pixel_engine, **kw)
+    tol = twin_bound(together, _gen(pixel_engine64, **kw))
     for i, w in enumerate(ws):
         alone = _gen(pixel_engine, weights=w, seed=[10 + i], num_images=1)
-        torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+        assert_within(together[i:i + 1], alone, tol, f"sample {i} batched vs alone")
 
 
-def test_per_sample_weights_with_soup_match_separate_calls(pixel_engine):
+def test_per_sample_weights_with_soup_match_separate_calls(pixel_engine, pixel_engine64):
     ws = [{"a": 0.9, "b": 0.1}, {"a": 0.2, "b": 0.8}, {"a": 0.9, "b": 0.1}]
-    together = _gen(pixel_engine, weights=ws, seed=[3, 4, 5], num_images=3, strategy="soup", class_labels=[1, 2, 3])
+    kw = dict(weights=ws, seed=[3, 4, 5], num_images=3, strategy="soup", class_labels=[1, 2, 3])
+    together = _gen(pixel_engine, **kw)
+    tol = twin_bound(together, _gen(pixel_engine64, **kw))
     for i, w in enumerate(ws):
         alone = _gen(pixel_engine, weights=w, seed=[3 + i], num_images=1, strategy="soup", class_labels=[1 + i])
-        torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+        assert_within(together[i:i + 1], alone, tol, f"soup sample {i} batched vs alone")
 
 
-def test_same_seed_same_image_whatever_the_batch(pixel_engine):
+def test_same_seed_same_image_whatever_the_batch(pixel_engine, pixel_engine64):
     w = {"a": 0.4, "b": 0.6}
     batch = _gen(pixel_engine, weights=w, seed=[5, 99, 7], num_images=3)
+    tol = twin_bound(batch, _gen(pixel_engine64, weights=w, seed=[5, 99, 7], num_images=3))
     single = _gen(pixel_engine, weights=w, seed=[99], num_images=1)
-    torch.testing.assert_close(batch[1:2], single, atol=1e-5, rtol=1e-5)
+    assert_within(batch[1:2], single, tol, "seed 99 in a batch vs alone")
     again = _gen(pixel_engine, weights=w, seed=[5, 99, 7], num_images=3)
-    torch.testing.assert_close(batch, again, atol=0, rtol=0)
+    _same(batch, again)                 # the same call again: the same operations on the same inputs
     other = _gen(pixel_engine, weights=w, seed=[6, 98, 8], num_images=3)
-    assert not torch.allclose(batch, other)
+    assert_differ(batch, other, tol, "other seeds")
 
 
 def test_four_threads_match_sequential(pixel_engine):
@@ -153,6 +196,8 @@ def test_four_threads_match_sequential_onnxruntime(pixel_models, tmp_path):
 
 
 def _check_threads_match_sequential(pixel_engine):
+    """Exact: each thread runs the same call as the sequential run, the same operations on the same inputs in the
+    same process (same thread-pool size, so the same summation order): any difference is shared state."""
     jobs = [dict(weights={"a": w, "b": 1 - w}, seed=[s], strategy=st)
             for w, s, st in ((0.1, 1, "msdda"), (0.5, 2, "mpa"), (0.7, 3, "msdda"), (0.9, 4, "soup"))]
     sequential = [_gen(pixel_engine, **j) for j in jobs]
@@ -175,16 +220,17 @@ def _check_threads_match_sequential(pixel_engine):
         t.join()
     assert not errors, repr(errors[0])
     for got, want in zip(results, sequential):
-        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        _same(got, want)
 
 
-def test_injected_noise_is_used(pixel_engine):
+def test_injected_noise_is_used(pixel_engine, pixel_engine64):
     x_T = torch.zeros(1, 1, 8, 8)
     z0 = torch.zeros(STEPS, 1, 1, 8, 8)
-    a = _gen(pixel_engine, weights={"a": 0.5, "b": 0.5}, latents=x_T, noise=z0)
-    b = _gen(pixel_engine, weights={"a": 0.5, "b": 0.5}, latents=x_T, noise=z0 + 1)
-    assert not torch.allclose(a, b)
-    torch.testing.assert_close(a, _gen(pixel_engine, weights={"a": 0.5, "b": 0.5}, latents=x_T, noise=z0))
+    kw = dict(weights={"a": 0.5, "b": 0.5}, latents=x_T)
+    a = _gen(pixel_engine, noise=z0, **kw)
+    b = _gen(pixel_engine, noise=z0 + 1, **kw)
+    assert_differ(a, b, twin_bound(a, _gen(pixel_engine64, noise=z0, **kw)), "noise z vs z + 1")
+    _same(a, _gen(pixel_engine, noise=z0, **kw))       # the same call again: same operations, same inputs
 
 
 def test_images_are_pil(pixel_engine):
@@ -203,32 +249,41 @@ def test_text_pipeline_strategies(sd_models):
 
 
 def test_text_pipeline_equal_variances_msdda_is_mpa(sd_models):
-    """DDIM: every expert has the same (schedule) variance, so the exact rule reduces to averaging."""
+    """DDIM: every expert has the same (schedule) variance, so the exact rule reduces to averaging. Equal in
+    exact arithmetic; the bound is mpa's float32 error (its float64 twin, text encoder included) x TWIN_MULTIPLE."""
     base, experts = sd_models
     eng = msdda.Engine.from_pretrained(base, experts)
+    eng64 = msdda.Engine.from_pretrained(base, experts, dtype=torch.float64)
     kw = dict(prompt="a dog", weights={"a": 0.3, "b": 0.7}, steps=3, output_type="latent", num_images=2)
-    torch.testing.assert_close(eng.generate(strategy="msdda", **kw).latents, eng.generate(strategy="mpa", **kw).latents,
-                               atol=2e-5, rtol=1e-5)
+    mpa = eng.generate(strategy="mpa", **kw).latents
+    assert_within(eng.generate(strategy="msdda", **kw).latents, mpa,
+                  twin_bound(mpa, generate_float64(eng64, strategy="mpa", **kw).latents), "text msdda vs mpa")
 
 
-def test_onnxruntime_backend_matches_torch(pixel_models, tmp_path):
+# ORT vs torch: the same networks, but ORT's float32 kernels (fused, blocked differently) round differently; the
+# bound is torch's float32 error on the same generation (its float64 twin) x TWIN_MULTIPLE.
+def test_onnxruntime_backend_matches_torch(pixel_models, pixel_engine64, tmp_path):
     pytest.importorskip("onnxruntime")
     base, experts = pixel_models
     t = msdda.Engine.from_pretrained(base, experts, backend="torch")
     o = msdda.Engine.from_pretrained(base, experts, backend="onnxruntime", cache_dir=tmp_path)
     for strategy in ("msdda", "mpa", "soup", "base", "expert:a"):
-        a = _gen(t, weights={"a": 0.6, "b": 0.4}, strategy=strategy, num_images=2)
-        b = _gen(o, weights={"a": 0.6, "b": 0.4}, strategy=strategy, num_images=2)
-        torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-3)  # ORT vs torch: float32 kernels differ
+        kw = dict(weights={"a": 0.6, "b": 0.4}, strategy=strategy, num_images=2)
+        a = _gen(t, **kw)
+        b = _gen(o, **kw)
+        assert_within(b, a, twin_bound(a, _gen(pixel_engine64, **kw)), f"ORT vs torch, {strategy}")
 
 
 def test_onnxruntime_backend_text_pipeline(sd_models, tmp_path):
     pytest.importorskip("onnxruntime")
     base, experts = sd_models
     t = msdda.Engine.from_pretrained(base, experts, backend="torch")
+    t64 = msdda.Engine.from_pretrained(base, experts, backend="torch", dtype=torch.float64)
     o = msdda.Engine.from_pretrained(base, experts, backend="onnxruntime", cache_dir=tmp_path)
     kw = dict(prompt="a cat", weights={"a": 0.5, "b": 0.5}, steps=3, output_type="latent", num_images=2)
-    torch.testing.assert_close(o.generate(**kw).latents, t.generate(**kw).latents, atol=1e-3, rtol=1e-3)
+    ref = t.generate(**kw).latents
+    assert_within(o.generate(**kw).latents, ref, twin_bound(ref, generate_float64(t64, **kw).latents),
+                  "ORT vs torch, text")
 
 
 # ---------------------------------------------------------------------- bad input
@@ -310,5 +365,11 @@ def test_lora_expert_merges_onto_base(pixel_models, tmp_path):
               lora_dir / "pytorch_lora_weights.safetensors")
     eng = msdda.Engine.from_pretrained(base, {"l": lora_dir})
     merged = dict(eng.backend._nets[1].named_modules())[target].weight
-    torch.testing.assert_close(merged, weight + (b @ a).reshape(weight.shape))
+    # W + sum_r b_r a_r in float32: rank products, rank - 1 additions and one addition to W, each rounding once;
+    # the elementwise bound is (rank + 1) eps (|W| + |b| |a|) (tolerance.rounding_bound)
+    exact = weight.double() + (b.double() @ a.double()).reshape(weight.shape)
+    magnitude = weight.double().abs() + (b.double().abs() @ a.double().abs()).reshape(weight.shape)
+    assert_within(merged, exact, rounding_bound(magnitude, ops=rank + 1), "merged LoRA weight")
+    # a missing or doubled delta is caught: the delta is far above the bound
+    assert_differ(merged, weight, rounding_bound(magnitude, ops=rank + 1).max().item(), "merged vs base weight")
     assert np.isfinite(_gen(eng, weights={"l": 1.0}).numpy()).all()

@@ -1,8 +1,14 @@
-"""msdda.export.onnx: ONNX export of tiny diffusers UNets, verified in ONNX Runtime against torch."""
+"""msdda.export.onnx: ONNX export of tiny diffusers UNets, verified in ONNX Runtime against torch.
+
+ONNX Runtime and torch run the same float32 network with different kernels, so they agree only up to float32
+rounding. Every bound on their difference here is torch's own float32 error on such inputs, measured against its
+float64 twin (the same UNet converted to float64), x TWIN_MULTIPLE (tests/tolerance.py)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,6 +19,8 @@ import torch
 from msdda.export import (DEFAULT_TOLERANCE, ArtifactCache, ExportError, export_models, export_pipeline,
                           export_unet_onnx, onnx_for_unet, onnx_initializers, unet_export_spec)
 from tiny_models import make_tiny_sd_pipeline, make_tiny_unet2d, perturbed_copy
+from tolerance import (TWIN_MULTIPLE, assert_error_below, assert_within, eps, float_error, lower_precision_bound,
+                       twin_bound)
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +55,55 @@ def _io(path):
     return {v.name: desc(v) for v in m.graph.input}, {v.name: desc(v) for v in m.graph.output}
 
 
-def _ort_vs_torch(path, unet, feeds, kwargs):
-    sess = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
-    got = sess.run(["out"], {k: v.numpy() for k, v in feeds.items()})[0]
+def _float64_twin(unet):
+    """The same UNet in float64 (a copy: the caller's module is untouched)."""
+    return copy.deepcopy(unet).to(torch.float64)
+
+
+def _torch_outputs(unet, unet64, sample, timestep, **kwargs):
+    """(float32 output, float64 twin's output) of one forward on the same (float32-valued) inputs."""
+    as64 = {k: (v.double() if v.is_floating_point() else v) for k, v in kwargs.items()}
     with torch.no_grad():
-        ref = unet(feeds["sample"].float(), feeds["timestep"], **kwargs, return_dict=False)[0].numpy()
-    return np.abs(got.astype(np.float64) - ref).max()
+        out = unet(sample, timestep, **kwargs, return_dict=False)[0]
+        out64 = unet64(sample.double(), timestep.double(), **as64, return_dict=False)[0]
+    return out, out64
+
+
+def _twin_error(unet, cases, *, num_classes=None, text_shape=None, seed=0) -> float:
+    """torch's float32 error (max |float32 - float64 twin|) on inputs drawn as the exporter draws its
+    verification inputs (randn samples, integer timesteps in [0, 999], random labels or text embeddings), for
+    each (N, H, W) case. export_unet_onnx records ONNX Runtime's error against torch on its own such inputs."""
+    unet64 = _float64_twin(unet)
+    channels = unet.config.in_channels
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for n, h, w in cases:
+        kwargs = {}
+        sample = torch.randn(n, channels, h, w, generator=g)
+        timestep = (torch.rand(n, generator=g) * 999).round()
+        if num_classes:
+            kwargs["class_labels"] = torch.randint(0, num_classes, (n,), generator=g)
+        if text_shape:
+            kwargs["encoder_hidden_states"] = torch.randn(n, *text_shape, generator=g)
+        worst = max(worst, float_error(*_torch_outputs(unet, unet64, sample, timestep, **kwargs)))
+    return worst
+
+
+def _ort_vs_torch(path, unet, feeds, kwargs):
+    """Assert ONNX Runtime's output is within the twin bound of torch's on ``feeds``."""
+    sess = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(["out"], {k: v.numpy() for k, v in feeds.items()})[0])
+    ref, ref64 = _torch_outputs(unet, _float64_twin(unet), feeds["sample"].float(), feeds["timestep"], **kwargs)
+    return assert_within(got, ref, twin_bound(ref, ref64), "ORT vs torch")
 
 
 def test_class_conditional_export_contract_and_agreement(tmp_path, pixel_unet):
     rec = export_unet_onnx(pixel_unet, tmp_path / "u.onnx", **unet_export_spec(pixel_unet))
     assert rec.path.is_file() and rec.verified and rec.cond == "class"
-    assert rec.max_abs_err <= 1e-4 and (rec.rtol, rec.atol) == DEFAULT_TOLERANCE["fp32"]
+    assert (rec.rtol, rec.atol) == DEFAULT_TOLERANCE["fp32"]
     assert rec.verify_cases == ((3, 8, 8),)           # traced at N=2, verified at N=3: the batch axis is dynamic
+    assert_error_below(rec.max_abs_err, TWIN_MULTIPLE * _twin_error(pixel_unet, rec.verify_cases, num_classes=11),
+                       "recorded ORT error, class")
     inputs, outputs = _io(rec.path)
     assert inputs == {"sample": ("FLOAT", ["N", 1, 8, 8]), "timestep": ("FLOAT", ["N"]),
                       "class_labels": ("INT64", ["N"])}
@@ -68,8 +112,7 @@ def test_class_conditional_export_contract_and_agreement(tmp_path, pixel_unet):
     g = torch.Generator().manual_seed(7)
     feeds = {"sample": torch.randn(5, 1, 8, 8, generator=g), "timestep": torch.tensor([0., 10., 500., 999., 3.]),
              "class_labels": torch.tensor([0, 3, 9, 10, 1])}
-    err = _ort_vs_torch(rec.path, pixel_unet, feeds, {"class_labels": feeds["class_labels"]})
-    assert err < 1e-4
+    _ort_vs_torch(rec.path, pixel_unet, feeds, {"class_labels": feeds["class_labels"]})
     meta = {p.key: p.value for p in onnx.load(os.fspath(rec.path), load_external_data=False).metadata_props}
     assert meta["msdda.cond"] == "class" and meta["msdda.weights_sha256"] == rec.weights_sha256
 
@@ -86,7 +129,8 @@ def test_text_conditional_export(tmp_path, sd):
     assert inputs["encoder_hidden_states"] == ("FLOAT", ["N", 77, 32])
     assert outputs["out"] == ("FLOAT", ["N", 4, "H", "W"])
     assert len(rec.verify_cases) == 2 and rec.verify_cases[1][1:] == (18, 20)   # another H, W verified too
-    assert rec.max_abs_err < 1e-4
+    assert_error_below(rec.max_abs_err, TWIN_MULTIPLE * _twin_error(unet, rec.verify_cases, text_shape=(77, 32)),
+                       "recorded ORT error, text")
 
 
 def test_fp16_export_and_static_batch(tmp_path, pixel_unet):
@@ -100,21 +144,30 @@ def test_fp16_export_and_static_batch(tmp_path, pixel_unet):
     inputs, outputs = _io(rec.path)
     assert inputs["sample"] == ("FLOAT16", [4, 1, 8, 8]) and inputs["timestep"] == ("FLOAT", [4])
     assert outputs["out"] == ("FLOAT16", [4, 2, 8, 8])
-    assert rec.verify_cases == ((4, 8, 8),) and rec.max_abs_err < DEFAULT_TOLERANCE["fp16"][1]
+    assert rec.verify_cases == ((4, 8, 8),)
+    # the float16 graph errs about eps(float16) / eps(float32) = 8192 x what the same float32 forward errs
+    # (tolerance.lower_precision_bound)
+    bound = lower_precision_bound(_twin_error(pixel_unet, rec.verify_cases, num_classes=11), eps(torch.float16))
+    assert_error_below(rec.max_abs_err, bound, "recorded ORT error, fp16")
 
 
 def test_external_data(tmp_path, pixel_unet):
     rec = export_unet_onnx(pixel_unet, tmp_path / "ext.onnx", sample_shape=(1, 8, 8), cond="class",
                            external_data=True)
-    assert rec.external_data and (tmp_path / "ext.onnx.data").stat().st_size > 100_000
-    assert (tmp_path / "ext.onnx").stat().st_size < 200_000
+    # every float32 parameter tensor of 1 KiB or more (the exporter's size_threshold) lives in the data file;
+    # the graph keeps only the small ones, so it is smaller than the weights it no longer holds
+    big = sum(4 * p.numel() for p in pixel_unet.parameters() if 4 * p.numel() >= 1024)
+    assert rec.external_data and (tmp_path / "ext.onnx.data").stat().st_size >= big
+    assert (tmp_path / "ext.onnx").stat().st_size < big
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data"]   # no temporaries left
 
 
 def test_failed_verification_keeps_nothing(tmp_path, pixel_unet):
+    """Demanding bitwise equality makes verification fail: ONNX Runtime's kernels sum in another order than
+    torch's, so of the 384 outputs some differ in the last bits (measured: max 8e-7)."""
     target = tmp_path / "bad.onnx"
     with pytest.raises(ExportError, match="differs from torch") as info:
-        export_unet_onnx(pixel_unet, target, sample_shape=(1, 8, 8), cond="class", rtol=0.0, atol=1e-12)
+        export_unet_onnx(pixel_unet, target, sample_shape=(1, 8, 8), cond="class", rtol=0.0, atol=0.0)
     assert "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -174,9 +227,13 @@ def test_export_pipeline_writes_manifest(tmp_path, pixel):
     assert manifest["inputs"] == {"sample": ["N", 1, 8, 8], "timestep": ["N"], "class_labels": ["N"]}
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert on_disk["models"]["sharp"]["file"] == "sharp.onnx"
+    from diffusers import UNet2DModel
+
     for name, m in on_disk["models"].items():
         assert (tmp_path / "out" / m["file"]).stat().st_size == m["size"]
-        assert m["max_abs_err"] < 1e-4
+        unet = UNet2DModel.from_pretrained((base if name == "base" else expert) / "unet").eval()
+        assert_error_below(m["max_abs_err"], TWIN_MULTIPLE * _twin_error(unet, [(3, 8, 8)], num_classes=11),
+                           f"recorded ORT error, {name}")
 
 
 @pytest.mark.parametrize("case", ["missing_base", "missing_expert", "bad_name", "expert_without_base"])
@@ -207,4 +264,13 @@ def test_zoo_export(tmp_path):
         pytest.skip("engine/zoo/models holds no trained base yet")
     manifest = export_models(None, {}, tmp_path / "zoo")
     assert manifest["members"] == ["base", *OBJECTIVES]
-    assert all(m["max_abs_err"] < 1e-3 for m in manifest["models"].values())
+    from diffusers import UNet2DModel
+
+    from msdda.zoo import zoo_paths
+
+    paths = dict(zoo_paths())
+    for name, m in manifest["models"].items():
+        unet = UNet2DModel.from_pretrained(Path(paths[name]) / "unet").eval()
+        cases = [(3, *manifest["sample_shape"][1:])]
+        bound = TWIN_MULTIPLE * _twin_error(unet, cases, num_classes=unet.config.num_class_embeds)
+        assert_error_below(m["max_abs_err"], bound, f"recorded ORT error, zoo {name}")

@@ -1,22 +1,28 @@
 """msdda.schedule against diffusers 0.42.1's own DDPMScheduler.step / DDIMScheduler.step.
 
 Every step of each chain is checked. Our Gaussian (mean, var), from the precomputed float64 StepScalars, with the
-*same* standard-normal z diffusers used, gives x_prev = mean + sqrt(var) * z. Errors are measured per step as
+*same* standard-normal z diffusers used, gives x_prev = mean + sqrt(var) * z. Each element is held to an a-priori
+rounding bound (tests/tolerance.py ``rounding_bound``: eps x magnitude x operation count), built from
 
-    err = max|x_prev - reference| / max(1, max|x_t|, max|reference|)
+  magnitude = |mx x_t| + |m0| (|px x_t| + |po out|) + |mo out| + sqrt(var) |z| (1 + |log var|)
 
-against three references:
+(the sum of the absolute values of the step's terms, in float64; the log term covers a variance that is exp of a
+computed log-variance), against three references:
   1. diffusers' step run in float64 (the same scheduler object with its alphas_cumprod / one / final_alpha_cumprod
-     swapped for our float64 table, fed float64 tensors: diffusers' exact algorithm, no float32 noise):
-     our float64 evaluation within TOL_DEF = 1e-12 (the formulas are identical; measured <= 1e-15);
-  2. the same float64 replay vs. our *float32* evaluation (what a float32 runtime computes):
-     within TOL_F32 = 2e-6 (float32 rounding; measured <= 4.1e-7);
-  3. stock diffusers (float32 tables, float32 arithmetic) vs. our float64 evaluation: within TOL_STOCK =
-     5e-5 for chains of <= 50 steps and 1e-3 for the 1000-step chain. This is diffusers' *own* float32 error
-     (its float64 replay differs from it by the same amount): it recomputes beta_t = 1 - abar_t/abar_prev in
-     float32, which cancels catastrophically at small t (abar ~ 0.999), and DDIM's sample-prediction eps =
-     (x_t - sqrt(abar_t) x0)/sqrt(1 - abar_t) amplifies rounding by 1/sqrt(1 - abar_t) ~ 100 at t = 0.
-     Measured worst: 2.6e-5 (50 steps), 3.7e-4 (1000 steps).
+     swapped for our float64 table, fed float64 tensors: diffusers' exact algorithm, no float32 noise) vs. our
+     float64 evaluation: both are float64 roundings of the same formula, within OPS_DIFFUSERS x eps(float64) x
+     kappa x magnitude. kappa (``_cancellation``) is how much diffusers' subtractions 1 - abar_t, 1 - abar_prev,
+     1 - abar_t/abar_prev and 1 - abar_prev - sigma^2 amplify the relative error of their operands
+     (a / (1 - a) for 1 - a). Measured worst: 0.11 of the bound.
+  2. the same float64 replay vs. our *float32* evaluation (what a float32 runtime computes): our step from
+     float64 scalars has no such cancellation, within OPS_OURS x eps(float32) x magnitude. Measured worst: 0.28.
+  3. stock diffusers (float32 tables, float32 arithmetic) vs. our float64 evaluation: this is diffusers' *own*
+     float32 error. Its table alphas_cumprod = cumprod(1 - betas) in float32 carries a relative error of up to
+     2 (t + 1) u = (t + 1) eps after t + 1 roundings of 1 - beta and t products, and abar_t / abar_prev up to
+     (t - t_prev + 1) eps; both are amplified by the cancellations above (it recomputes beta_t = 1 - abar_t/abar_prev
+     in float32, which cancels catastrophically at small t). So the bound is eps(float32) x magnitude x
+     (OPS_DIFFUSERS kappa + table terms), ``_stock_factor``. Measured worst: 0.003-0.08 of it (an a-priori worst
+     case; check 1 is the tight one).
 
 The chain follows stock diffusers' prev_sample, so every step sees identical inputs. Model outputs are random
 (eps / v / x0 channels ~ N(0, 1); a learned_range channel ~ U[-1, 1]; a learned channel a positive variance).
@@ -48,9 +54,15 @@ from msdda.schedule import (
     schedule_from_diffusers_config,
     step_scalars,
 )
+from tolerance import assert_within, rounding_bound
 
-TOL_DEF = 1e-12  # ours (float64) vs diffusers' algorithm in float64
-TOL_F32 = 2e-6  # ours (float32) vs diffusers' algorithm in float64
+# Roundings on the longest dependency path of one step, counted in units of eps = 2u (so each count is twice the
+# number of roundings: the slack covers the rounding of float64 scalars into float32 and libm's 1-ulp exp/log/pow).
+# Ours: x0 = px x + po out (coefficient, product, sum), x0 m0 (coefficient, product), + mx x, + mo out, + std z:
+# 8 roundings. Diffusers: alpha_prod_t[_prev] lookups, 1 - a, a_t / a_prev, 1 - that, ** 0.5 (pow), the
+# coefficient products and quotients, then the same products and sums over the tensors: at most 24 roundings.
+OPS_OURS = 8
+OPS_DIFFUSERS = 24
 SHAPE = (2, 3, 4, 4)
 BETAS = {
     "linear": dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
@@ -59,11 +71,42 @@ BETAS = {
 }
 
 
-def _err(ours: torch.Tensor, theirs: torch.Tensor, x_t: torch.Tensor) -> float:
-    """max |ours - theirs| / max(1, max|x_t|, max|theirs|)."""
-    scale = max(1.0, x_t.abs().max().item(), theirs.abs().max().item())
-    err = (ours.double() - theirs.double()).abs().max().item()
-    return err / scale if math.isfinite(err) else math.inf
+def _magnitude(out: torch.Tensor, x_t: torch.Tensor, z: torch.Tensor, sc: StepScalars) -> torch.Tensor:
+    """Sum of the absolute values of the step's terms per element, float64 (see the module docstring)."""
+    C = x_t.shape[1]
+    o, x = out[:, :C].double(), x_t.double()
+    x0_terms = (sc.px * x).abs() + (sc.po * o).abs()
+    mag = (sc.mx * x).abs() + abs(sc.m0) * x0_terms + (sc.mo * o).abs()
+    var = torch.as_tensor(gaussian_step(out.double(), x, sc)[1], dtype=torch.float64)
+    log_var = torch.where(var > 0, var.clamp_min(torch.finfo(torch.float64).tiny).log().abs(), 0.0)
+    return mag + var.sqrt() * z.double().abs() * (1 + log_var)
+
+
+def _abar_prev(sched, opts, kind: str, t_prev: int) -> float:
+    if t_prev >= 0:
+        return float(sched.alphas_cumprod[t_prev])
+    return float(sched.alphas_cumprod[0]) if kind == "ddim" and not opts.set_alpha_to_one else 1.0
+
+
+def _amplification(a: float) -> float:
+    """Relative-error amplification of 1 - a: a / (1 - a) (0 when a == 1, where 1 - a is exactly 0)."""
+    return a / (1 - a) if a < 1 else 0.0
+
+
+def _cancellation(abar_t: float, abar_prev: float, sc: StepScalars, kind: str) -> float:
+    """kappa of a step: the largest amplification of diffusers' subtractions (at least 1)."""
+    kappa = max(1.0, _amplification(abar_t), _amplification(abar_prev), _amplification(abar_t / abar_prev))
+    if kind == "ddim" and sc.var_mode == VarMode.FIXED and math.isfinite(sc.log_var_fixed):
+        rest = 1 - abar_prev - math.exp(sc.log_var_fixed)          # 1 - abar_prev - sigma^2
+        if rest > 0:
+            kappa = max(kappa, (1 - abar_prev) / rest)
+    return kappa
+
+
+def _stock_factor(t: int, t_prev: int, abar_t: float, abar_prev: float, kappa: float) -> float:
+    """OPS_DIFFUSERS kappa + the float32 table's error terms (module docstring, check 3), in units of eps."""
+    table = 2 * (t + 1) * max(1.0, _amplification(abar_t), _amplification(abar_prev))
+    return OPS_DIFFUSERS * kappa + table + 2 * (t - t_prev + 1) * _amplification(abar_t / abar_prev)
 
 
 def _float64_replica(ref, sched):
@@ -105,8 +148,8 @@ def _run_chain(kind, monkeypatch, *, steps, config, eta=0.0, use_clipped=False, 
 
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", fake_randn)
     x = torch.randn(SHAPE, generator=g)
-    tol_stock = 5e-5 if steps <= 50 else 1e-3  # diffusers' own float32 error, see the module docstring
-    for i, (t, sc) in enumerate(zip(ts, scalars)):
+    prev_ts = previous_timesteps(sched, ts, kind=kind)
+    for i, (t, t_prev, sc) in enumerate(zip(ts, prev_ts, scalars)):
         out = torch.randn(SHAPE, generator=g)
         if learned:
             if opts.variance_type == "learned_range":
@@ -133,12 +176,16 @@ def _run_chain(kind, monkeypatch, *, steps, config, eta=0.0, use_clipped=False, 
         ours64 = mean64 + var64.sqrt() * z.double()
         ours32 = mean32 + var32.sqrt() * z
         what = f"{kind} step {i} (t={t}, {sc.var_mode!r})"
-        e = _err(ours64, prev64, x)
-        assert e <= TOL_DEF, f"{what}: ours float64 vs diffusers float64: {e:.3g}"
-        e = _err(ours32, prev64, x)
-        assert e <= TOL_F32, f"{what}: ours float32 vs diffusers float64: {e:.3g}"
-        e = _err(ours64, prev32, x)
-        assert e <= tol_stock, f"{what}: ours float64 vs stock diffusers float32: {e:.3g}"
+        magnitude = _magnitude(out, x, z, sc)
+        abar_t, abar_prev = float(sched.alphas_cumprod[t]), _abar_prev(sched, opts, kind, t_prev)
+        kappa = _cancellation(abar_t, abar_prev, sc, kind)
+        assert_within(ours64, prev64, rounding_bound(kappa * magnitude, OPS_DIFFUSERS, torch.float64),
+                      f"{what}: ours float64 vs diffusers float64")
+        assert_within(ours32, prev64, rounding_bound(magnitude, OPS_OURS, torch.float32),
+                      f"{what}: ours float32 vs diffusers float64")
+        stock = _stock_factor(t, t_prev, abar_t, abar_prev, kappa)
+        assert_within(ours64, prev32, rounding_bound(stock * magnitude, 1, torch.float32),
+                      f"{what}: ours float64 vs stock diffusers float32")
         x = prev32
     if kind == "ddpm":
         assert len(draws) == 2 * sum(1 for t in ts if t > 0)  # diffusers adds no noise at t == 0
@@ -209,15 +256,29 @@ def test_ddpm_custom_timesteps_match_diffusers(monkeypatch):
     assert prev == [int(ref.previous_timestep(t)) for t in custom] == [700, 512, 300, 101, 40, 3, -1]
     scalars = precompute_step_scalars(sched, custom, kind="ddpm", variance_type="fixed_large")
     g = torch.Generator().manual_seed(3)
+    ref64 = DDPMScheduler(clip_sample=False, variance_type="fixed_large")
+    ref64.set_timesteps(timesteps=custom)
+    _float64_replica(ref64, sched)
     z_box = [None]
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, **k: z_box[0])
     x = torch.randn(SHAPE, generator=g)
-    for t, sc in zip(custom, scalars):
-        out, z_box[0] = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    opts = SchedulerOptions()
+    for t, t_prev, sc in zip(custom, prev, scalars):
+        out, z = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+        z_box[0] = z
         prev_sample = ref.step(out, t, x).prev_sample
+        z_box[0] = z.double()
+        prev64 = ref64.step(out.double(), t, x.double()).prev_sample
         mean, var, _ = gaussian_step(out.double(), x.double(), sc)
-        e = _err(mean + var.sqrt() * z_box[0].double(), prev_sample, x)
-        assert e <= 5e-5, f"custom t={t}: {e:.3g}"
+        ours = mean + var.sqrt() * z.double()
+        magnitude = _magnitude(out, x, z, sc)
+        abar_t, abar_prev = float(sched.alphas_cumprod[t]), _abar_prev(sched, opts, "ddpm", t_prev)
+        kappa = _cancellation(abar_t, abar_prev, sc, "ddpm")
+        assert_within(ours, prev64, rounding_bound(kappa * magnitude, OPS_DIFFUSERS, torch.float64),
+                      f"custom t={t}: ours float64 vs diffusers float64")
+        stock = _stock_factor(t, t_prev, abar_t, abar_prev, kappa)
+        assert_within(ours, prev_sample, rounding_bound(stock * magnitude, 1, torch.float32),
+                      f"custom t={t}: ours float64 vs stock diffusers float32")
         x = prev_sample
     # the last step (t=3 -> "before the chain") still adds noise in diffusers (t > 0): fixed_large's beta = 1-abar_3
     assert scalars[-1].var_mode == VarMode.FIXED and math.isfinite(scalars[-1].log_var_fixed)
@@ -248,7 +309,11 @@ def test_betas_equal_diffusers(betas, rescale):
         s = make_schedule(1000, **BETAS[betas], rescale_betas_zero_snr=rescale)
         assert s.betas.dtype == np.float64 and s.alphas_cumprod.dtype == np.float64
         np.testing.assert_array_equal(s.betas, ref.betas.double().numpy())  # bit-equal
-        np.testing.assert_allclose(s.alphas_cumprod, ref.alphas_cumprod.double().numpy(), rtol=3e-6, atol=1e-12)
+        # diffusers' float32 cumprod(1 - betas): t + 1 roundings of 1 - beta and t products, so abar_t errs by at
+        # most 2 (t + 1) u = (t + 1) eps relative to our float64 table (module docstring, check 3)
+        theirs = torch.from_numpy(ref.alphas_cumprod.double().numpy())
+        rtol = rounding_bound(torch.arange(1, len(theirs) + 1, dtype=torch.float64), 1, torch.float32)
+        assert_within(torch.tensor(s.alphas_cumprod), theirs, rtol * theirs.abs(), f"{betas} alphas_cumprod")
     np.testing.assert_array_equal(s.alphas_cumprod, np.cumprod(1 - s.betas))
     np.testing.assert_array_equal(s.alphas_cumprod_prev[1:], s.alphas_cumprod[:-1])
     assert s.alphas_cumprod_prev[0] == 1.0
@@ -417,15 +482,31 @@ def test_gaussian_step_differentiable():
             mean, var, _ = gaussian_step(o, x, sc)
             return gaussian_log_prob(x_prev, mean, var).sum() + gaussian_kl(mean, var, mean_b, 0.5).sum()
 
+        # gradcheck's own float64 tolerances (step 1e-6, atol 1e-5, rtol 1e-3) hold here: central differences
+        # err by h^2 |f'''| ~ 1e-12 plus rounding u |f| / h ~ 1e-10 |f| (|f| < 100), far below them, while a
+        # wrong derivative is off by O(1)
         assert torch.autograd.gradcheck(f, (out, x_t))
 
 
 def test_log_prob_and_kl_match_torch_distributions():
+    """float64 formulas vs torch.distributions' float64 formulas: each side rounds at most ~10 times on terms
+    whose absolute values sum to ``magnitude`` (the scale passes through sqrt and back: 2 more), so they agree
+    within rounding_bound(magnitude, 12, float64) elementwise."""
     g = torch.Generator().manual_seed(2)
     x, ma, mb = (torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(3))
     va, vb = (torch.rand(SHAPE, generator=g, dtype=torch.float64) + 0.05 for _ in range(2))
     Na, Nb = torch.distributions.Normal(ma, va.sqrt()), torch.distributions.Normal(mb, vb.sqrt())
-    torch.testing.assert_close(gaussian_log_prob(x, ma, va), Na.log_prob(x))
-    torch.testing.assert_close(gaussian_kl(ma, va, mb, vb), torch.distributions.kl_divergence(Na, Nb))
-    torch.testing.assert_close(gaussian_kl(ma, va, ma, va), torch.zeros(SHAPE, dtype=torch.float64))
-    torch.testing.assert_close(gaussian_log_prob(x, ma, 0.3), torch.distributions.Normal(ma, 0.3**0.5).log_prob(x))
+
+    def log_prob_magnitude(var):
+        var = torch.as_tensor(var, dtype=torch.float64)
+        return ((x - ma) ** 2 / var + var.log().abs() + math.log(2 * math.pi)) / 2
+
+    kl_magnitude = (va.log().abs() + vb.log().abs() + (va + (ma - mb) ** 2) / vb + 1) / 2
+    assert_within(gaussian_log_prob(x, ma, va), Na.log_prob(x),
+                  rounding_bound(log_prob_magnitude(va), 12, torch.float64), "log_prob")
+    assert_within(gaussian_kl(ma, va, mb, vb), torch.distributions.kl_divergence(Na, Nb),
+                  rounding_bound(kl_magnitude, 12, torch.float64), "kl")
+    # KL(a || a) is exactly 0: log va - log va = 0, (va + 0) / va = 1, 1 - 1 = 0, all exact in IEEE arithmetic
+    assert torch.equal(gaussian_kl(ma, va, ma, va), torch.zeros(SHAPE, dtype=torch.float64))
+    assert_within(gaussian_log_prob(x, ma, 0.3), torch.distributions.Normal(ma, 0.3**0.5).log_prob(x),
+                  rounding_bound(log_prob_magnitude(0.3), 12, torch.float64), "log_prob, scalar variance")

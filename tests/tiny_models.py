@@ -63,6 +63,8 @@ def perturbed_copy(src, dst, *, seed: int, scale: float = 0.02, subfolder: str =
     gen = torch.Generator().manual_seed(seed)
     for name, tensor in state.items():
         if tensor.is_floating_point():
+            # noise relative to the tensor's mean magnitude; the 1e-3 floor is not a tolerance: it gives tensors
+            # initialised to zero a perturbation too, so every parameter of the expert differs from the base
             noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32)
             state[name] = (tensor.float() + scale * (tensor.float().abs().mean() + 1e-3) * noise).to(tensor.dtype)
     save_file(state, weights)
