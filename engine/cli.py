@@ -12,6 +12,8 @@ import math
 import sys
 from pathlib import Path
 
+from msdda import batch, serve  # the Ray commands; Ray itself is imported only when they run
+
 EXIT_BAD_INPUT = 2
 
 
@@ -112,7 +114,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msdda", description="Compose aligned diffusion experts at denoising time (MSDDA).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,sweep,eval,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,sweep,eval,export,serve,batch}")
 
     gen = sub.add_parser("generate", help="generate images with weights chosen per run",
                          description="Generate images composing the experts with the given weights. Writes "
@@ -150,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17)")
     ex.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     ex.add_argument("--dynamic-hw", action="store_true", help="dynamic height and width (batch is always dynamic)")
+    serve.add_command(sub)
+    batch.add_command(sub)
     return parser
 
 
@@ -378,7 +382,8 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "sweep": cmd_sweep, "eval": cmd_eval, "export": cmd_export}
+COMMANDS = {"generate": cmd_generate, "sweep": cmd_sweep, "eval": cmd_eval, "export": cmd_export, "serve": serve.run,
+            "batch": batch.run}
 
 
 def main(argv=None) -> int:
