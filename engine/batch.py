@@ -323,6 +323,8 @@ def run(args) -> int:
     except OSError as exc:
         raise _bad(f"cannot create output folder {out}: {exc.strerror}") from None
     _check_run(out, spec, args.exact_batching)
+    for stale in (out / "images").glob(".*.tmp"):     # half-written temp files of a killed run (never renamed)
+        stale.unlink(missing_ok=True)
     todo, done = pending_rows(rows, out)
     print(f"msdda batch: {len(rows)} rows, {len(done)} already done, {len(todo)} to make", flush=True)
     new = []
@@ -330,15 +332,17 @@ def run(args) -> int:
         require_ray()
         started, where = start_ray(num_cpus=max(os.cpu_count() or 1, cpus * args.concurrency))
         try:
-            import ray
+            import logging
+
+            import ray.data
 
             print(f"msdda batch: {where}", flush=True)
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = False
+            logging.getLogger("ray.data").setLevel(logging.ERROR)   # progress is printed below, one line a part
+            ray.data.DataContext.get_current().enable_progress_bars = False
             ds = ray.data.from_items(todo).map_batches(
                 EngineWorker, fn_constructor_kwargs={"spec": spec, "out_dir": str(out), "exact": args.exact_batching},
-                batch_size=args.batch_size, batch_format="pyarrow", concurrency=args.concurrency, num_cpus=cpus,
-                num_gpus=args.num_gpus)
+                batch_size=args.batch_size, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=args.concurrency), num_cpus=cpus, num_gpus=args.num_gpus)
             for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 records = part.to_pylist()
                 _write_parquet(out / "manifest.parts" / f"part-{time.time_ns()}-{os.getpid()}.parquet", records)

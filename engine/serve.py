@@ -19,6 +19,7 @@ Metrics go through ``ray.serve.metrics`` to Ray's Prometheus endpoint (``ray_msd
 # definition time, inside build_app, where fastapi is imported.
 import argparse
 import base64
+import functools
 import json
 import math
 import time
@@ -70,7 +71,9 @@ _EXPECTED = {
 }
 
 
-def _request_model():
+@functools.lru_cache(maxsize=1)
+def request_model():
+    """The pydantic model of a generate request (built on first use: pydantic is part of the [serve] extra)."""
     from typing import Literal, Union
 
     from pydantic import BaseModel, ConfigDict
@@ -94,15 +97,11 @@ def _request_model():
     return GenerateRequest
 
 
-_REQUEST_MODEL = None
-
-
 def parse_request(body: bytes, spec: ModelSpec, limits: Limits) -> dict:
     """The HTTP body as ``Engine.generate`` keyword arguments, or ValueError with one line.
 
     Only the JSON shape and the serving limits are checked here; the values (expert names, weights, labels,
     steps >= 1, ...) are the engine's to judge, so its own message reaches the client."""
-    global _REQUEST_MODEL
     from pydantic import ValidationError
 
     try:
@@ -111,10 +110,8 @@ def parse_request(body: bytes, spec: ModelSpec, limits: Limits) -> dict:
         raise ValueError(f"malformed JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError("the request body must be a JSON object")
-    if _REQUEST_MODEL is None:
-        _REQUEST_MODEL = _request_model()
     try:
-        req = _REQUEST_MODEL.model_validate(data)
+        req = request_model().model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         name = str(err["loc"][0]) if err["loc"] else "body"
@@ -242,7 +239,11 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
                 self.errors.inc(tags={"kind": "engine"})
                 return self._answer("/v1/generate", 500,
                                     {"error": f"engine failure: {type(result).__name__}: {one_line(result)}"})
-            body = await asyncio.to_thread(response_body, result, self.models, call)
+            try:
+                body = await asyncio.to_thread(response_body, result, self.models, call)
+            except Exception as exc:  # noqa: BLE001 -- encoding failed: still one JSON line, and the server stays up
+                self.errors.inc(tags={"kind": "engine"})
+                return self._answer("/v1/generate", 500, {"error": f"encoding failure: {one_line(exc)}"})
             return self._answer("/v1/generate", 200, body)
 
         @api.get("/v1/models")
@@ -284,6 +285,20 @@ def add_command(sub) -> argparse.ArgumentParser:
     g.add_argument("--metrics-port", type=int, default=None,
                    help="port of Ray's Prometheus metrics endpoint (default: Ray picks one and it is printed)")
     return p
+
+
+def deployment_error(serve) -> str | None:
+    """The message of the last exception Serve recorded for the deployment (e.g. the replica's LoadError)."""
+    import re
+
+    try:
+        app = serve.status().applications[APP_NAME]
+        messages = [app.message] + [d.message for d in app.deployments.values()]
+    except Exception:  # noqa: BLE001 -- no status to read: the caller falls back to Serve's own message
+        return None
+    errors = [m for text in messages for m in re.findall(r"^\s*[\w.]+(?:Error|Exception): (.+)$", text or "", re.M)
+              if "Traceback (most recent call last)" not in m]
+    return errors[-1].strip() if errors else None
 
 
 def _positive(name: str, value, *, allow_zero=False) -> None:
@@ -342,9 +357,17 @@ def run(args) -> int:
         for sig in signals:   # after ray.init, whose core worker installs its own SIGTERM handler (it just dies)
             signal.signal(sig, lambda *_: stop.set())
         if not stop.is_set():
+            import logging
+
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)     # this command prints its own status lines
             serve.start(http_options={"host": args.host, "port": args.port})
-            serve.run(build_app(spec, settings, replicas=args.replicas, num_cpus=cpus, num_gpus=args.num_gpus),
-                      name=APP_NAME, route_prefix="/", blocking=False)
+            try:
+                serve.run(build_app(spec, settings, replicas=args.replicas, num_cpus=cpus, num_gpus=args.num_gpus),
+                          name=APP_NAME, route_prefix="/", blocking=False)
+            except RuntimeError as exc:
+                from msdda.cli import CliError
+
+                raise CliError(f"the server did not start: {deployment_error(serve) or one_line(exc)}") from None
             print(f"msdda serve: http://{args.host}:{args.port} (POST /v1/generate, GET /v1/models, GET /healthz); "
                   f"{where}; Ctrl-C or SIGTERM stops it", flush=True)
             stop.wait()
