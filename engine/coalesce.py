@@ -11,8 +11,11 @@ the same way at every batch size: MKL's sgemm (``nn.Linear``) gives a row differ
 under ``SeparateRequestRows``: every linear and convolution is computed on each request's own rows, in the
 shapes that request's direct call has, while everything else (the Python-level UNet traversal, norms,
 activations, the fused step) still runs once for the whole batch. Each image is then bit-identical to
-``engine.generate`` of its request alone on the same machine and thread count. ``exact=False`` skips that and
-merges plainly: faster, with images equal to the direct call only to float32 rounding.
+``engine.generate`` of its request alone on the same machine and thread count, with one exception outside this
+module: the fused step's CPU torch path (no Triton) treats a call with a single sample differently from a call
+with several (``msdda.kernels.compose``), so a one-image request can differ from its direct call in the last
+bits there. ``exact=False`` skips the regrouping and merges plainly: faster, with images equal to the direct
+call only to float32 rounding.
 """
 from __future__ import annotations
 
