@@ -21,6 +21,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from msdda import batch, serve  # the Ray commands; Ray itself is imported only when they run
+
 EXIT_BAD_INPUT = 2
 GRID = "grid.png"
 SUMMARY = "summary.json"
@@ -203,7 +205,7 @@ def _add_verbose_arg(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> N
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="msdda", description="Compose aligned diffusion experts at denoising time (MSDDA).")
     _add_verbose_arg(parser, default=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,sweep,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,sweep,export,serve,batch}")
 
     gen = sub.add_parser("generate", help="generate images with weights chosen per run",
                          description="Generate images composing the experts with the given weights. Writes "
@@ -241,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     ex.add_argument("--dynamic-hw", action="store_true", help="dynamic height and width (batch is always dynamic)")
     _add_verbose_arg(ex)
+    serve.add_command(sub)
+    batch.add_command(sub)
     return parser
 
 
@@ -520,7 +524,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "sweep": cmd_sweep, "export": cmd_export}
+COMMANDS = {"generate": cmd_generate, "sweep": cmd_sweep, "export": cmd_export, "serve": serve.run, "batch": batch.run}
 
 
 def error_line(exc: BaseException) -> str:

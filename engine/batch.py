@@ -1,0 +1,364 @@
+"""``msdda batch --input JOBS --out DIR``: offline generation with Ray Data, one row per image, resumable.
+
+JOBS (JSON Lines or Parquet) has one row per image: ``id`` (optional: the row number), ``class`` or ``prompt``,
+``weights`` ({expert: w}, or its JSON text), ``seed``, and optionally ``steps``, ``guidance_scale``, ``eta``,
+``strategy``. Rows go through ``Dataset.map_batches`` over an actor pool of Engines; each actor runs its batch of
+rows through ``msdda.coalesce.generate_many`` (rows that agree on steps/guidance/strategy share one engine
+call), writes ``DIR/images/<id>.png`` atomically and returns the rows' manifest records, which the driver
+appends to ``DIR/manifest.parts/`` as they arrive and folds into ``DIR/manifest.parquet`` at the end.
+
+Resume: a row is done when its image exists, decodes, and has the sha256 its manifest record gives for the same
+job fields; every other row (missing, damaged, changed, failed) is made again. An image is written before its
+record, so a kill at any point loses nothing and duplicates nothing: an image without a record is simply made
+again (with exact batching, to the same bytes).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+from msdda.ray_runtime import ModelSpec, add_model_args, model_spec, require_ray, start_ray, stop_ray
+
+__all__ = ["JOB_FIELDS", "add_command", "read_jobs", "pending_rows", "run", "EngineWorker"]
+
+#: a job row's fields, in manifest order (weights as JSON text)
+JOB_FIELDS = ("id", "prompt", "class", "weights", "seed", "steps", "guidance_scale", "eta", "strategy")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _manifest_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("id", pa.string()), ("prompt", pa.string()), ("class", pa.int64()), ("weights", pa.string()),
+        ("seed", pa.int64()), ("steps", pa.int64()), ("guidance_scale", pa.float64()), ("eta", pa.float64()),
+        ("strategy", pa.string()),
+        ("image", pa.string()),              # path relative to DIR; null when the row failed
+        ("file_sha256", pa.string()),
+        ("models", pa.string()),             # JSON [{name, sha256}] of the Engine that made it
+        ("backend", pa.string()), ("exact_batching", pa.bool_()),
+        ("engine_call_samples", pa.int64()),  # samples in the Engine.generate call that made it
+        ("batch_seconds", pa.float64()),     # wall time of the actor batch it was part of
+        ("finished_at", pa.float64()),       # unix time the image was written
+        ("error", pa.string()),              # the one-line reason when the engine refused the row
+    ])
+
+
+# ---------------------------------------------------------------------- jobs
+def _bad(msg: str):
+    from msdda.cli import CliError
+
+    return CliError(msg)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _normalize_row(raw: dict, index: int, spec: ModelSpec) -> dict:
+    """A job row with every field present (defaults filled in), weights as canonical JSON text."""
+    where = f"row {index}"
+    unknown = sorted(set(raw) - set(JOB_FIELDS))
+    if unknown:
+        raise _bad(f"{where}: unknown field {unknown[0]!r}; fields are: {', '.join(JOB_FIELDS)}")
+    row = {k: raw.get(k) for k in JOB_FIELDS}
+    row["id"] = f"{index:06d}" if row["id"] is None else row["id"]
+    if not isinstance(row["id"], str) or not _ID.fullmatch(row["id"]):
+        raise _bad(f"{where}: id {row['id']!r} is not a usable file name (letters, digits, '.', '_', '-'; "
+                   "at most 128 characters, not starting with '.' or '-')")
+    where = f"row {index} (id {row['id']!r})"
+    weights = row["weights"]
+    if isinstance(weights, str):
+        try:
+            weights = json.loads(weights)
+        except json.JSONDecodeError:
+            raise _bad(f"{where}: weights {weights!r} is not JSON") from None
+    if isinstance(weights, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in weights):
+        weights = dict(weights)                     # a Parquet map column reads as [(key, value), ...]
+    if weights is not None:
+        if not isinstance(weights, dict) or not all(isinstance(k, str) and (v is None or _is_number(v))
+                                                    for k, v in weights.items()):
+            raise _bad(f"{where}: weights must be an object {{expert: number}}, got {weights!r}")
+        weights = {k: v for k, v in weights.items() if v is not None}   # a Parquet struct column fills gaps with null
+    row["weights"] = None if weights is None else json.dumps(weights, sort_keys=True)
+    checks = [("seed", _is_int, "an integer"), ("class", _is_int, "an integer"), ("steps", _is_int, "an integer"),
+              ("prompt", lambda v: isinstance(v, str), "a string"), ("strategy", lambda v: isinstance(v, str), "a string"),
+              ("guidance_scale", _is_number, "a number"), ("eta", _is_number, "a number")]
+    for name, ok, what in checks:
+        value = row[name]
+        if isinstance(value, float) and name in ("seed", "class", "steps") and value.is_integer():
+            value = row[name] = int(value)          # Parquet/pandas may widen an int column with nulls to float
+        if value is not None and not ok(value):
+            raise _bad(f"{where}: {name} must be {what}, got {value!r}")
+    if row["seed"] is None:
+        raise _bad(f"{where}: no seed (every row names its seed, so its image is reproducible)")
+    if row["prompt"] is not None and row["class"] is not None:
+        raise _bad(f"{where}: give prompt or class, not both")
+    row["steps"] = spec.default_steps if row["steps"] is None else row["steps"]
+    row["guidance_scale"] = float(spec.default_guidance_scale if row["guidance_scale"] is None else row["guidance_scale"])
+    row["eta"] = 1.0 if row["eta"] is None else float(row["eta"])
+    row["strategy"] = row["strategy"] or "msdda"
+    return row
+
+
+def read_jobs(path, spec: ModelSpec) -> list[dict]:
+    """Rows of a JSONL or Parquet jobs file, checked for shape (ids unique and usable as file names, known
+    fields, types); whether the values suit the models is for the engine to say, row by row."""
+    path = Path(path)
+    if not path.is_file():
+        raise _bad(f"--input: {path} is not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            raw_rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # noqa: BLE001 -- any unreadable file is one line for the user
+            raise _bad(f"--input: cannot read {path} as Parquet: {' '.join(str(exc).split())}") from None
+    elif suffix in (".jsonl", ".ndjson", ".json"):
+        raw_rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise _bad(f"--input: {path} line {n} is not JSON ({exc.msg})") from None
+            if not isinstance(item, dict):
+                raise _bad(f"--input: {path} line {n} is not a JSON object")
+            raw_rows.append(item)
+    else:
+        raise _bad(f"--input: {path} must be .jsonl (JSON Lines) or .parquet")
+    if not raw_rows:
+        raise _bad(f"--input: {path} has no rows")
+    rows = [_normalize_row(r, i, spec) for i, r in enumerate(raw_rows)]
+    seen = set()
+    for r in rows:
+        if r["id"] in seen:
+            raise _bad(f"--input: id {r['id']!r} appears twice; ids name the image files and must be unique")
+        seen.add(r["id"])
+    return rows
+
+
+def row_call(row: dict) -> dict:
+    """One job row as ``Engine.generate`` keyword arguments."""
+    call = {"num_images": 1, "seed": row["seed"], "steps": row["steps"], "guidance_scale": row["guidance_scale"],
+            "eta": row["eta"], "strategy": row["strategy"], "output_type": "pil"}
+    if row["prompt"] is not None:
+        call["prompt"] = row["prompt"]
+    if row["class"] is not None:
+        call["class_labels"] = row["class"]
+    if row["weights"] is not None:
+        call["weights"] = json.loads(row["weights"])
+    return call
+
+
+# ---------------------------------------------------------------------- manifest and resume
+def _read_records(out: Path) -> list[dict]:
+    """Manifest records from the final manifest and any parts a killed run left, oldest first."""
+    import pyarrow.parquet as pq
+
+    files = ([out / "manifest.parquet"] if (out / "manifest.parquet").is_file() else []) + \
+        sorted((out / "manifest.parts").glob("part-*.parquet"))
+    records = []
+    for f in files:
+        try:
+            records.extend(pq.read_table(f).to_pylist())
+        except Exception:  # noqa: BLE001 -- a damaged manifest file only means those rows are checked again
+            continue
+    return records
+
+
+def _image_ok(path: Path, sha256: str | None) -> bool:
+    if sha256 is None or not path.is_file():
+        return False
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001 -- anything PIL cannot decode is damaged
+        return False
+
+
+def pending_rows(rows: list[dict], out: Path) -> tuple[list[dict], dict]:
+    """(rows still to make, {id: record} of rows already done and verified)."""
+    latest = {}
+    for rec in _read_records(out):
+        latest[rec["id"]] = rec
+    done, todo = {}, []
+    for row in rows:
+        rec = latest.get(row["id"])
+        if rec is not None and rec.get("error") is None and all(rec.get(k) == row[k] for k in JOB_FIELDS) \
+                and _image_ok(out / "images" / f"{row['id']}.png", rec.get("file_sha256")):
+            done[row["id"]] = rec
+        else:
+            todo.append(row)
+    return todo, done
+
+
+def _write_parquet(path: Path, records: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from msdda.atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(records, schema=_manifest_schema()), buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------- the Ray Data worker
+class EngineWorker:
+    """A ``map_batches`` callable class: each actor of the pool loads the Engine once and makes its batches."""
+
+    def __init__(self, spec: ModelSpec, out_dir: str, exact: bool):
+        self.engine = spec.load()
+        self.images = Path(out_dir) / "images"
+        self.exact = exact
+        self.backend = spec.backend
+        self.models = json.dumps([{"name": m.name, "sha256": m.sha256} for m in self.engine.models])
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        from msdda.atomic import atomic_write_bytes
+        from msdda.coalesce import encode_png, generate_many
+
+        rows = batch.to_pylist()
+        start = time.perf_counter()
+        results = generate_many(self.engine, [row_call(r) for r in rows], exact=self.exact)
+        seconds = time.perf_counter() - start
+        records = []
+        for row, result in zip(rows, results):
+            rec = {**{k: row[k] for k in JOB_FIELDS}, "models": self.models, "backend": self.backend,
+                   "exact_batching": self.exact, "batch_seconds": seconds, "image": None, "file_sha256": None,
+                   "engine_call_samples": None, "error": None}
+            if isinstance(result, Exception):
+                rec["error"] = " ".join(str(result).split()) or type(result).__name__
+            else:
+                png = encode_png(result.images[0])
+                atomic_write_bytes(self.images / f"{row['id']}.png", png)   # the image first, then its record
+                rec.update(image=f"images/{row['id']}.png", file_sha256=hashlib.sha256(png).hexdigest(),
+                           engine_call_samples=result.batch_size)
+            rec["finished_at"] = time.time()
+            records.append(rec)
+        return pa.Table.from_pylist(records, schema=_manifest_schema())
+
+
+# ---------------------------------------------------------------------- command line
+def add_command(sub) -> argparse.ArgumentParser:
+    """Add ``msdda batch`` to the CLI's subparsers."""
+    p = sub.add_parser("batch", help="generate a jobs file of images with Ray Data (resumable)",
+                       description="Generate one image per row of a JSONL or Parquet jobs file with Ray Data "
+                                   "map_batches over a pool of Engine actors. Writes OUT/images/<id>.png and "
+                                   "OUT/manifest.parquet; running it again skips verified images and remakes the "
+                                   "rest. Uses a local Ray, or the cluster at $RAY_ADDRESS.")
+    p.add_argument("--input", required=True, metavar="JOBS", help="jobs file: .jsonl or .parquet, one row per image")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_model_args(p)
+    g = p.add_argument_group("Ray Data")
+    g.add_argument("--concurrency", type=int, default=1, help="Engine actors in the pool (default 1)")
+    g.add_argument("--batch-size", type=int, default=16, help="rows per map_batches call (default 16)")
+    g.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs per actor, also its torch threads (default: all cores / concurrency)")
+    g.add_argument("--num-gpus", type=float, default=0, help="GPUs per actor (default 0)")
+    g.add_argument("--exact-batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="every image bit-identical to Engine.generate of its row alone (default on; "
+                        "--no-exact-batching is faster on CPU)")
+    return p
+
+
+def _check_run(out: Path, spec: ModelSpec, exact: bool) -> None:
+    """The folder holds this run's models and settings, or nothing yet (another run there is refused)."""
+    from msdda.atomic import atomic_write_json
+
+    run_info = {"base": spec.base, "experts": spec.experts, "backend": spec.backend, "scheduler": spec.scheduler,
+                "exact_batching": exact}
+    path = out / "run.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise _bad(f"{path} is corrupt; remove it or use another --out") from None
+        if old != run_info:
+            changed = sorted(k for k in set(old) | set(run_info) if old.get(k) != run_info.get(k))
+            raise _bad(f"{out} holds a batch of other models or settings (differs in: {', '.join(changed)}); "
+                       "use another --out")
+    else:
+        atomic_write_json(path, run_info)
+
+
+def run(args) -> int:
+    """``msdda batch``: make every pending row, then write the manifest. Exit 2 when some rows were refused."""
+    for name in ("concurrency", "batch_size"):
+        if getattr(args, name) < 1:
+            raise _bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.num_gpus) and args.num_gpus >= 0):
+        raise _bad(f"--num-gpus must be >= 0, got {args.num_gpus}")
+    cpus = args.num_cpus if args.num_cpus is not None else max(1, (os.cpu_count() or 1) // args.concurrency)
+    if cpus < 1:
+        raise _bad(f"--num-cpus must be >= 1, got {cpus}")
+    spec = model_spec(args, threads=cpus, num_gpus=args.num_gpus)
+    rows = read_jobs(args.input, spec)
+    out = Path(args.out)
+    try:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        (out / "manifest.parts").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise _bad(f"cannot create output folder {out}: {exc.strerror}") from None
+    _check_run(out, spec, args.exact_batching)
+    for stale in (out / "images").glob(".*.tmp"):     # half-written temp files of a killed run (never renamed)
+        stale.unlink(missing_ok=True)
+    todo, done = pending_rows(rows, out)
+    print(f"msdda batch: {len(rows)} rows, {len(done)} already done, {len(todo)} to make", flush=True)
+    new = []
+    if todo:
+        require_ray()
+        started, where = start_ray(num_cpus=max(os.cpu_count() or 1, cpus * args.concurrency))
+        try:
+            import logging
+
+            import ray.data
+
+            print(f"msdda batch: {where}", flush=True)
+            logging.getLogger("ray.data").setLevel(logging.ERROR)   # progress is printed below, one line a part
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            ds = ray.data.from_items(todo).map_batches(
+                EngineWorker, fn_constructor_kwargs={"spec": spec, "out_dir": str(out), "exact": args.exact_batching},
+                batch_size=args.batch_size, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=args.concurrency), num_cpus=cpus, num_gpus=args.num_gpus)
+            for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                records = part.to_pylist()
+                _write_parquet(out / "manifest.parts" / f"part-{time.time_ns()}-{os.getpid()}.parquet", records)
+                new.extend(records)
+                print(f"msdda batch: {len(done) + sum(r['error'] is None for r in new)}/{len(rows)} images", flush=True)
+        finally:
+            if started:
+                stop_ray()
+    by_id = {**done, **{r["id"]: r for r in new}}
+    manifest = [by_id[r["id"]] for r in rows if r["id"] in by_id]
+    _write_parquet(out / "manifest.parquet", manifest)
+    for part in (out / "manifest.parts").glob("part-*.parquet"):
+        part.unlink(missing_ok=True)
+    failed = [r for r in manifest if r["error"] is not None]
+    print(f"msdda batch: wrote {len(manifest) - len(failed)} images and {out / 'manifest.parquet'}", flush=True)
+    if failed:
+        raise _bad(f"{len(failed)} of {len(rows)} rows failed (first: id {failed[0]['id']!r}: {failed[0]['error']}); "
+                   "their manifest rows say why")
+    return 0

@@ -1,0 +1,103 @@
+"""What ``msdda serve`` and ``msdda batch`` share: the model flags, the Engine description that Ray workers load,
+and starting (or joining) Ray.
+
+Ray is imported only inside functions: ``import msdda.cli`` stays light, and Ray is an optional extra
+(``pip install 'msdda[serve]'``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+__all__ = ["ModelSpec", "add_model_args", "model_spec", "start_ray", "stop_ray", "require_ray"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a Ray worker needs to load the same Engine: plain strings, so it pickles anywhere. On a
+    cluster the paths must be readable by every node (shared storage)."""
+    base: str
+    experts: dict = field(default_factory=dict)
+    backend: str = "torch"
+    device: str = "cpu"
+    scheduler: str | None = None
+    threads: int = 1                  # torch CPU threads in each worker (bitwise results depend on it)
+    default_steps: int = 50
+    default_guidance_scale: float = 7.5
+
+    def load(self):
+        """Load the Engine (in the worker) and give torch its thread count."""
+        import torch
+
+        from msdda import Engine
+
+        torch.set_num_threads(self.threads)
+        return Engine.from_pretrained(self.base, self.experts, backend=self.backend, device=self.device,
+                                      scheduler=self.scheduler)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model flags of ``msdda generate`` (the embedded zoo when neither --base nor --expert is given)."""
+    g = p.add_argument_group("models (default: the embedded digits zoo)")
+    g.add_argument("--base", metavar="PATH", help="base model: a diffusers pipeline folder, a folder with unet/, or a UNet folder")
+    g.add_argument("--expert", metavar="NAME=PATH", action="append",
+                   help="an aligned expert: a UNet folder of the base's architecture or a LoRA adapter (repeatable)")
+    g.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"), help="network runtime (default torch)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda when --num-gpus > 0, else cpu)")
+    g.add_argument("--scheduler", choices=("ddpm", "ddim"), help="sampler family (default: the base's own)")
+
+
+def model_spec(args, *, threads: int, num_gpus: float) -> ModelSpec:
+    """The Engine the flags describe, with the zoo's sampling defaults when the models are the zoo's."""
+    from msdda import zoo
+    from msdda.cli import CliError, resolve_models
+
+    base, experts = resolve_models(args)
+    for name, path in [("--base", base), *((f"--expert {n}", p) for n, p in experts.items())]:
+        if not os.environ.get("RAY_ADDRESS") and not os.path.exists(path):
+            raise CliError(f"{name}: {path} does not exist")
+    using_zoo = args.base is None
+    device = args.device or ("cuda" if num_gpus > 0 else "cpu")
+    return ModelSpec(base=str(base), experts={n: str(p) for n, p in experts.items()}, backend=args.backend,
+                     device=device, scheduler=args.scheduler, threads=threads,
+                     default_steps=zoo.DEFAULT_STEPS if using_zoo else 50,
+                     default_guidance_scale=zoo.DEFAULT_GUIDANCE_SCALE if using_zoo else 7.5)
+
+
+def require_ray():
+    """Import Ray, or fail with one line that says how to get it."""
+    try:
+        import ray
+    except ImportError:
+        from msdda.cli import CliError
+
+        raise CliError("Ray is not installed: pip install 'msdda[serve]'") from None
+    return ray
+
+
+def start_ray(*, num_cpus: int | None = None, metrics_port: int | None = None) -> tuple[bool, str]:
+    """Join the Ray this process already uses, or the cluster at $RAY_ADDRESS, or start a local one.
+
+    Returns (started, where): started is True when this call started a local Ray (the caller then owns it and
+    stops it with ``stop_ray``); where says which Ray, its session folder and its Prometheus metrics URL.
+    """
+    ray = require_ray()
+    if ray.is_initialized():
+        return False, "Ray: the one this process already uses"
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level="warning")
+        return False, f"Ray: the cluster at {os.environ['RAY_ADDRESS']}"
+    options = {"_metrics_export_port": metrics_port} if metrics_port else {}
+    context = ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="warning",
+                       **options)
+    info = context.address_info
+    return True, (f"Ray: local, session {info.get('session_dir')}; "
+                  f"metrics: http://{info.get('node_ip_address')}:{info.get('metrics_export_port')}/metrics")
+
+
+def stop_ray() -> None:
+    """Stop the local Ray this process started: its raylet, GCS, workers and actors end with it."""
+    import ray
+
+    ray.shutdown()

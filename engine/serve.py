@@ -1,0 +1,387 @@
+"""``msdda serve``: a Ray Serve application around one loaded Engine, with a FastAPI ingress.
+
+    POST /v1/generate   {"class_labels" | "prompt", "weights", "seed", "num_images", "steps", "guidance_scale",
+                         "eta", "strategy", "output": "png" | "latent", "normalize", "expert_betas",
+                         "negative_prompt"}
+                        -> 200 {"images": [base64 PNG], "seeds", "weights", "strategy", "models", "batch_size", ...}
+                        -> 422 {"error": "<one line>"} for a bad request; 500 {"error"} for an engine failure
+    GET  /v1/models     experts, strategies, conditioning, defaults and limits
+    GET  /healthz
+
+Concurrent requests are gathered by ``@serve.batch`` and run by ``msdda.coalesce.generate_many``: requests that
+agree on the per-call arguments share one ``Engine.generate`` call with per-sample weights, seeds and labels;
+the others run as their own calls; a failing request is split off so it fails alone. With exact batching (the
+default) every response is bit-identical to ``Engine.generate`` of that request alone.
+
+Metrics go through ``ray.serve.metrics`` to Ray's Prometheus endpoint (``ray_msdda_*``).
+"""
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (`request: Request`) at
+# definition time, inside build_app, where fastapi is imported.
+import argparse
+import base64
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass
+
+from msdda.ray_runtime import ModelSpec, add_model_args, model_spec, require_ray, start_ray, stop_ray
+
+__all__ = ["Limits", "ServeSettings", "add_command", "build_app", "check_limits", "parse_request", "run"]
+
+APP_NAME = "msdda"
+LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Serving-specific bounds on one request (the engine validates everything else)."""
+    max_images: int = 16
+    max_steps: int = 1000
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    limits: Limits = Limits()
+    max_batch_size: int = 16          # requests gathered into one batch
+    batch_wait_s: float = 0.02
+    exact_batching: bool = True
+
+
+def check_limits(call: dict, limits: Limits) -> None:
+    """Raise ValueError when a request asks for more than this server allows."""
+    steps = call.get("steps")
+    if isinstance(steps, int) and steps > limits.max_steps:
+        raise ValueError(f"steps={steps} is above this server's limit of {limits.max_steps} (--max-steps)")
+    sizes = [call.get("num_images", 1)] + [len(v) for v in (call.get(k) for k in ("class_labels", "prompt", "seed"))
+                                           if isinstance(v, list)]
+    if max(sizes) > limits.max_images:
+        raise ValueError(f"{max(sizes)} images requested; this server allows at most {limits.max_images} per "
+                         "request (--max-images)")
+
+
+# ---------------------------------------------------------------------- request parsing
+_EXPECTED = {
+    "prompt": "a string or a list of strings", "class_labels": "an integer or a list of integers",
+    "weights": "an object {expert: number}", "seed": "an integer or a list of integers",
+    "num_images": "an integer", "steps": "an integer", "guidance_scale": "a number", "eta": "a number",
+    "strategy": "a string", "output": "\"png\" or \"latent\"", "normalize": "true or false",
+    "expert_betas": "an object {expert: number}", "negative_prompt": "a string",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def request_model():
+    """The pydantic model of a generate request (built on first use: pydantic is part of the [serve] extra)."""
+    from typing import Literal, Union
+
+    from pydantic import BaseModel, ConfigDict
+
+    class GenerateRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        prompt: Union[str, list[str], None] = None
+        class_labels: Union[int, list[int], None] = None
+        weights: Union[dict[str, float], None] = None
+        seed: Union[int, list[int]] = 0
+        num_images: int = 1
+        steps: Union[int, None] = None
+        guidance_scale: Union[float, None] = None
+        eta: float = 1.0
+        strategy: str = "msdda"
+        output: Literal["png", "latent"] = "png"
+        normalize: bool = False
+        expert_betas: Union[dict[str, float], None] = None
+        negative_prompt: Union[str, None] = None
+
+    return GenerateRequest
+
+
+def parse_request(body: bytes, spec: ModelSpec, limits: Limits) -> dict:
+    """The HTTP body as ``Engine.generate`` keyword arguments, or ValueError with one line.
+
+    Only the JSON shape and the serving limits are checked here; the values (expert names, weights, labels,
+    steps >= 1, ...) are the engine's to judge, so its own message reaches the client."""
+    from pydantic import ValidationError
+
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"malformed JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError("the request body must be a JSON object")
+    try:
+        req = request_model().model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "body"
+        if err["type"] == "extra_forbidden":
+            raise ValueError(f"unknown field {name!r}; fields are: {', '.join(_EXPECTED)}") from None
+        raise ValueError(f"{name}: expected {_EXPECTED.get(name, err['msg'])}, got {_short(data.get(name))}") from None
+    call = {
+        "num_images": req.num_images, "seed": req.seed, "strategy": req.strategy, "eta": req.eta,
+        "steps": spec.default_steps if req.steps is None else req.steps,
+        "guidance_scale": spec.default_guidance_scale if req.guidance_scale is None else req.guidance_scale,
+        "output_type": "pil" if req.output == "png" else "latent",
+    }
+    for name in ("prompt", "class_labels", "weights", "expert_betas", "negative_prompt"):
+        if getattr(req, name) is not None:
+            call[name] = getattr(req, name)
+    if req.normalize:
+        call["normalize"] = True
+    check_limits(call, limits)
+    return call
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def response_body(share, spec_models, call: dict) -> dict:
+    """The JSON answer for one request's share of an engine call."""
+    from msdda.coalesce import encode_png
+
+    body = {"seeds": share.seeds, "weights": share.weights, "strategy": share.strategy, "models": spec_models,
+            "batch_size": share.batch_size, "steps": call["steps"], "guidance_scale": call["guidance_scale"],
+            "eta": call["eta"]}
+    if call["output_type"] == "latent":
+        body["latents"] = share.latents.float().cpu().tolist()
+    else:
+        body["images"] = [base64.b64encode(encode_png(im)).decode() for im in share.images]
+    return body
+
+
+# ---------------------------------------------------------------------- the Ray Serve application
+def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, num_cpus: float = 1,
+              num_gpus: float = 0):
+    """The bound Serve application: one deployment, ``replicas`` copies, each holding one Engine."""
+    import asyncio
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from ray import serve
+
+    api = FastAPI(title="msdda", description="Multi-objective denoising-time alignment of diffusion models")
+
+    @serve.deployment(name="MsddaServer", num_replicas=replicas,
+                      ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
+                      # room for one batch running and the next one gathering
+                      max_ongoing_requests=max(2 * settings.max_batch_size, 8))
+    @serve.ingress(api)
+    class MsddaServer:
+        def __init__(self):
+            from ray.serve.metrics import Counter, Histogram
+
+            from msdda.strategies import STRATEGIES
+
+            self.engine = spec.load()
+            self.models = [{"name": m.name, "sha256": m.sha256} for m in self.engine.models]
+            eng = self.engine
+            self.info = {
+                "experts": list(eng.experts), "models": self.models, "strategies": list(STRATEGIES),
+                "conditioning": "text" if eng.is_text else ("class" if eng.num_classes else "none"),
+                "class_labels": [0, eng.num_classes - 2] if eng.num_classes and not eng.is_text else None,
+                "default_steps": spec.default_steps, "default_guidance_scale": spec.default_guidance_scale,
+                "limits": {"max_images": settings.limits.max_images, "max_steps": settings.limits.max_steps},
+                "max_batch_size": settings.max_batch_size, "exact_batching": settings.exact_batching,
+                "backend": spec.backend, "device": spec.device, "torch_threads": spec.threads,
+            }
+            self.requests = Counter("msdda_requests", description="HTTP requests answered, by route and status",
+                                    tag_keys=("route", "status"))
+            self.errors = Counter("msdda_errors", description="Failed generate requests: bad_request (4xx) or "
+                                  "engine (5xx)", tag_keys=("kind",))
+            self.latency = Histogram("msdda_request_latency_seconds", description="POST /v1/generate latency",
+                                     boundaries=LATENCY_BUCKETS_S)
+            self.batch_samples = Histogram("msdda_batch_samples", description="Samples per Engine.generate call",
+                                           boundaries=BATCH_BUCKETS)
+            self.batch_requests = Histogram("msdda_batch_requests", description="Requests per gathered batch",
+                                            boundaries=BATCH_BUCKETS)
+
+        def _answer(self, route: str, status: int, body: dict):
+            self.requests.inc(tags={"route": route, "status": str(status)})
+            return JSONResponse(body, status_code=status)
+
+        @serve.batch(max_batch_size=settings.max_batch_size, batch_wait_timeout_s=settings.batch_wait_s)
+        async def _generate_batch(self, calls: list) -> list:
+            self.batch_requests.observe(len(calls))
+            return await asyncio.to_thread(self._generate_many, calls)
+
+        def _generate_many(self, calls: list) -> list:
+            from msdda.coalesce import generate_many
+
+            results = generate_many(self.engine, calls, exact=settings.exact_batching)
+            calls_seen = set()    # shares of one engine call are views of the same latents: observe it once
+            for r in results:
+                if not isinstance(r, Exception) and r.latents.untyped_storage().data_ptr() not in calls_seen:
+                    calls_seen.add(r.latents.untyped_storage().data_ptr())
+                    self.batch_samples.observe(r.batch_size)
+            return results
+
+        @api.post("/v1/generate")
+        async def generate(self, request: Request):
+            start = time.perf_counter()
+            try:
+                call = parse_request(await request.body(), spec, settings.limits)
+            except ValueError as exc:
+                self.errors.inc(tags={"kind": "bad_request"})
+                return self._answer("/v1/generate", 422, {"error": one_line(exc)})
+            result = await self._generate_batch(call)
+            self.latency.observe(time.perf_counter() - start)
+            if isinstance(result, ValueError):     # the engine refused the arguments, or the composition
+                self.errors.inc(tags={"kind": "bad_request"})
+                return self._answer("/v1/generate", 422, {"error": one_line(result)})
+            if isinstance(result, Exception):
+                self.errors.inc(tags={"kind": "engine"})
+                return self._answer("/v1/generate", 500,
+                                    {"error": f"engine failure: {type(result).__name__}: {one_line(result)}"})
+            try:
+                body = await asyncio.to_thread(response_body, result, self.models, call)
+            except Exception as exc:  # noqa: BLE001 -- encoding failed: still one JSON line, and the server stays up
+                self.errors.inc(tags={"kind": "engine"})
+                return self._answer("/v1/generate", 500, {"error": f"encoding failure: {one_line(exc)}"})
+            return self._answer("/v1/generate", 200, body)
+
+        @api.get("/v1/models")
+        async def list_models(self):
+            return self._answer("/v1/models", 200, self.info)
+
+        @api.get("/healthz")
+        async def healthz(self):
+            return self._answer("/healthz", 200, {"status": "ok"})
+
+    return MsddaServer.bind()
+
+
+# ---------------------------------------------------------------------- command line
+def add_command(sub) -> argparse.ArgumentParser:
+    """Add ``msdda serve`` to the CLI's subparsers."""
+    p = sub.add_parser("serve", help="serve generation over HTTP with Ray Serve (dynamic batching)",
+                       description="Serve POST /v1/generate, GET /v1/models and GET /healthz with Ray Serve. "
+                                   "Concurrent requests share engine calls; each response equals Engine.generate "
+                                   "of that request alone. Starts a local Ray, or joins $RAY_ADDRESS. "
+                                   "Ctrl-C or SIGTERM stops the server and the Ray it started.")
+    add_model_args(p)
+    g = p.add_argument_group("serving")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    g.add_argument("--max-batch-size", type=int, default=16, help="most requests gathered into one batch (default 16)")
+    g.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="how long a batch waits for more requests after its first (default 20 ms)")
+    g.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
+    g.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs per replica, also its torch threads (default: all cores / replicas)")
+    g.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (default 0)")
+    g.add_argument("--max-steps", type=int, default=1000, help="largest 'steps' a request may ask for (default 1000)")
+    g.add_argument("--max-images", type=int, default=16, help="most images one request may ask for (default 16)")
+    g.add_argument("--exact-batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute each request's rows of every linear/conv layer separately, so a response is "
+                        "bit-identical to Engine.generate of that request alone (default on; --no-exact-batching "
+                        "is faster on CPU, equal only to float32 rounding)")
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help="port of Ray's Prometheus metrics endpoint (default: Ray picks one and it is printed)")
+    return p
+
+
+def deployment_error(serve) -> str | None:
+    """The message of the last exception Serve recorded for the deployment (e.g. the replica's LoadError)."""
+    import re
+
+    try:
+        app = serve.status().applications[APP_NAME]
+        messages = [app.message] + [d.message for d in app.deployments.values()]
+    except Exception:  # noqa: BLE001 -- no status to read: the caller falls back to Serve's own message
+        return None
+    errors = [m for text in messages for m in re.findall(r"^\s*[\w.]+(?:Error|Exception): (.+)$", text or "", re.M)
+              if "Traceback (most recent call last)" not in m]
+    return errors[-1].strip() if errors else None
+
+
+def _positive(name: str, value, *, allow_zero=False) -> None:
+    from msdda.cli import CliError
+
+    ok = value is not None and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise CliError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    from msdda.cli import CliError
+
+    if not 0 < port < 65536:
+        raise CliError(f"--port must be in 1..65535, got {port}")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def run(args) -> int:
+    """``msdda serve``: start (or join) Ray, deploy, serve until SIGTERM / Ctrl-C, then stop what it started."""
+    import os
+    import signal
+    import threading
+
+    for name in ("max_batch_size", "replicas", "max_steps", "max_images"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    _positive("--batch-wait-ms", args.batch_wait_ms, allow_zero=True)
+    _positive("--num-gpus", args.num_gpus, allow_zero=True)
+    cpus = args.num_cpus if args.num_cpus is not None else max(1, (os.cpu_count() or 1) // args.replicas)
+    _positive("--num-cpus", cpus)
+    spec = model_spec(args, threads=cpus, num_gpus=args.num_gpus)
+    if spec.default_steps > args.max_steps:
+        from msdda.cli import CliError
+
+        raise CliError(f"--max-steps {args.max_steps} is below the models' default of {spec.default_steps} steps")
+    settings = ServeSettings(Limits(args.max_images, args.max_steps), args.max_batch_size,
+                             args.batch_wait_ms / 1000, args.exact_batching)
+    _check_port_free(args.host, args.port)
+    require_ray()
+    stop = threading.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    started = False
+    try:
+        from ray import serve
+
+        started, where = start_ray(num_cpus=max(os.cpu_count() or 1, cpus * args.replicas),
+                                   metrics_port=args.metrics_port)
+        for sig in signals:   # after ray.init, whose core worker installs its own SIGTERM handler (it just dies)
+            signal.signal(sig, lambda *_: stop.set())
+        if not stop.is_set():
+            import logging
+
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)     # this command prints its own status lines
+            serve.start(http_options={"host": args.host, "port": args.port})
+            try:
+                serve.run(build_app(spec, settings, replicas=args.replicas, num_cpus=cpus, num_gpus=args.num_gpus),
+                          name=APP_NAME, route_prefix="/", blocking=False)
+            except RuntimeError as exc:
+                from msdda.cli import CliError
+
+                raise CliError(f"the server did not start: {deployment_error(serve) or one_line(exc)}") from None
+            print(f"msdda serve: http://{args.host}:{args.port} (POST /v1/generate, GET /v1/models, GET /healthz); "
+                  f"{where}; Ctrl-C or SIGTERM stops it", flush=True)
+            stop.wait()
+        print("msdda serve: stopping", flush=True)
+    finally:
+        try:
+            if started:
+                serve.shutdown()
+                stop_ray()
+            elif require_ray().is_initialized():
+                from ray import serve
+
+                serve.delete(APP_NAME)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return 0

@@ -1,0 +1,321 @@
+"""``msdda serve`` and the request coalescing behind it.
+
+The server tests run one real ``msdda serve`` subprocess (the embedded zoo, a local Ray it starts itself) for the
+whole module, talk to it over HTTP on 127.0.0.1, and finish by stopping it with SIGTERM and checking that no
+process of that Ray session is left. Served images are compared byte for byte with ``Engine.generate`` run in
+this process with the server's torch thread count.
+"""
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+import torch
+
+from msdda.coalesce import SeparateRequestRows, encode_png, generate_many, merge_key
+from msdda.serve import Limits, parse_request
+from msdda.ray_runtime import ModelSpec
+
+SERVER_THREADS = 2           # the server's --num-cpus, i.e. its torch threads; direct calls here use the same
+STARTUP_S = 240              # Ray + Serve + one replica loading the zoo, on a busy 2-core machine
+
+
+# ---------------------------------------------------------------------- helpers
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_tagged(tag: str) -> list[str]:
+    """Processes whose environment carries this test's tag: the server and everything its Ray started."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if f"MSDDA_TEST_TAG={tag}".encode() not in fh.read():
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"{pid}: {cmdline[:100]}")
+        except OSError:      # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+class Server:
+    def __init__(self, tmp_path):
+        self.tag = uuid.uuid4().hex
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, MSDDA_TEST_TAG=self.tag, PYTHONUNBUFFERED="1")
+        self.log = open(tmp_path / "server.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "msdda.cli", "serve", "--port", str(self.port), "--num-cpus", str(SERVER_THREADS),
+             "--batch-wait-ms", "500", "--max-batch-size", "16", "--max-steps", "60", "--max-images", "4"],
+            env=env, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.banner = self._wait_banner()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def _wait_banner(self) -> str:
+        deadline = time.monotonic() + STARTUP_S
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            if line.startswith("msdda serve: http"):
+                return line
+        self.stop()
+        pytest.fail(f"msdda serve did not start; see {self.log.name}")
+
+    def request(self, method: str, path: str, body=None, raw: bytes | None = None):
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=300) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("serve"))
+    yield srv
+    srv.stop()
+    deadline = time.monotonic() + 30
+    while _processes_tagged(srv.tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _processes_tagged(srv.tag)
+
+
+@pytest.fixture(scope="module")
+def zoo_engine():
+    import msdda
+    from msdda.zoo import OBJECTIVES, zoo_paths
+
+    paths = zoo_paths()
+    return msdda.Engine.from_pretrained(str(paths["base"]), {n: str(paths[n]) for n in OBJECTIVES})
+
+
+def _direct(engine, call: dict):
+    """Engine.generate of one request alone, with the server's thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(SERVER_THREADS)
+    try:
+        return engine.generate(**call)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------- without Ray: coalescing
+def test_merge_key_groups_only_requests_that_can_share_a_call():
+    a = dict(class_labels=3, weights={"x": 1.0}, seed=1, steps=2, guidance_scale=2.0)
+    assert merge_key(a) == merge_key({**a, "class_labels": [4, 5], "num_images": 2, "seed": 9,
+                                      "weights": {"y": 1.0}})
+    for change in ({"steps": 3}, {"guidance_scale": 1.5}, {"eta": 0.0}, {"strategy": "mpa"},
+                   {"output_type": "latent"}, {"expert_betas": {"x": 2.0}}, {"normalize": True}):
+        assert merge_key({**a, **change}) != merge_key(a), change
+    assert merge_key({**a, "class_labels": [1, 2, 3], "num_images": 2}) is None     # the engine will refuse it
+    assert merge_key({**a, "latents": torch.zeros(1)}) is None                         # not a mergeable argument
+    assert merge_key({**a, "strategy": "soup"}) is None                                # per-weights networks
+    assert merge_key({**a, "strategy": "soup"}, exact=False) is not None
+
+
+def test_separate_request_rows_keeps_values_and_layout():
+    """The mode only regroups row-wise work: values equal the plain call to float rounding (bounded by
+    2 K eps sum|w x| for dot products of length K), and the output keeps the plain call's memory layout."""
+    import torch.nn.functional as F
+
+    eps = torch.finfo(torch.float32).eps
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    lin = torch.nn.Linear(8, 5)
+    x = torch.randn(2 * 6, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    v = x.mean((2, 3))
+    a, b = torch.randn(2, 12, 8), torch.randn(2, 8, 3)
+    with torch.inference_mode():
+        plain = conv(x), lin(v), torch.bmm(a, b)
+        with SeparateRequestRows([1, 3, 2]):
+            split = conv(x), lin(v), torch.bmm(a, b)
+        bounds = (2 * 72 * eps * (F.conv2d(x.abs(), conv.weight.abs(), conv.bias.abs(), padding=1)),
+                  2 * 8 * eps * (F.linear(v.abs(), lin.weight.abs(), lin.bias.abs())),
+                  2 * 8 * eps * torch.bmm(a.abs(), b.abs()))
+    for p_, s_, bound in zip(plain, split, bounds):
+        assert s_.shape == p_.shape and bool(((s_ - p_).abs() <= bound).all())
+    assert split[0].is_contiguous(memory_format=torch.channels_last)
+    assert plain[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_generate_many_text_model_matches_direct_calls_bit_for_bit(tmp_path):
+    """Text conditioning, a VAE and attention: mixed prompts and weights share one call, and each request's
+    images are identical to its own Engine.generate (the zoo's class model is checked through the server)."""
+    import msdda
+    from tiny_models import make_tiny_sd_pipeline, perturbed_copy
+
+    base = make_tiny_sd_pipeline(tmp_path / "base", sample_size=8)
+    experts = {"a": perturbed_copy(base, tmp_path / "a", seed=5, scale=0.2),
+               "b": perturbed_copy(base, tmp_path / "b", seed=6, scale=0.2)}
+    engine = msdda.Engine.from_pretrained(base, experts)
+    common = dict(steps=2, guidance_scale=5.0)
+    calls = [dict(prompt="a cat", weights={"a": 0.3, "b": 0.7}, seed=1, **common),
+             dict(prompt=["the dog", "of and"], weights={"a": 1.0}, num_images=2, seed=4, **common),
+             dict(prompt="zz", weights={"a": 0.5, "b": 0.5}, seed=19, **common)]
+    results = generate_many(engine, calls)
+    assert [r.batch_size for r in results] == [4, 4, 4]
+    for call, result in zip(calls, results):
+        direct = engine.generate(**call)
+        assert torch.equal(result.latents, direct.latents)
+        assert [encode_png(im) for im in result.images] == [encode_png(im) for im in direct.images]
+        assert result.seeds == direct.seeds and result.weights == direct.weights
+
+
+def test_parse_request_errors_are_one_line():
+    spec = ModelSpec(base="b", default_steps=10, default_guidance_scale=2.0)
+    limits = Limits(max_images=4, max_steps=20)
+    good = parse_request(b'{"class_labels": 3, "weights": {"legible": 1}}', spec, limits)
+    assert good["steps"] == 10 and good["guidance_scale"] == 2.0 and good["output_type"] == "pil"
+    assert good["weights"] == {"legible": 1.0} and good["num_images"] == 1
+    for body, fragment in [(b"{", "malformed JSON"), (b"[1]", "JSON object"), (b'{"wieghts": {}}', "unknown field 'wieghts'"),
+                           (b'{"seed": "1"}', "seed: expected an integer"), (b'{"steps": 21}', "limit of 20"),
+                           (b'{"num_images": 5}', "at most 4"), (b'{"seed": [1, 2, 3, 4, 5]}', "at most 4"),
+                           (b'{"output": "jpg"}', 'output: expected "png" or "latent"'),
+                           (b'{"weights": {"a": "x"}}', "weights: expected an object"), (b"\xff", "malformed JSON")]:
+        with pytest.raises(ValueError) as info:
+            parse_request(body, spec, limits)
+        assert fragment in str(info.value) and "\n" not in str(info.value), body
+
+
+# ---------------------------------------------------------------------- the server
+def test_health_and_models(server):
+    assert server.request("GET", "/healthz") == (200, {"status": "ok"})
+    status, info = server.request("GET", "/v1/models")
+    assert status == 200
+    assert info["experts"] == ["legible", "bold", "compressible"] and info["conditioning"] == "class"
+    assert info["class_labels"] == [0, 9] and info["default_steps"] == 50 and "msdda" in info["strategies"]
+    assert info["torch_threads"] == SERVER_THREADS and info["exact_batching"] is True
+    assert info["limits"] == {"max_images": 4, "max_steps": 60}
+    assert [m["name"] for m in info["models"]] == ["base", "legible", "bold", "compressible"]
+
+
+def test_bad_requests_get_422_and_the_server_stays_up(server):
+    bad = [
+        (None, b'{"class_labels": 3,', "malformed JSON"),
+        ({"class_labels": 3, "weights": {"legible": 0.5, "nope": 0.5}}, None, "unknown expert 'nope'"),
+        ({"class_labels": 3, "weights": {"legible": -0.5, "bold": 1.5}}, None, "negative"),
+        (None, b'{"class_labels": 3, "weights": {"legible": NaN, "bold": 1}}', "not a finite number"),
+        ({"class_labels": 3, "steps": 0}, None, "steps must be a positive integer"),
+        ({"class_labels": 3, "steps": 61}, None, "limit of 60"),
+        ({"class_labels": 3, "num_images": 5}, None, "at most 4"),
+        ({"prompt": "a cat"}, None, "not text-conditioned"),
+        ({"class_labels": 10}, None, "class labels must lie in 0..9"),
+        ({"class_labels": 3, "strategy": "best"}, None, "unknown strategy"),
+    ]
+    for body, raw, fragment in bad:
+        status, answer = server.request("POST", "/v1/generate", body, raw)
+        assert status == 422, (body, raw, answer)
+        assert list(answer) == ["error"] and fragment in answer["error"] and "\n" not in answer["error"]
+    status, answer = server.request("POST", "/v1/generate", {"class_labels": 3, "steps": 2, "seed": 4})
+    assert status == 200 and len(answer["images"]) == 1 and answer["seeds"] == [4]
+
+
+def test_mixed_concurrent_requests_are_batched_and_identical_to_direct_generate(server, zoo_engine):
+    """Different weights, labels, seeds, image counts and step counts at once; requests that agree on steps share
+    an engine call, an infeasible composition and an unknown expert in the same batch fail alone, and every
+    served PNG equals Engine.generate of that request alone, byte for byte."""
+    good = [
+        {"class_labels": 3, "weights": {"legible": 0.6, "bold": 0.4}, "seed": 5, "steps": 2},
+        {"class_labels": [7, 1], "weights": {"bold": 0.5, "compressible": 0.5}, "seed": 11, "num_images": 2, "steps": 2},
+        {"class_labels": 0, "weights": {"legible": 1.0}, "seed": [100, 7, 3], "num_images": 3, "steps": 2},
+        {"class_labels": 8, "weights": {"legible": 0.2, "bold": 0.3, "compressible": 0.5}, "seed": 9, "steps": 2},
+        {"class_labels": 4, "weights": {"legible": 0.5, "bold": 0.5}, "seed": 2, "steps": 3},
+        {"class_labels": 4, "weights": {"legible": 0.1, "bold": 0.9}, "seed": 6, "steps": 3, "num_images": 2},
+        {"class_labels": 2, "weights": {"legible": 0.5, "bold": 0.5}, "seed": 1, "steps": 2, "strategy": "mpa"},
+    ]
+    infeasible = {"class_labels": 0, "weights": {"legible": 0.5, "bold": 0.5}, "steps": 2,
+                  "expert_betas": {"legible": 50, "bold": 50, "compressible": 50}}
+    unknown = {"class_labels": 5, "weights": {"legible": 0.5, "typo": 0.5}, "seed": 3, "steps": 2}
+    bodies = good + [infeasible, unknown]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: server.request("POST", "/v1/generate", b), bodies))
+    assert answers[-2][0] == 422 and "infeasible composition" in answers[-2][1]["error"]
+    assert answers[-1][0] == 422 and "unknown expert 'typo'" in answers[-1][1]["error"]
+    for body, (status, answer) in zip(good, answers):
+        assert status == 200, answer
+        call = {"num_images": 1, "guidance_scale": 2.0, "seed": 0, **body}
+        direct = _direct(zoo_engine, call)
+        served = [base64.b64decode(s) for s in answer["images"]]
+        assert served == [encode_png(im) for im in direct.images], body
+        assert answer["seeds"] == direct.seeds and answer["weights"] == direct.weights
+        assert answer["strategy"] == call.get("strategy", "msdda") and answer["steps"] == call["steps"]
+    own = [len(a[1]["images"]) for a in answers[:len(good)]]
+    assert any(a[1]["batch_size"] > n for a, n in zip(answers, own)), "no request shared an engine call"
+
+
+def test_latent_output(server, zoo_engine):
+    body = {"class_labels": 6, "weights": {"legible": 0.3, "bold": 0.7}, "seed": 8, "steps": 2, "output": "latent"}
+    status, answer = server.request("POST", "/v1/generate", body)
+    assert status == 200 and "images" not in answer
+    direct = _direct(zoo_engine, {"class_labels": 6, "weights": body["weights"], "seed": 8, "steps": 2,
+                                  "guidance_scale": 2.0, "output_type": "latent"})
+    assert torch.equal(torch.tensor(answer["latents"], dtype=torch.float32), direct.latents)
+
+
+def test_prometheus_metrics(server):
+    """Request counts by status, latency and batch-size histograms and error counts reach Ray's endpoint."""
+    url = re.search(r"metrics: (http://\S+/metrics)", server.banner).group(1)
+    wanted = ['ray_msdda_requests_total{', 'status="422"', 'status="200"', "ray_msdda_request_latency_seconds_bucket",
+              "ray_msdda_batch_samples_bucket", "ray_msdda_batch_requests_bucket", 'ray_msdda_errors_total{',
+              'kind="bad_request"']
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        if all(w in text for w in wanted):
+            break
+        time.sleep(1)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, missing
+
+
+def test_sigterm_stops_the_server_and_its_ray(server):
+    assert _processes_tagged(server.tag)             # the server and its Ray are running
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(90) == 0
+    deadline = time.monotonic() + 30
+    while _processes_tagged(server.tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_tagged(server.tag) == []
