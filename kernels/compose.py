@@ -200,17 +200,13 @@ def compose_torch(a: ComposeArgs, validate: bool = True, error_count=None, expla
     else:  # per-element variances: accumulate P and sum_k c_k mu_k / var_k in place
         prec = torch.zeros((B, N), dtype=torch.float32, device=mean.device)
         wsum = torch.zeros_like(prec)
-        if a.coeff.shape[0] == 1:
-            ones = torch.ones((), dtype=torch.float32, device=mean.device).expand(B, N)
-            for k, ck in enumerate(a.coeff[0].tolist()):
-                prec.addcdiv_(ones, v[k], value=ck)
-                wsum.addcdiv_(m[k], v[k], value=ck)
-        else:
-            c = a.coeff.t()[:, :, None]  # [K, B, 1]
-            for k in range(K):
-                w = torch.div(c[k], v[k])
-                prec += w
-                wsum.addcmul_(w, m[k])
+        # one formula whether the coefficients are shared ([1, K]) or per sample ([B, K]): a sample's x_prev must
+        # not depend on how many samples share the call (a one-sample call has coeff [1, K] too)
+        c = a.coeff.t()[:, :, None]  # [K, B|1, 1]
+        for k in range(K):
+            w = torch.div(c[k], v[k])
+            prec += w
+            wsum.addcmul_(w, m[k])
         # checked: P > 0 everywhere (amin propagates NaN; an inf P from a zero variance makes x NaN, caught below);
         # unchecked: P finite, i.e. no zero variance
         fast = float(prec.amin()) > 0 if check else _finite_sum(prec)

@@ -467,3 +467,20 @@ def test_kernels_compile_for_sm90_and_cpu_dispatch(tmp_path):
     r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, cases, str(tmp_path / "asm.json")],
                        env=env, capture_output=True, text=True, timeout=600, cwd=repo)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("var_kind", ["elem", "expert"])
+def test_a_sample_is_the_same_alone_or_in_a_batch(impl, var_kind):
+    """Bit for bit: a sample's x_prev depends only on its own inputs and seed, never on how many samples share
+    the call (a one-sample call has coefficients [1, K], which once took another formula on the torch path).
+    Serving relies on this: requests batched together must equal their calls alone."""
+    g = torch.Generator().manual_seed(3)
+    K, B, N = 3, 4, 300
+    mean = torch.randn(K, B, N, generator=g)
+    var = (torch.rand(K, B, N, generator=g) if var_kind == "elem" else torch.rand(K, B, generator=g)) + 0.1
+    coeff = torch.rand(B, K, generator=g) + 0.1
+    seeds = torch.arange(B, dtype=torch.int64) + 11
+    together = compose_gaussians(mean, var, coeff, seed=seeds, offset=5)
+    for b in range(B):
+        alone = compose_gaussians(mean[:, b:b + 1], var[:, b:b + 1], coeff[b:b + 1], seed=seeds[b:b + 1], offset=5)
+        assert torch.equal(alone[0], together[b]), f"sample {b}"
