@@ -26,7 +26,8 @@ GRID = "grid.png"
 SUMMARY = "summary.json"
 MAX_SWEEP_POINTS = 101          # point folders are named w0.00 ... w1.00: two decimals tell 101 apart
 # Loggers of the libraries msdda drives; silenced (with Python warnings) unless --verbose.
-LIBRARY_LOGGERS = ("diffusers", "transformers", "accelerate", "torch", "huggingface_hub", "onnxruntime", "onnx")
+LIBRARY_LOGGERS = ("diffusers", "transformers", "accelerate", "peft", "torch", "huggingface_hub", "onnxruntime",
+                   "onnx")
 _QUIET_ENV = {"DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error",
               "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 

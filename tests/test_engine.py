@@ -302,13 +302,13 @@ def test_lora_expert_merges_onto_base(pixel_models, tmp_path):
     target = "down_blocks.0.resnets.0.conv1"
     weight = dict(unet.named_modules())[target].weight
     rank = 2
-    a = torch.randn(rank, weight[0].numel())
-    b = torch.randn(weight.shape[0], rank) * 0.01
+    a = torch.randn(rank, *weight.shape[1:])                  # a Conv2d's LoRA: down [r, in, kh, kw], up [out, r, 1, 1]
+    b = torch.randn(weight.shape[0], rank, 1, 1) * 0.01
     lora_dir = tmp_path / "lora"
     lora_dir.mkdir()
     save_file({f"unet.{target}.lora.down.weight": a, f"unet.{target}.lora.up.weight": b},
               lora_dir / "pytorch_lora_weights.safetensors")
     eng = msdda.Engine.from_pretrained(base, {"l": lora_dir})
     merged = dict(eng.backend._nets[1].named_modules())[target].weight
-    torch.testing.assert_close(merged, weight + (b @ a).reshape(weight.shape))
+    torch.testing.assert_close(merged, weight + (b.flatten(1) @ a.flatten(1)).reshape(weight.shape))
     assert np.isfinite(_gen(eng, weights={"l": 1.0}).numpy()).all()

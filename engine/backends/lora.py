@@ -10,24 +10,22 @@ The members of a call travel in a ContextVar set around that one forward: it is 
 task), so concurrent calls with different members never see each other's selection. Ranks may differ between
 adapters (zero-padded to the largest, which adds exact zeros), and a member with no adapter on a layer (the
 base itself) has a zero delta there.
+
+The group network is a structural copy of the base whose layers hold the base's own parameter tensors
+(``msdda.loading.shared_copy``): the base's weights are stored once, whatever K, and the adapters' factors
+stacked once per adapted layer. No expert is ever merged into a full copy here.
 """
 from __future__ import annotations
 
-import copy
 from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 
-from msdda.loading import LORA_FACTORS_ATTR
+from msdda.loading import LoraAdapter, shared_copy
 
 # Member indices [G] of the forward in progress, in stacking order.
 _SELECTED: ContextVar[torch.Tensor] = ContextVar("msdda_lora_selected")
-
-
-def lora_factors(net: torch.nn.Module) -> dict | None:
-    """The LoRA factors a merged expert carries (msdda.loading.merge_lora), or None for a full network."""
-    return getattr(net, LORA_FACTORS_ATTR, None)
 
 
 class _BatchedLora(torch.nn.Module):
@@ -88,22 +86,20 @@ def _stack(factors: list[dict | None], name: str, layer: torch.nn.Module, device
     return down, up
 
 
-def lora_group_network(base: torch.nn.Module, members: list[torch.nn.Module]) -> torch.nn.Module:
-    """A copy of ``base`` whose adapted layers add the selected members' deltas (see the module docstring).
+def lora_group_network(base: torch.nn.Module, adapters: list[LoraAdapter | None]) -> torch.nn.Module:
+    """A copy of ``base`` sharing its parameters, whose adapted layers add the selected members' deltas (see the
+    module docstring).
 
-    members: the backend's networks in member order; each is the base itself or a merged LoRA expert of it.
-    Raises ValueError when a member is neither, or an adapted layer is not a Linear or a groups=1 Conv2d."""
-    factors = []
-    for i, net in enumerate(members):
-        f = lora_factors(net)
-        if f is None and net is not base:
-            raise ValueError(f"member {i} is a full network, not a LoRA adapter of the base")
-        factors.append(f)
+    adapters: one per member, in member order: None for the base itself, else a LoRA adapter of it. Raises
+    ValueError when an adapted layer is not a Linear or a groups=1 Conv2d."""
+    factors = [None if a is None else a.factors for a in adapters]
     p = next(base.parameters())
-    net = copy.deepcopy(base)
+    net = shared_copy(base)
     modules = dict(net.named_modules())
     for name in sorted({n for f in factors if f for n in f}):
-        layer = modules[name]
+        layer = modules.get(name)
+        if layer is None:
+            raise ValueError(f"LoRA targets {name!r}, which the base does not have")
         down, up = _stack(factors, name, layer, p.device, p.dtype)
         if isinstance(layer, torch.nn.Linear):
             wrapped = BatchedLoraLinear(layer, down, up)
@@ -116,11 +112,36 @@ def lora_group_network(base: torch.nn.Module, members: list[torch.nn.Module]) ->
     return net.eval().requires_grad_(False)
 
 
+def soup_parameters(net: torch.nn.Module, base: torch.nn.Module, coeffs: dict[int, float]) -> dict[str, torch.Tensor]:
+    """The parameters of sum_m c_m theta_m over LoRA members of a group network ``net`` built on ``base``:
+    (sum c) W everywhere, plus sum_m c_m up_m @ down_m on the adapted layers. Built per call (a soup needs one
+    full network), never stored."""
+    total = sum(coeffs.values())
+    params = {k: total * v for k, v in base.named_parameters()}
+    for name, layer in net.named_modules():
+        if isinstance(layer, _BatchedLora):
+            key = f"{name}.weight"
+            w = params[key]
+            for m, c in coeffs.items():
+                w = w + c * (layer.up[m] @ layer.down[m].flatten(1)).reshape(w.shape)
+            params[key] = w
+    return params
+
+
+def _repeat(value, g: int):
+    """A conditioning tensor (or a dict of them: SDXL's added_cond_kwargs) stacked for g member groups."""
+    if torch.is_tensor(value):
+        return value.repeat(g, *([1] * (value.dim() - 1)))
+    if isinstance(value, dict):
+        return {k: _repeat(v, g) for k, v in value.items()}
+    return value
+
+
 def forward_members(net: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, kwargs: dict,
                     members: tuple[int, ...]) -> torch.Tensor:
     """One forward of the group network for ``members``: x [N, C, H, W] -> [len(members), N, C_out, H, W]."""
     g = len(members)
-    stacked = {k: (v.repeat(g, *([1] * (v.dim() - 1))) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+    stacked = {k: _repeat(v, g) for k, v in kwargs.items()}
     token = _SELECTED.set(torch.tensor(members, device=x.device))
     try:
         out = net(x.repeat(g, 1, 1, 1), timestep.repeat(g), **stacked)[0]
