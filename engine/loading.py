@@ -16,7 +16,7 @@ conversion and PEFT's scaling rules (:func:`read_lora_adapter`), and kept as low
 
 Loading is strict: a missing, unexpected or misshapen tensor in any network is a one-line LoadError naming the
 file and a key, never a random initialisation (diffusers and transformers only warn). Networks are built in the
-requested dtype by the loaders themselves (``torch_dtype``; accelerate's low-memory path), and
+requested dtype by the loaders themselves (``dtype=``; accelerate's low-memory path), and
 ``variant="fp16"`` picks ``*.fp16.safetensors`` weights. Nothing is ever unpickled: a folder holding only
 ``.bin``/``.ckpt``/``.pt`` weights is refused.
 """
@@ -205,18 +205,18 @@ def _no_variant(folder: Path, what: str, stem: str, variant: str | None) -> Load
     return LoadError(f"{folder}: missing {stem}.safetensors")
 
 
-def load_strict(cls, folder: Path, *, what: str, stem: str, dtype=None, variant: str | None = None,
-                dtype_arg: str = "torch_dtype") -> tuple[torch.nn.Module, list[Path]]:
+def load_strict(cls, folder: Path, *, what: str, stem: str, dtype=None, variant: str | None = None
+                ) -> tuple[torch.nn.Module, list[Path]]:
     """``cls.from_pretrained(folder)`` from safetensors only, in ``dtype`` (float32 when None), with every tensor
     of the checkpoint used and every parameter loaded (see :func:`check_loading_info`). Returns (module in eval
-    mode without gradients, its weights files). ``dtype_arg``: the dtype keyword of ``cls`` (diffusers:
-    torch_dtype, transformers: dtype)."""
+    mode without gradients, its weights files). The dtype is the loader's own (``dtype=``, diffusers' and
+    transformers' name for it), so networks are built in it: no cast afterwards."""
     files = weight_files(folder, stem, variant)
     if not files:
         _refuse_pickles(folder)
         raise _no_variant(folder, what, stem, variant)
     where = files[0] if len(files) == 1 else folder
-    kwargs = {dtype_arg: dtype or torch.float32, "use_safetensors": True, "local_files_only": True,
+    kwargs = {"dtype": dtype or torch.float32, "use_safetensors": True, "local_files_only": True,
               "output_loading_info": True}
     if variant:
         kwargs["variant"] = variant
@@ -299,7 +299,7 @@ def load_pipeline_parts(path: Path, dtype=None, variant: str | None = None) -> t
                                 f"{', '.join(TEXT_ENCODER_CLASSES)})")
             _refuse_pickles(folder)
             parts[key], _ = load_strict(getattr(transformers, cls_name), folder, what="text encoder",
-                                        stem=TRANSFORMERS_STEM, dtype=dtype, variant=variant, dtype_arg="dtype")
+                                        stem=TRANSFORMERS_STEM, dtype=dtype, variant=variant)
         elif key in ("tokenizer", "tokenizer_2"):
             if cls_name not in TOKENIZER_CLASSES:
                 raise LoadError(f"{folder}: unsupported tokenizer class {cls_name!r}")
