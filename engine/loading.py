@@ -516,7 +516,9 @@ def _lora_state_dict(base: BaseModel, lora_path: Path, raw_keys: list[str]):
         # PEFT's own layout (PeftModel.save_pretrained on a UNet): the LoRA config lives in adapter_config.json.
         state = {_UNET_PREFIX + k[len(_PEFT_PREFIX):]: v for k, v in state.items()}
         config_path = lora_path.parent / "adapter_config.json"
-        metadata = _peft_config(read_json(config_path), config_path) if config_path.is_file() else None
+        # diffusers reads LoRA metadata per component, under the same prefixes as the tensors
+        metadata = {_UNET_PREFIX + k: v for k, v in _peft_config(read_json(config_path), config_path).items()} \
+            if config_path.is_file() else None
     elif state and not any(k.startswith((_UNET_PREFIX, *_TEXT_PREFIXES)) for k in state):
         # diffusers' older UNet-only layout (save_attn_procs): module names with no component prefix.
         state = {_UNET_PREFIX + k: v for k, v in state.items()}
@@ -614,8 +616,10 @@ def _inject_with_peft(skeleton: torch.nn.Module, state: dict, alphas, metadata) 
     if metadata is None:
         ranks = {f"^{k}": v.shape[1] for k, v in unet_state.items() if "lora_B" in k and v.ndim > 1}
         alphas = {k[len(_UNET_PREFIX):]: v for k, v in (alphas or {}).items() if k.startswith(_UNET_PREFIX)}
-        metadata = get_peft_kwargs(ranks, alphas or None, unet_state, is_unet=True)
-    inject_adapter_in_model(LoraConfig(**metadata), skeleton, adapter_name=_ADAPTER, state_dict=unet_state)
+        config = get_peft_kwargs(ranks, alphas or None, unet_state, is_unet=True)
+    else:
+        config = {k[len(_UNET_PREFIX):]: v for k, v in metadata.items() if k.startswith(_UNET_PREFIX)}
+    inject_adapter_in_model(LoraConfig(**config), skeleton, adapter_name=_ADAPTER, state_dict=unet_state)
 
 
 def lora_delta(factor: LoraFactor, weight_shape) -> torch.Tensor:
