@@ -216,8 +216,10 @@ def load_strict(cls, folder: Path, *, what: str, stem: str, dtype=None, variant:
         _refuse_pickles(folder)
         raise _no_variant(folder, what, stem, variant)
     where = files[0] if len(files) == 1 else folder
+    # ignore_mismatched_sizes: transformers then reports a misshapen tensor by name (instead of raising a message
+    # that points at a log); the report is refused below, so nothing re-initialised is ever used
     kwargs = {"dtype": dtype or torch.float32, "use_safetensors": True, "local_files_only": True,
-              "output_loading_info": True}
+              "output_loading_info": True, "ignore_mismatched_sizes": is_transformers_model(cls)}
     if variant:
         kwargs["variant"] = variant
     try:
@@ -226,6 +228,11 @@ def load_strict(cls, folder: Path, *, what: str, stem: str, dtype=None, variant:
         raise LoadError(f"{where}: cannot load {what} weights ({_one_line(exc)})") from None
     check_loading_info(info, where)
     return model.eval().requires_grad_(False), files
+
+
+def is_transformers_model(cls) -> bool:
+    """Whether ``cls`` is a transformers model (else a diffusers one)."""
+    return cls.__module__.startswith("transformers.")
 
 
 def load_unet(folder: Path, dtype=None, variant: str | None = None) -> tuple[torch.nn.Module, dict, str]:

@@ -24,13 +24,21 @@ import torch.nn.functional as F
 
 from msdda.loading import LoraAdapter, shared_copy
 
-# Member indices [G] of the forward in progress, in stacking order.
-_SELECTED: ContextVar[torch.Tensor] = ContextVar("msdda_lora_selected")
+# The forward in progress: (factor rows [G], keep [G] or None) for its G member groups in stacking order. Rows
+# index the adapters' stacked factors (member m >= 1 is row m - 1); the base member (0) has no row of its own:
+# it borrows row 0 and its delta is multiplied by keep = 0, so no zero factors are stored for it.
+_SELECTED: ContextVar[tuple] = ContextVar("msdda_lora_selected")
+
+
+def _selection(members, device) -> tuple:
+    rows = torch.tensor([max(m - 1, 0) for m in members], device=device)
+    keep = None if 0 not in members else torch.tensor([float(m != 0) for m in members], device=device)
+    return rows, keep
 
 
 class _BatchedLora(torch.nn.Module):
-    """A base layer plus every member's factors: down [M, r, in, *k], up [M, out, r] (zeros where a member has
-    no adapter on this layer)."""
+    """A base layer plus every adapter's factors: down [K, r, in, *k], up [K, out, r] (zeros where an adapter
+    does not touch this layer)."""
 
     def __init__(self, base: torch.nn.Module, down: torch.Tensor, up: torch.Tensor):
         super().__init__()
@@ -43,12 +51,15 @@ class BatchedLoraLinear(_BatchedLora):
     """A Linear whose input rows are G member groups; adds each group's low-rank delta (down [M, r, in])."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sel = _SELECTED.get()
+        sel, keep = _SELECTED.get()
         y = self.base(x)
         g = sel.numel()
         xg = x.reshape(g, -1, x.shape[-1])                                   # [G, rows, in]
         h = torch.bmm(xg, self.down[sel].transpose(1, 2))                    # [G, rows, r]
-        return y + torch.bmm(h, self.up[sel].transpose(1, 2)).reshape(y.shape)
+        delta = torch.bmm(h, self.up[sel].transpose(1, 2))                   # [G, rows, out]
+        if keep is not None:
+            delta = delta * keep.to(delta.dtype).view(g, 1, 1)
+        return y + delta.reshape(y.shape)
 
 
 class BatchedLoraConv2d(_BatchedLora):
@@ -57,7 +68,7 @@ class BatchedLoraConv2d(_BatchedLora):
     stride, padding and dilation)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sel = _SELECTED.get()
+        sel, keep = _SELECTED.get()
         y = self.base(x)
         g = sel.numel()
         n, c, h, w = x.shape
@@ -68,12 +79,14 @@ class BatchedLoraConv2d(_BatchedLora):
         mid = F.conv2d(xg, down.reshape(g * r, *down.shape[2:]), None, b.stride, b.padding, b.dilation, groups=g)
         up = self.up[sel]                                                     # [G, out, r]
         delta = F.conv2d(mid, up.reshape(g * up.shape[1], r, 1, 1), None, groups=g)   # [n/g, G*out, h', w']
-        delta = delta.reshape(n // g, g, up.shape[1], *delta.shape[2:]).transpose(0, 1).reshape(y.shape)
-        return y + delta
+        delta = delta.reshape(n // g, g, up.shape[1], *delta.shape[2:]).transpose(0, 1)
+        if keep is not None:
+            delta = delta * keep.to(delta.dtype).view(g, 1, 1, 1, 1)
+        return y + delta.reshape(y.shape)
 
 
 def _stack(factors: list[dict | None], name: str, layer: torch.nn.Module, device, dtype):
-    """(down [M, r_max, ...], up [M, out, r_max]) of one layer over all members, zero-padded."""
+    """(down [K, r_max, ...], up [K, out, r_max]) of one layer over the adapters, zero-padded."""
     present = [f[name] for f in factors if f and name in f]
     r_max = max(p.down.shape[0] for p in present)
     down = torch.zeros(len(factors), r_max, *layer.weight.shape[1:], device=device, dtype=dtype)
@@ -92,7 +105,9 @@ def lora_group_network(base: torch.nn.Module, adapters: list[LoraAdapter | None]
 
     adapters: one per member, in member order: None for the base itself, else a LoRA adapter of it. Raises
     ValueError when an adapted layer is not a Linear or a groups=1 Conv2d."""
-    factors = [None if a is None else a.factors for a in adapters]
+    if adapters[0] is not None or any(a is None for a in adapters[1:]):
+        raise ValueError("member 0 must be the base and every other member a LoRA adapter of it")
+    factors = [a.factors for a in adapters[1:]]
     p = next(base.parameters())
     net = shared_copy(base)
     modules = dict(net.named_modules())
@@ -123,7 +138,8 @@ def soup_parameters(net: torch.nn.Module, base: torch.nn.Module, coeffs: dict[in
             key = f"{name}.weight"
             w = params[key]
             for m, c in coeffs.items():
-                w = w + c * (layer.up[m] @ layer.down[m].flatten(1)).reshape(w.shape)
+                if m:                                       # member m >= 1 is adapter row m - 1
+                    w = w + c * (layer.up[m - 1] @ layer.down[m - 1].flatten(1)).reshape(w.shape)
             params[key] = w
     return params
 
@@ -142,7 +158,7 @@ def forward_members(net: torch.nn.Module, x: torch.Tensor, timestep: torch.Tenso
     """One forward of the group network for ``members``: x [N, C, H, W] -> [len(members), N, C_out, H, W]."""
     g = len(members)
     stacked = {k: _repeat(v, g) for k, v in kwargs.items()}
-    token = _SELECTED.set(torch.tensor(members, device=x.device))
+    token = _SELECTED.set(_selection(members, x.device))
     try:
         out = net(x.repeat(g, 1, 1, 1), timestep.repeat(g), **stacked)[0]
     finally:
