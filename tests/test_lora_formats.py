@@ -170,3 +170,36 @@ def test_group_lora_holds_the_base_weights_once(sd, tmp_path):
     # the loop mode does hold K merged copies of the adapted layers: the bound is not trivially met
     loop = msdda.Engine.from_pretrained(base, experts)
     assert loop.backend.resident_bytes() > resident + 2 * factor_bytes
+
+
+def test_attention_processor_layout_of_ddpo_pytorch(sd, tmp_path):
+    """ddpo-pytorch (and TRL's DDPO trainer) save LoRA with ``unet.save_attn_procs``: attention layers only, no
+    component prefix, ``<block>.processor.to_q_lora.down.weight``. diffusers loads such a file with
+    ``unet.load_lora_adapter(..., prefix=None)``; msdda gives the same latents."""
+    from diffusers import StableDiffusionPipeline
+
+    base, files = sd
+    procs = {}
+    for key, tensor in load_file(files["diffusers"][0] / DIFFUSERS_FILE).items():
+        module, _, role = key[len("unet."):].rpartition(".lora.")
+        parent, _, proj = module.rpartition(".")
+        if proj == "0":                                      # to_out.0
+            parent, _, proj = parent.rpartition(".")
+        if proj in ("to_q", "to_k", "to_v", "to_out"):
+            procs[f"{parent}.processor.{proj}_lora.{role}"] = tensor
+    folder = tmp_path / "ddpo"
+    folder.mkdir()
+    save_file(procs, folder / DIFFUSERS_FILE)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    ours = _msdda(base, latents, folder, **CALL)
+    refs = {}
+    for dtype in (torch.float32, torch.float64):
+        pipe = StableDiffusionPipeline.from_pretrained(base, dtype=dtype, safety_checker=None)
+        pipe.unet.load_lora_adapter(str(folder), weight_name=DIFFUSERS_FILE, prefix=None)
+        pipe.set_progress_bar_config(disable=True)
+        refs[dtype] = pipe(num_inference_steps=STEPS, eta=0.0, latents=latents.to(dtype), guidance_scale=GUIDANCE,
+                           output_type="latent", **CALL).images.double()
+    rounding = float((refs[torch.float32] - refs[torch.float64]).abs().max())
+    assert 0 < rounding < 1e-3
+    assert float((ours - refs[torch.float64]).abs().max()) <= 4 * rounding
+    assert len(procs) == 2 * 32                              # 32 attention projections adapted

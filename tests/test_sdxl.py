@@ -177,3 +177,20 @@ def test_cli_generates_with_an_sdxl_base_and_a_lora_expert(sdxl, tmp_path, capsy
     from PIL import Image
 
     assert np.asarray(Image.open(out / "00000.png")).shape == (32, 32, 3)
+
+
+def test_an_sdxl_unet_without_both_text_encoders_is_refused(sdxl, tmp_path):
+    """An SDXL refiner-like folder (no first text encoder) or mismatched added-embedding sizes: one-line
+    LoadErrors at load, not a failure mid-generation."""
+    import shutil
+
+    from msdda.loading import LoadError
+
+    base, _, _ = sdxl
+    folder = tmp_path / "no_te1"
+    shutil.copytree(base, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder"] = index["tokenizer"] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(LoadError, match="needs text_encoder and text_encoder_2"):
+        msdda.Engine.from_pretrained(folder)
