@@ -82,6 +82,8 @@ def test_lora_expert_matches_diffusers_fuse_lora(sd, layout):
     rounding = float((ref32 - ref64).abs().max())
     assert 0 < rounding < 1e-3
     assert float((ours - ref64).abs().max()) <= 4 * rounding
+    if layout != "diffusers":
+        return
     # the LoRA really changes the images (else this test could not fail)
     plain = msdda.Engine.from_pretrained(base, scheduler="ddim").generate(
         steps=STEPS, eta=0.0, latents=latents, guidance_scale=GUIDANCE, output_type="latent", strategy="base",

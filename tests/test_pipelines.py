@@ -120,12 +120,9 @@ def test_from_pipe_wraps_a_loaded_pipeline_without_copying(sd):
     plain = msdda.Engine.from_pipe(pipe)                                               # the default group="loop"
     assert plain.backend.resident_bytes() == own
     loaded = msdda.Engine.from_pretrained(base, {"l": lora}, group="lora", scheduler="ddim")
-    kw = dict(prompt=["a cat", "a dog"], weights={"l": 1.0}, steps=3, seed=[5, 6], guidance_scale=3.0,
+    kw = dict(prompt=["a cat", "a dog"], weights={"l": 1.0}, steps=2, seed=[5, 6], guidance_scale=3.0,
               output_type="latent", negative_prompt="x")
     assert torch.equal(wrapped.generate(**kw).latents, loaded.generate(**kw).latents)
-    kw.pop("weights")
-    assert torch.equal(plain.generate(strategy="base", **kw).latents,
-                       loaded.generate(strategy="base", **kw).latents)
 
 
 def test_from_pipe_sdxl_and_module_experts(tmp_path):

@@ -138,8 +138,8 @@ def test_sdxl_onnx_runtime_and_export(sdxl, tmp_path):
     from msdda.backends import Conditioning
     from msdda.export import export_pipeline
 
-    base, expert, lora = sdxl
-    manifest = export_pipeline(base, {"l": lora}, tmp_path / "onnx")
+    base, _, _ = sdxl
+    manifest = export_pipeline(base, {}, tmp_path / "onnx")
     assert manifest["cond"] == "text_time"
     assert manifest["inputs"]["text_embeds"] == ["N", 32] and manifest["inputs"]["time_ids"] == ["N", 6]
     import onnx
@@ -148,17 +148,18 @@ def test_sdxl_onnx_runtime_and_export(sdxl, tmp_path):
     assert [i.name for i in graph.input if not i.name.startswith("unet.")] == [
         "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
 
-    ort = msdda.Engine.from_pretrained(base, {"x": expert}, backend="onnxruntime", cache_dir=tmp_path / "cache")
-    t32 = msdda.Engine.from_pretrained(base, {"x": expert})
-    t64 = msdda.Engine.from_pretrained(base, {"x": expert}, dtype=torch.float64)
+    ort = msdda.Engine.from_pretrained(base, backend="onnxruntime",                     # the exported graph
+                                       onnx_paths={"base": tmp_path / "onnx" / "base.onnx"})
+    t32 = msdda.Engine.from_pretrained(base)
+    t64 = msdda.Engine.from_pretrained(base, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=g)
     cond = t32.conditioning(2, cfg=False, prompt=["a cat", "a dog"])
     cond64 = Conditioning(**{k: v.double() for k, v in vars(cond).items() if v is not None})
     with torch.inference_mode():
-        a = ort.backend.forward(x, 500, cond, (0, 1)).double()
-        b = t32.backend.forward(x, 500, cond, (0, 1)).double()
-        c = t64.backend.forward(x.double(), 500, cond64, (0, 1))
+        a = ort.backend.forward(x, 500, cond, (0,)).double()
+        b = t32.backend.forward(x, 500, cond, (0,)).double()
+        c = t64.backend.forward(x.double(), 500, cond64, (0,))
     rounding = float((b - c).abs().max())
     assert float((a - b).abs().max()) <= 8 * rounding
 
