@@ -28,7 +28,8 @@ GRID = "grid.png"
 SUMMARY = "summary.json"
 MAX_SWEEP_POINTS = 101          # point folders are named w0.00 ... w1.00: two decimals tell 101 apart
 # Loggers of the libraries msdda drives; silenced (with Python warnings) unless --verbose.
-LIBRARY_LOGGERS = ("diffusers", "transformers", "accelerate", "torch", "huggingface_hub", "onnxruntime", "onnx")
+LIBRARY_LOGGERS = ("diffusers", "transformers", "accelerate", "peft", "torch", "huggingface_hub", "onnxruntime",
+                   "onnx")
 _QUIET_ENV = {"DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error",
               "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
@@ -169,6 +170,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"), help="network runtime (default torch)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     g.add_argument("--scheduler", choices=("ddpm", "ddim"), help="sampler family (default: the base's own)")
+    g.add_argument("--variant", metavar="NAME", help="load *.NAME.safetensors weights, e.g. fp16 (as diffusers' variant=)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -176,6 +178,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     cond = g.add_mutually_exclusive_group()
     cond.add_argument("--prompt", help="text prompt (text-conditioned bases)")
     cond.add_argument("--class", dest="class_label", type=int, metavar="N", help="class label (class-conditional bases)")
+    g.add_argument("--negative-prompt", metavar="TEXT", help="negative prompt for guidance (text bases; default: "
+                   "the empty prompt, or zeros for SDXL pipelines with force_zeros_for_empty_prompt)")
+    g.add_argument("--height", type=int, metavar="PX", help="image height in pixels (default: the model's)")
+    g.add_argument("--width", type=int, metavar="PX", help="image width in pixels (default: the model's)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default 50, the zoo's default for the zoo)")
     g.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1.0)")
     g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale (default 7.5, or the zoo's)")
@@ -277,6 +283,10 @@ def _sampling(args, limits, num_images: int) -> dict:
     v.check_seed(args.seed, num_images)
     v.check_batch_size(args.batch_size, limits)
     v.check_device(args.device)
+    v.check_variant(args.variant)
+    for name in ("height", "width"):
+        if getattr(args, name) is not None:
+            v.check_int(f"--{name}", getattr(args, name), lo=1)
     return checked
 
 
@@ -286,24 +296,28 @@ def _engine(args, limits=None):
 
     base, experts = resolve_models(args)
     return Engine.from_pretrained(base, experts, backend=args.backend, device=args.device, scheduler=args.scheduler,
-                                  limits=limits or DEFAULT_LIMITS)
+                                  limits=limits or DEFAULT_LIMITS, variant=args.variant)
 
 
 # ---------------------------------------------------------------------- checks after loading
 def _conditioning_kwargs(args, engine) -> dict:
+    size = {k: getattr(args, k) for k in ("height", "width") if getattr(args, k) is not None}
     if engine.is_text:
         if args.prompt is None:
             raise CliError("this base is text-conditioned: pass --prompt")
-        return {"prompt": args.prompt}
+        negative = {} if args.negative_prompt is None else {"negative_prompt": args.negative_prompt}
+        return {"prompt": args.prompt, **negative, **size}
     if args.prompt is not None:
         raise CliError("this base is not text-conditioned: use --class, not --prompt")
+    if args.negative_prompt is not None:
+        raise CliError("--negative-prompt is for text-conditioned bases")
     if engine.num_classes:
         if args.class_label is None:
             raise CliError(f"this base is class-conditional: pass --class N (0..{engine.num_classes - 2})")
-        return {"class_labels": args.class_label}
+        return {"class_labels": args.class_label, **size}
     if args.class_label is not None:
         raise CliError("this base is unconditional: --class is not accepted")
-    return {}
+    return size
 
 
 def _request(args, engine, sampling: dict, weights, num_images: int) -> dict:
@@ -318,7 +332,8 @@ def _request(args, engine, sampling: dict, weights, num_images: int) -> dict:
     if sampling["expert_betas"] is not None:
         check_expert_betas(sampling["expert_betas"], engine.experts, option="--expert-betas")
     request = dict(cond, weights=weights, **sampling)
-    engine.check_request(num_images=num_images, seed=args.seed, **{k: v for k, v in request.items() if k != "prompt"})
+    engine.check_request(num_images=num_images, seed=args.seed,
+                         **{k: v for k, v in request.items() if k != "negative_prompt"})
     return request
 
 
@@ -335,6 +350,7 @@ def _run_params(args, engine, request: dict, num_images: int) -> dict:
         "guidance_scale": request["guidance_scale"], "seed": args.seed,
         "seeds": [args.seed + i for i in range(num_images)], "num_images": num_images,
         "prompt": args.prompt, "class": args.class_label,
+        **{k: getattr(args, k) for k in ("negative_prompt", "height", "width", "variant") if getattr(args, k) is not None},
     }
 
 

@@ -17,12 +17,16 @@ from msdda import schedule as sch
 from msdda.backends import Conditioning, make_backend
 from msdda.kernels import (StepScalars, fused_expert_step, fused_expert_step_ref, philox_normal, prepare_fused_step,
                            raise_if_bad)
-from msdda.loading import BaseModel, LoadError, load_base, load_expert
+from msdda.loading import (MAX_SAMPLE_SIZE, TIME_IDS, BaseModel, LoadError, LoraAdapter, check_base_parts,
+                           check_compatible, check_scheduler_config, check_unet_config, load_base,
+                           load_expert_weights)
 from msdda.sampling import Denoise, sample
 from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
 from msdda.validation import (DEFAULT_LIMITS, Limits, batch_size, batch_tensor, check_class_labels, check_device,
-                              check_eta, check_guidance_scale, check_noise, check_steps, check_strategy, per_sample,
-                              per_sample_weights, seed_list)
+                              check_eta, check_generator, check_guidance_scale, check_image_size, check_noise,
+                              check_num_images_per_prompt, check_size_pair, check_steps, check_strategy,
+                              check_variant, negative_prompt_rows, per_sample, per_sample_weights, prompt_rows,
+                              seed_list)
 
 __all__ = ["Engine", "GenerateOutput", "CheckedRequest", "Limits"]
 
@@ -47,6 +51,7 @@ class CheckedRequest:
     seeds: list[int]
     weights: list[dict]
     plan: Plan
+    latent_size: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,8 @@ class ModelInfo:
 class Engine:
     """A base model, K aligned experts, one backend and one schedule family, loaded once."""
 
-    def __init__(self, base: BaseModel, experts: Mapping[str, torch.nn.Module], *, backend="torch", device="cpu",
+    def __init__(self, base: BaseModel, experts: Mapping[str, "torch.nn.Module | LoraAdapter"], *, backend="torch",
+                 device="cpu",
                  dtype=None, scheduler: str | None = None, models: Sequence[ModelInfo] = (),
                  backend_options: Mapping | None = None, limits: Limits = DEFAULT_LIMITS):
         if "base" in experts:
@@ -72,10 +78,21 @@ class Engine:
         self.members = ("base",) + tuple(experts)
         self.models = tuple(models)
         cfg = base.unet_config
-        self.is_text = base.unet_config.get("_class_name") == "UNet2DConditionModel"
+        self.kind = base.kind
+        self.is_text = self.kind in ("text", "sdxl")
+        self.is_sdxl = self.kind == "sdxl"
+        if self.is_sdxl and backend == "tensorrt":
+            raise ValueError("SDXL's added conditioning (text_embeds, time_ids) is not wired into the TensorRT "
+                             "backend; use backend='torch' or 'onnxruntime'")
         self.num_classes = cfg.get("num_class_embeds")
         self.sample_shape = (cfg["in_channels"], cfg["sample_size"], cfg["sample_size"]) \
             if isinstance(cfg["sample_size"], int) else (cfg["in_channels"], *cfg["sample_size"])
+        # pixels per latent element (the VAE's downsampling; 1 for pixel-space models), and the multiple of pixels
+        # an image side must be: diffusers' pipelines take any multiple of the VAE factor (its UNet pads what
+        # its downsampling does not divide); a UNet2DModel needs whole downsamplings.
+        self.vae_scale_factor = 2 ** (len(base.vae.config.block_out_channels) - 1) if base.vae is not None else 1
+        self.size_multiple = self.vae_scale_factor if self.is_text else \
+            2 ** (len(cfg.get("block_out_channels") or (0,)) - 1)
         self.sched_params = sch.schedule_from_diffusers_config(base.scheduler_config)
         kind = scheduler or ("ddim" if "DDIM" in base.scheduler_config.get("_class_name", "") else "ddpm")
         if kind not in ("ddpm", "ddim"):
@@ -85,7 +102,7 @@ class Engine:
         networks = {"base": base.unet, **experts}
         options = dict(backend_options or {})
         if backend in ("onnxruntime", "tensorrt"):
-            cond = "text" if self.is_text else ("class" if self.num_classes else "none")
+            cond = "text_time" if self.is_sdxl else "text" if self.is_text else ("class" if self.num_classes else "none")
             text_shape = None
             if self.is_text:
                 text_shape = (base.tokenizer.model_max_length if base.tokenizer else 77, cfg["cross_attention_dim"])
@@ -96,31 +113,80 @@ class Engine:
         # The kernels compute in float32. A float64 Engine (a verification twin of a float32 one) steps with the
         # float64 definition instead, chosen once here.
         self._step_fn = fused_expert_step_ref if self.dtype == torch.float64 else fused_expert_step
-        for part in (base.text_encoder, base.vae):
+        for part in (base.text_encoder, base.text_encoder_2, base.vae):
             if part is not None:
                 part.to(self.device)
+        self._prompt_pipe = prompt_pipeline(base) if self.is_text else None
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, base, experts: Mapping[str, str] | None = None, *, backend: str = "torch",
                         device="cpu", dtype=None, scheduler: str | None = None, limits: Limits = DEFAULT_LIMITS,
-                        **backend_options) -> "Engine":
-        """Load a base (pipeline, ``unet/`` folder or UNet folder) and experts {name: folder} from local disk.
+                        variant: str | None = None, **backend_options) -> "Engine":
+        """Load a base (SD or SDXL pipeline, ``unet/`` folder or UNet folder) and experts {name: folder: a UNet,
+        or a LoRA file in diffusers, kohya/A1111 or PEFT layout} from local disk.
 
-        ``scheduler``: "ddpm" or "ddim"; None keeps the base's own scheduler class. Experts whose
-        architecture, prediction type, latent shape or scheduler differ from the base are refused here.
-        ``limits``: the largest ``num_images`` and ``steps`` one call accepts (``msdda.validation.Limits``).
+        Every network is built in ``dtype`` (float32 when None) by its loader, with accelerate's low-memory path,
+        and loaded strictly: a missing, unexpected or misshapen tensor is a LoadError. ``variant``: load
+        ``*.<variant>.safetensors`` weights (e.g. "fp16"), as diffusers' ``variant=``. ``scheduler``: "ddpm" or
+        "ddim"; None keeps the base's own scheduler class. Experts whose architecture, prediction type, latent
+        shape or scheduler differ from the base are refused here. ``limits``: the largest ``num_images`` and
+        ``steps`` one call accepts (``msdda.validation.Limits``). LoRA experts stay low-rank factors: the torch
+        backend's group="lora" runs them on the base's weights, held once; other modes merge them.
         """
         check_device(device)                      # before loading anything
-        base_model = load_base(base, dtype)
+        variant = check_variant(variant)
+        base_model = load_base(base, dtype, variant)
         loaded, infos = {}, [ModelInfo("base", str(base), base_model.weights_sha256)]
         for name, path in (experts or {}).items():
-            if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
-                raise LoadError(f"bad expert name {name!r}: use letters, digits, '_', '-' and '.'")
-            loaded[name], sha = load_expert(name, path, base_model, dtype)
+            check_expert_name(name)
+            loaded[name], sha = load_expert_weights(name, path, base_model, dtype, variant)
             infos.append(ModelInfo(name, str(path), sha))
         return cls(base_model, loaded, backend=backend, device=device, dtype=dtype, scheduler=scheduler,
                    models=infos, backend_options=backend_options, limits=limits)
+
+    @classmethod
+    def from_pipe(cls, pipe, experts: Mapping | None = None, *, backend: str = "torch", device=None, dtype=None,
+                  scheduler: str | None = None, limits: Limits = DEFAULT_LIMITS, **backend_options) -> "Engine":
+        """Wrap an already-loaded diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` without
+        copying its weights: the Engine runs ``pipe``'s own UNet, text encoders and VAE (device and dtype default
+        to the UNet's, so nothing is moved or cast).
+
+        experts: {name: a folder (as in ``from_pretrained``), a UNet module of the pipeline's architecture, or a
+        ``msdda.loading.LoraAdapter``}. The scheduler config is ``pipe.scheduler``'s.
+        """
+        unet = getattr(pipe, "unet", None)
+        if unet is None or not hasattr(pipe, "scheduler"):
+            raise LoadError(f"from_pipe needs a diffusers pipeline with a UNet and a scheduler, not "
+                            f"{type(pipe).__name__}")
+        device = check_device(device if device is not None else unet.device)
+        name = str(getattr(pipe, "name_or_path", "") or getattr(pipe.config, "_name_or_path", "") or "<pipeline>")
+        unet_config = {"_class_name": type(unet).__name__, **dict(unet.config)}
+        scheduler_config = {"_class_name": type(pipe.scheduler).__name__, **dict(pipe.scheduler.config)}
+        check_unet_config(unet_config, Path(name))
+        check_scheduler_config(scheduler_config, Path(name))
+        parts = {k: getattr(pipe, k, None) for k in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                                     "vae")}
+        settings = {k: v for k, v in dict(pipe.config).items()
+                    if not k.startswith("_") and not (isinstance(v, (list, tuple)) and len(v) == 2)}
+        base_model = BaseModel(path=Path(name), unet=unet, unet_config=unet_config, scheduler_config=scheduler_config,
+                               pipeline_config=settings, **parts)
+        check_base_parts(base_model)
+        loaded, infos = {}, [ModelInfo("base", name, "")]
+        for expert_name, expert in (experts or {}).items():
+            check_expert_name(expert_name)
+            if isinstance(expert, LoraAdapter):
+                loaded[expert_name], sha, where = expert, expert.sha256, str(expert.path)
+            elif isinstance(expert, torch.nn.Module):
+                config = {"_class_name": type(expert).__name__, **dict(getattr(expert, "config", {}))}
+                check_compatible(expert_name, config, unet_config)
+                loaded[expert_name], sha, where = expert, "", f"<{type(expert).__name__}>"
+            else:
+                loaded[expert_name], sha = load_expert_weights(expert_name, expert, base_model, dtype or unet.dtype)
+                where = str(expert)
+            infos.append(ModelInfo(expert_name, where, sha))
+        return cls(base_model, loaded, backend=backend, device=device, dtype=dtype or unet.dtype,
+                   scheduler=scheduler, models=infos, backend_options=backend_options, limits=limits)
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -135,38 +201,66 @@ class Engine:
         return guidance_scale != 1.0 and (self.is_text or bool(self.num_classes))
 
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text-encoder hidden states [len(prompts), L, D] in the Engine's dtype (text-conditioned bases)."""
-        tok = self.base.tokenizer
-        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.device)
-        return self.base.text_encoder(ids)[0].to(self.dtype)
+        """Text-encoder hidden states [len(prompts), L, D] in the Engine's dtype (text-conditioned bases; SDXL:
+        both encoders' penultimate hidden states, concatenated, as its UNet takes them)."""
+        return self._encode(list(prompts), 1, cfg=False)[0]
+
+    def _encode(self, prompts, repeat: int, *, cfg: bool, negative=None, prompt_embeds=None,
+                negative_prompt_embeds=None, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None):
+        """diffusers' own ``encode_prompt`` of the base's pipeline class on the base's encoders: (prompt embeds,
+        negative embeds, pooled, negative pooled), each with ``repeat`` rows per prompt; None where n/a."""
+        pipe = self._prompt_pipe
+        kwargs = dict(prompt=prompts, device=self.device, num_images_per_prompt=repeat,
+                      do_classifier_free_guidance=cfg, negative_prompt=negative, prompt_embeds=prompt_embeds,
+                      negative_prompt_embeds=negative_prompt_embeds)
+        with torch.inference_mode():
+            if not self.is_sdxl:
+                embeds, negative_embeds = pipe.encode_prompt(**kwargs)
+                return embeds.to(self.dtype), _to(negative_embeds, self.dtype), None, None
+            out = pipe.encode_prompt(**kwargs, pooled_prompt_embeds=pooled_prompt_embeds,
+                                     negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        return tuple(_to(t, self.dtype) for t in out)
+
+    def time_ids(self, rows: int, latent_size: tuple[int, int], *, original_size=None, crops_coords_top_left=(0, 0),
+                 target_size=None) -> torch.Tensor:
+        """SDXL's micro-conditioning [rows, 6]: original size, crop top-left, target size in pixels; the sizes
+        default to the image's (height, width), as in StableDiffusionXLPipeline."""
+        pixels = (latent_size[0] * self.vae_scale_factor, latent_size[1] * self.vae_scale_factor)
+        values = (check_size_pair("original_size", original_size or pixels, lo=1)
+                  + check_size_pair("crops_coords_top_left", crops_coords_top_left)
+                  + check_size_pair("target_size", target_size or pixels, lo=1))
+        assert len(values) == TIME_IDS
+        return torch.tensor([values], dtype=self.dtype, device=self.device).repeat(rows, 1)
 
     def conditioning(self, batch: int, *, cfg: bool, prompt=None, prompt_embeds=None, negative_prompt=None,
-                     negative_prompt_embeds=None, class_labels=None) -> Conditioning:
+                     negative_prompt_embeds=None, class_labels=None, num_images_per_prompt: int = 1,
+                     pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, latent_size=None,
+                     original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+                     negative_original_size=None, negative_crops_coords_top_left=(0, 0),
+                     negative_target_size=None) -> Conditioning:
         """What the networks are conditioned on for ``batch`` samples: [2B] rows under ``cfg`` (unconditional
         half first: the negative prompt, or the null class), else [B].
 
-        Text bases take ``prompt`` (a string or one per sample) or ``prompt_embeds`` [B or 1, L, D], and under
-        cfg ``negative_prompt`` / ``negative_prompt_embeds`` (default: the empty prompt). Class-conditional
-        bases take ``class_labels`` (an int or one per sample, 0..num_classes - 2). Unconditional bases take
-        nothing. Anything else is a ValueError.
+        Text bases follow diffusers' conventions: ``prompt`` is a string (every image), a list of B prompts, or
+        a list of B / ``num_images_per_prompt`` prompts (each making that many consecutive images); or give
+        ``prompt_embeds`` [B or 1, L, D]. Under cfg, ``negative_prompt`` (a string, one per prompt or one per
+        image) or ``negative_prompt_embeds``; the default is the empty prompt, or zeros for an SDXL pipeline
+        with ``force_zeros_for_empty_prompt``. SDXL also takes ``pooled_prompt_embeds`` (with prompt_embeds)
+        and its micro-conditioning (``original_size``, ``crops_coords_top_left``, ``target_size`` and their
+        ``negative_`` forms, in pixels; sizes default to the image's, from ``latent_size``). The prompts are
+        encoded by diffusers' own ``encode_prompt``. Class-conditional bases take ``class_labels`` (an int or one
+        per sample, 0..num_classes - 2). Unconditional bases take nothing. Anything else is a ValueError.
         """
         if self.is_text:
-            if prompt_embeds is None:
-                if prompt is None:
-                    raise ValueError("this base is text-conditioned: pass prompt= or prompt_embeds=")
-                prompts = per_sample(prompt, batch, "prompt")
-                prompt_embeds = self.encode_prompt(prompts)
-            prompt_embeds = batch_tensor(prompt_embeds, batch, "prompt_embeds").to(self.device, self.dtype)
-            if not cfg:
-                return Conditioning(encoder_hidden_states=prompt_embeds)
-            if negative_prompt_embeds is None:
-                negative_prompt_embeds = self.encode_prompt(per_sample(negative_prompt or "", batch, "negative_prompt"))
-            negative_prompt_embeds = batch_tensor(negative_prompt_embeds, batch, "negative_prompt_embeds")
-            if negative_prompt_embeds.shape != prompt_embeds.shape:
-                raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
-                                 f"{tuple(prompt_embeds.shape)} differ in shape")
-            return Conditioning(encoder_hidden_states=torch.cat([negative_prompt_embeds.to(prompt_embeds), prompt_embeds]))
+            return self._text_conditioning(
+                batch, cfg, prompt=prompt, prompt_embeds=prompt_embeds, negative_prompt=negative_prompt,
+                negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+                pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                latent_size=latent_size or tuple(self.sample_shape[1:]), micro=dict(
+                    original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size),
+                negative_micro=dict(original_size=negative_original_size,
+                                    crops_coords_top_left=negative_crops_coords_top_left,
+                                    target_size=negative_target_size))
         if prompt is not None or prompt_embeds is not None:
             raise ValueError("this base is not text-conditioned: use class_labels= (or nothing), not a prompt")
         if self.num_classes:
@@ -183,6 +277,60 @@ class Engine:
         if class_labels is not None:
             raise ValueError("this base is unconditional: class_labels are not accepted")
         return Conditioning()
+
+    def _text_conditioning(self, batch, cfg, *, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
+                           num_images_per_prompt, pooled_prompt_embeds, negative_pooled_prompt_embeds, latent_size,
+                           micro, negative_micro) -> Conditioning:
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass prompt= or prompt_embeds=, not both")
+        if self.is_sdxl and prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("an SDXL base needs pooled_prompt_embeds= with prompt_embeds=")
+        if self.is_sdxl and cfg and negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError("an SDXL base needs negative_pooled_prompt_embeds= with negative_prompt_embeds=")
+        if not self.is_sdxl and (pooled_prompt_embeds is not None or negative_pooled_prompt_embeds is not None):
+            raise ValueError("pooled prompt embeddings are for SDXL bases")
+        per_prompt = check_num_images_per_prompt(num_images_per_prompt, self.limits)
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("this base is text-conditioned: pass prompt= or prompt_embeds=")
+            prompts, repeat = prompt_rows(prompt, batch, per_prompt)
+            prompts, negatives, repeat = negative_prompt_rows(negative_prompt if cfg else None, prompts, repeat)
+            if negative_prompt_embeds is not None:
+                negatives = None
+            embeds = dict(prompt_embeds=None, pooled_prompt_embeds=None)
+        else:
+            prompts, repeat, negatives = None, 1, None
+            embeds = dict(prompt_embeds=_rows(prompt_embeds, batch, per_prompt, "prompt_embeds", self),
+                          pooled_prompt_embeds=_rows(pooled_prompt_embeds, batch, per_prompt,
+                                                     "pooled_prompt_embeds", self))
+            if cfg and negative_prompt is not None and negative_prompt_embeds is None:
+                negatives = per_sample(negative_prompt, batch, "negative_prompt")
+        negative_embeds = dict(
+            negative_prompt_embeds=_rows(negative_prompt_embeds, batch, per_prompt, "negative_prompt_embeds", self),
+            negative_pooled_prompt_embeds=_rows(negative_pooled_prompt_embeds, batch, per_prompt,
+                                                "negative_pooled_prompt_embeds", self))
+        if not cfg:
+            negative_embeds = dict(negative_prompt_embeds=None, negative_pooled_prompt_embeds=None)
+        try:
+            hidden, negative_hidden, pooled, negative_pooled = self._encode(
+                prompts, repeat, cfg=cfg, negative=negatives, **embeds, **negative_embeds)
+        except (TypeError, ValueError) as exc:       # diffusers' own argument checks
+            raise ValueError(" ".join(str(exc).split())) from None
+        if hidden.shape[0] != batch:
+            raise ValueError(f"prompt_embeds give {hidden.shape[0]} rows for {batch} images")
+        if cfg and negative_hidden.shape != hidden.shape:
+            raise ValueError(f"negative_prompt_embeds {tuple(negative_hidden.shape)} and prompt_embeds "
+                             f"{tuple(hidden.shape)} differ in shape")
+        if not self.is_sdxl:
+            return Conditioning(encoder_hidden_states=torch.cat([negative_hidden, hidden]) if cfg else hidden)
+        time_ids = self.time_ids(batch, latent_size, **micro)
+        if not cfg:
+            return Conditioning(encoder_hidden_states=hidden, text_embeds=pooled, time_ids=time_ids)
+        # as StableDiffusionXLPipeline: the negative half takes the same time ids unless both negative sizes given
+        negative_ids = self.time_ids(batch, latent_size, **negative_micro) \
+            if negative_micro["original_size"] is not None and negative_micro["target_size"] is not None else time_ids
+        return Conditioning(encoder_hidden_states=torch.cat([negative_hidden, hidden]),
+                            text_embeds=torch.cat([negative_pooled, pooled]), time_ids=torch.cat([negative_ids, time_ids]))
 
     def plan(self, strategy: str = "msdda", weights=None, *, batch: int | None = None, normalize: bool = False,
              expert_betas: Mapping[str, float] | None = None, beta: float = 1.0) -> Plan:
@@ -237,27 +385,52 @@ class Engine:
                  weights=None, num_images: int = 1, steps: int = 50, eta: float = 1.0, guidance_scale: float = 7.5,
                  seed=0, strategy: str = "msdda", latents=None, noise=None, output_type: str = "pil",
                  negative_prompt=None, normalize: bool = False, expert_betas: Mapping[str, float] | None = None,
-                 beta: float = 1.0, callback: Callable[[int, int], None] | None = None) -> GenerateOutput:
-        """Generate ``num_images`` samples, composing the experts per ``strategy``.
+                 beta: float = 1.0, callback: Callable[[int, int], None] | None = None,
+                 num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
+                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, original_size=None,
+                 crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+                 negative_crops_coords_top_left=(0, 0), negative_target_size=None,
+                 generator=None) -> GenerateOutput:
+        """Generate samples, composing the experts per ``strategy``.
+
+        The batch follows diffusers: ``prompt`` a string or a list of prompts, ``num_images_per_prompt`` images
+        of each (consecutive), ``negative_prompt`` a string or a list; ``num_images`` (with a string prompt, or
+        none) multiplies ``num_images_per_prompt``. ``height`` / ``width``: the image size in pixels (a
+        multiple of the VAE's factor; default the UNet's sample_size); the torch backend runs any such size,
+        exported backends the size they were built for. SDXL bases also take ``pooled_prompt_embeds`` and the
+        micro-conditioning of ``StableDiffusionXLPipeline`` (``original_size``, ``crops_coords_top_left``,
+        ``target_size`` and their ``negative_`` forms).
 
         weights: {expert: w} for every sample, or a list of such dicts (one per sample); experts not named get
-        weight 0. seed: an int (sample b gets seed + b) or a list of ints, one per sample. latents: x_T
+        weight 0. seed: an int (sample b gets seed + b) or a list of ints, one per sample. There is no
+        ``generator``: every random number comes from Philox keyed by the sample's seed (the initial latents at
+        offset 0, step i's noise at offset 1 + i), so an image depends only on its own seed, not on the batch it
+        is in, the device (CPU and GPU draw the same numbers) or any global RNG state. latents: x_T
         [B, C, H, W]. noise: z for every step, [steps, B, C, H, W]. Returns images and x_0 latents.
         """
         req = self.check_request(weights=weights, num_images=num_images, steps=steps, eta=eta,
                                  guidance_scale=guidance_scale, seed=seed, strategy=strategy, latents=latents,
                                  output_type=output_type, normalize=normalize, expert_betas=expert_betas, beta=beta,
-                                 class_labels=class_labels)
+                                 class_labels=class_labels, prompt=prompt, prompt_embeds=prompt_embeds,
+                                 num_images_per_prompt=num_images_per_prompt, height=height, width=width,
+                                 generator=generator)
         batch, steps, eta, guidance_scale, seeds, per_sample_w, plan = (
             req.batch, req.steps, req.eta, req.guidance_scale, req.seeds, req.weights, req.plan)
 
         cfg = self.uses_guidance(guidance_scale)
         cond = self.conditioning(batch, cfg=cfg, prompt=prompt, prompt_embeds=prompt_embeds,
                                  negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
-                                 class_labels=class_labels)
+                                 class_labels=class_labels, num_images_per_prompt=num_images_per_prompt,
+                                 pooled_prompt_embeds=pooled_prompt_embeds,
+                                 negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                                 latent_size=req.latent_size, original_size=original_size,
+                                 crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                                 negative_original_size=negative_original_size,
+                                 negative_crops_coords_top_left=negative_crops_coords_top_left,
+                                 negative_target_size=negative_target_size)
         timesteps, scalars = self.step_tables(steps, eta)
         seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=self.device)
-        x = self._initial_latents(latents, seed_tensor, batch)
+        x = self._initial_latents(latents, seed_tensor, batch, req.latent_size)
         if noise is not None:
             noise = check_noise(noise, steps, x).to(self.device, self.dtype)
 
@@ -298,17 +471,22 @@ class Engine:
 
     def check_request(self, *, weights=None, num_images=1, steps=50, eta=1.0, guidance_scale=7.5, seed=0,
                       strategy="msdda", latents=None, output_type="pil", normalize=False, expert_betas=None,
-                      beta=1.0, class_labels=None) -> CheckedRequest:
+                      beta=1.0, class_labels=None, prompt=None, prompt_embeds=None, num_images_per_prompt=1,
+                      height=None, width=None, generator=None) -> CheckedRequest:
         """Validate ``generate``'s arguments without running anything (the checks ``generate`` itself runs
         first), so that a caller, such as the CLI, can refuse bad input before it creates any output.
-        ``class_labels`` (optional here) are checked against a class-conditional base's range."""
+        ``class_labels`` (optional here) are checked against a class-conditional base's range; ``prompt`` (a
+        list sets the batch) and ``height``/``width`` against the base."""
         if output_type not in ("pil", "pt", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt', 'np' or 'latent', not {output_type!r}")
+        check_generator(generator)
         strategy = check_strategy(strategy, self.experts)
         steps = check_steps(steps, self.limits, self.sched_params[0].num_train_timesteps)
         guidance_scale = check_guidance_scale(guidance_scale)
         eta = check_eta(eta)
-        batch = batch_size(num_images, weights, seed, latents, self.limits)   # bounded before anything is built
+        latent_size = self.latent_size(height, width)
+        batch = batch_size(num_images, weights, seed, latents, self.limits, prompt=prompt,   # bounded before
+                           num_images_per_prompt=num_images_per_prompt, prompt_embeds=prompt_embeds)  # anything is built
         seeds = seed_list(seed, batch)
         per_sample_w = per_sample_weights(weights, batch, self.experts, strategy)
         plan = self.plan(strategy, per_sample_w or None, batch=batch, normalize=normalize, expert_betas=expert_betas,
@@ -316,14 +494,27 @@ class Engine:
         if class_labels is not None and self.num_classes:
             check_class_labels(per_sample(class_labels, batch, "class_labels"), self.num_classes)
         return CheckedRequest(batch=batch, steps=steps, eta=eta, guidance_scale=guidance_scale, seeds=seeds,
-                              weights=per_sample_w, plan=plan)
+                              weights=per_sample_w, plan=plan, latent_size=latent_size)
 
-    def _initial_latents(self, latents, seed_tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    def latent_size(self, height=None, width=None) -> tuple[int, int]:
+        """The latent (height, width) of ``height`` x ``width``-pixel images (None: the UNet's sample_size);
+        a size this base cannot take is a one-line ValueError."""
+        default = tuple(self.sample_shape[1:])
+        size = check_image_size(height, width, default=default, multiple=self.size_multiple,
+                                scale=self.vae_scale_factor, max_latent=MAX_SAMPLE_SIZE)
+        if size != default and self.backend_name != "torch":
+            raise ValueError(f"the {self.backend_name} backend runs the size its graphs were built for "
+                             f"({default[0] * self.vae_scale_factor}x{default[1] * self.vae_scale_factor} pixels); "
+                             "use backend='torch' for other sizes")
+        return size
+
+    def _initial_latents(self, latents, seed_tensor: torch.Tensor, batch: int, latent_size=None) -> torch.Tensor:
+        shape = (self.sample_shape[0], *(latent_size or self.sample_shape[1:]))
         if latents is None:
-            return philox_normal(seed_tensor, 0, self.sample_shape).to(self.device, self.dtype)
+            return philox_normal(seed_tensor, 0, shape).to(self.device, self.dtype)
         latents = torch.as_tensor(latents)
-        if tuple(latents.shape) != (batch, *self.sample_shape):
-            raise ValueError(f"latents must have shape {(batch, *self.sample_shape)}, got {tuple(latents.shape)}")
+        if tuple(latents.shape) != (batch, *shape):
+            raise ValueError(f"latents must have shape {(batch, *shape)}, got {tuple(latents.shape)}")
         if not bool(torch.isfinite(latents).all()):
             raise ValueError("latents contain NaN or Inf")
         return latents.to(self.device, self.dtype)
@@ -370,3 +561,49 @@ class Engine:
 
         u8 = (arr * 255).round().astype(np.uint8)
         return [Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img) for img in u8]
+
+
+# ---------------------------------------------------------------------- helpers
+def check_expert_name(name) -> None:
+    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        raise LoadError(f"bad expert name {name!r}: use letters, digits, '_', '-' and '.'")
+
+
+def prompt_pipeline(base: BaseModel):
+    """A diffusers pipeline object over the base's own text encoders and tokenizers (nothing copied), used only
+    for its ``encode_prompt``: StableDiffusionXLPipeline for SDXL bases (with the folder's
+    ``force_zeros_for_empty_prompt``), else StableDiffusionPipeline."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if base.text_encoder is None or base.tokenizer is None:
+        raise LoadError(f"{base.path}: a text-conditioned base needs a pipeline folder with text_encoder/ and "
+                        "tokenizer/ (model_index.json)")
+    if base.kind == "sdxl":
+        return StableDiffusionXLPipeline(
+            vae=None, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
+            tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=None, add_watermarker=False,
+            force_zeros_for_empty_prompt=bool(base.pipeline_config.get("force_zeros_for_empty_prompt", True)))
+    return StableDiffusionPipeline(vae=None, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=None, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def _to(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def _rows(t, batch: int, per_prompt: int, name: str, engine: "Engine"):
+    """Precomputed embeddings [R, ...] as [batch, ...] on the Engine's device and dtype: R = batch, 1 (every
+    image), or batch / num_images_per_prompt (each row for that many consecutive images)."""
+    if t is None:
+        return None
+    t = torch.as_tensor(t)
+    if t.dim() == 3:
+        t = batch_tensor(t, batch, name) if t.shape[0] in (1, batch) else t
+    if t.shape[0] * per_prompt == batch and t.shape[0] != batch:
+        t = t.repeat_interleave(per_prompt, dim=0)
+    elif t.shape[0] == 1:
+        t = t.expand(batch, *t.shape[1:])
+    if t.shape[0] != batch:
+        raise ValueError(f"{name} has {t.shape[0]} rows for {batch} images")
+    return t.to(engine.device, engine.dtype)

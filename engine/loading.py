@@ -1,27 +1,45 @@
-"""Loading models from local diffusers folders: safetensors only, with compatibility checks.
+"""Loading models from local diffusers folders: safetensors only, strictly, with compatibility checks.
 
 A *base* is one of
-- a diffusers pipeline folder (``model_index.json``: UNet2DConditionModel, text encoder, tokenizer, VAE, scheduler);
+- a diffusers pipeline folder (``model_index.json``): Stable Diffusion (UNet2DConditionModel, a CLIP text encoder
+  and tokenizer, VAE, scheduler) or Stable Diffusion XL (a UNet with ``addition_embed_type="text_time"``, a
+  CLIPTextModel and a CLIPTextModelWithProjection with their tokenizers, VAE, scheduler);
 - a folder holding ``unet/`` (and optionally ``scheduler/``), as the embedded zoo stores its models;
 - a single UNet2DModel folder (``config.json`` + ``diffusion_pytorch_model.safetensors``).
 
 An *expert* is a UNet folder of the base's architecture (any of the layouts above; only its UNet is used), or a
-LoRA adapter (diffusers ``pytorch_lora_weights.safetensors`` or peft ``adapter_model.safetensors``) merged onto
-the base UNet's weights at load time. Nothing is ever unpickled: a folder holding only ``.bin``/``.ckpt``/``.pt``
-weights is refused.
+LoRA adapter of the base's UNet: a diffusers (``pytorch_lora_weights.safetensors``), kohya-ss / A1111
+(``lora_unet_..._lora_down.weight`` + ``.alpha``: the folder's one ``.safetensors`` file) or PEFT
+(``adapter_model.safetensors`` + ``adapter_config.json``) file, read through diffusers' own LoRA state-dict
+conversion and PEFT's scaling rules (:func:`read_lora_adapter`), and kept as low-rank factors
+(:class:`LoraAdapter`) until a backend needs a merged network.
+
+Loading is strict: a missing, unexpected or misshapen tensor in any network is a one-line LoadError naming the
+file and a key, never a random initialisation (diffusers and transformers only warn). Networks are built in the
+requested dtype by the loaders themselves (``dtype=``; accelerate's low-memory path), and
+``variant="fp16"`` picks ``*.fp16.safetensors`` weights. Nothing is ever unpickled: a folder holding only
+``.bin``/``.ckpt``/``.pt`` weights is refused.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+UNET_STEM = "diffusion_pytorch_model"
+UNET_WEIGHTS = UNET_STEM + ".safetensors"
+TRANSFORMERS_STEM = "model"
 LORA_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+# The pipeline components msdda loads, by the class model_index.json names for them.
+TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+VAE_CLASSES = ("AutoencoderKL",)
 # Config keys that do not change what a UNet computes from its weights, so experts may differ in them.
 _NON_STRUCTURAL = {"_name_or_path", "_diffusers_version", "_use_default_values", "_class_name"}
 
@@ -32,7 +50,11 @@ class LoadError(ValueError):
 
 @dataclass(frozen=True)
 class BaseModel:
-    """What the runtime needs from a base: its UNet, the scheduler config, and the optional text/VAE parts."""
+    """What the runtime needs from a base: its UNet, the scheduler config, and the optional text/VAE parts.
+
+    SDXL bases also hold ``text_encoder_2`` (a CLIPTextModelWithProjection, whose pooled projection is the UNet's
+    ``text_embeds``) and ``tokenizer_2``. ``pipeline_config``: the pipeline-level settings of model_index.json
+    (e.g. SDXL's ``force_zeros_for_empty_prompt``)."""
     path: Path
     unet: torch.nn.Module
     unet_config: dict
@@ -42,6 +64,21 @@ class BaseModel:
     vae: torch.nn.Module | None = None
     weights_sha256: str = ""
     extra: dict = field(default_factory=dict)
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object | None = None
+    pipeline_config: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        """"sdxl" (text + pooled text + time ids), "text" (Stable Diffusion-style cross-attention), or "pixel"
+        (UNet2DModel: unconditional or class-conditional)."""
+        return unet_kind(self.unet_config)
+
+
+def unet_kind(config: dict) -> str:
+    if config.get("_class_name") != "UNet2DConditionModel":
+        return "pixel"
+    return "sdxl" if config.get("addition_embed_type") == "text_time" else "text"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -123,8 +160,84 @@ def check_scheduler_config(config: dict, path: Path) -> None:
         raise LoadError(f"{path}: {_one_line(exc)}") from None
 
 
-def load_unet(folder: Path, dtype=None) -> tuple[torch.nn.Module, dict, str]:
-    """Load a UNet folder (safetensors only). Returns (module in eval mode, config, sha256 of the weights)."""
+def weight_files(folder: Path, stem: str, variant: str | None = None) -> list[Path]:
+    """The safetensors file(s) of one model in ``folder``: ``<stem>[.<variant>].safetensors``, or the shards its
+    ``.safetensors.index.json`` names. Empty when there are none."""
+    name = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+    if (folder / name).is_file():
+        return [folder / name]
+    index = folder / f"{name}.index.json"
+    if index.is_file():
+        shards = read_json(index).get("weight_map")
+        if not isinstance(shards, dict):
+            raise LoadError(f"{index}: no weight_map")
+        return [index] + [folder / s for s in sorted(set(shards.values()))]
+    return []
+
+
+def files_sha256(files: list[Path]) -> str:
+    """sha256 of one weights file, or of the list of its shards' sha256 (index first) for a sharded model."""
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("\n".join(file_sha256(f) for f in files).encode()).hexdigest()
+
+
+def check_loading_info(info: dict, where: Path) -> None:
+    """A model loaded strictly: no missing, unexpected or misshapen tensor in the loading report
+    (``output_loading_info=True`` of diffusers or transformers), else a LoadError naming ``where`` and a key.
+    (diffusers and transformers only warn about these, and initialise missing tensors at random.)"""
+    for field_name, what in (("missing_keys", "is missing tensor"), ("unexpected_keys", "has unexpected tensor"),
+                             ("mismatched_keys", "has misshapen tensor")):
+        keys = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in (info.get(field_name) or ()))
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise LoadError(f"{where} {what} {keys[0]!r}{more}; refusing to initialise or drop weights")
+    errors = info.get("error_msgs") or ()
+    if errors:
+        raise LoadError(f"{where}: {_one_line(errors[0])}")
+
+
+def _no_variant(folder: Path, what: str, stem: str, variant: str | None) -> LoadError:
+    if variant:
+        have = sorted(p.name for p in folder.glob(f"{stem}*.safetensors"))
+        return LoadError(f"{folder}: no {variant!r} variant of the {what} weights ({stem}.{variant}.safetensors)"
+                         + (f"; found {', '.join(have)}" if have else ""))
+    return LoadError(f"{folder}: missing {stem}.safetensors")
+
+
+def load_strict(cls, folder: Path, *, what: str, stem: str, dtype=None, variant: str | None = None
+                ) -> tuple[torch.nn.Module, list[Path]]:
+    """``cls.from_pretrained(folder)`` from safetensors only, in ``dtype`` (float32 when None), with every tensor
+    of the checkpoint used and every parameter loaded (see :func:`check_loading_info`). Returns (module in eval
+    mode without gradients, its weights files). The dtype is the loader's own (``dtype=``, diffusers' and
+    transformers' name for it), so networks are built in it: no cast afterwards."""
+    files = weight_files(folder, stem, variant)
+    if not files:
+        _refuse_pickles(folder)
+        raise _no_variant(folder, what, stem, variant)
+    where = files[0] if len(files) == 1 else folder
+    # ignore_mismatched_sizes: transformers then reports a misshapen tensor by name (instead of raising a message
+    # that points at a log); the report is refused below, so nothing re-initialised is ever used
+    kwargs = {"dtype": dtype or torch.float32, "use_safetensors": True, "local_files_only": True,
+              "output_loading_info": True, "ignore_mismatched_sizes": is_transformers_model(cls)}
+    if variant:
+        kwargs["variant"] = variant
+    try:
+        model, info = cls.from_pretrained(folder, **kwargs)
+    except Exception as exc:  # corrupt header, truncated file, shape mismatch...
+        raise LoadError(f"{where}: cannot load {what} weights ({_one_line(exc)})") from None
+    check_loading_info(info, where)
+    return model.eval().requires_grad_(False), files
+
+
+def is_transformers_model(cls) -> bool:
+    """Whether ``cls`` is a transformers model (else a diffusers one)."""
+    return cls.__module__.startswith("transformers.")
+
+
+def load_unet(folder: Path, dtype=None, variant: str | None = None) -> tuple[torch.nn.Module, dict, str]:
+    """Load a UNet folder (safetensors only, strictly). Returns (module in eval mode, config, sha256 of the
+    weights)."""
     import diffusers
 
     config = read_json(folder / "config.json")
@@ -132,15 +245,9 @@ def load_unet(folder: Path, dtype=None) -> tuple[torch.nn.Module, dict, str]:
     if cls_name not in ("UNet2DModel", "UNet2DConditionModel"):
         raise LoadError(f"{folder}: unsupported UNet class {cls_name!r}")
     check_unet_config(config, folder / "config.json")
-    weights = folder / UNET_WEIGHTS
-    if not weights.is_file():
-        _refuse_pickles(folder)
-        raise LoadError(f"{folder}: missing {UNET_WEIGHTS}")
-    try:
-        unet = getattr(diffusers, cls_name).from_pretrained(folder, use_safetensors=True, torch_dtype=dtype)
-    except Exception as exc:  # corrupt header, truncated file, shape mismatch...
-        raise LoadError(f"{folder}: cannot load UNet weights ({_one_line(exc)})") from None
-    return unet.eval().requires_grad_(False), config, file_sha256(weights)
+    unet, files = load_strict(getattr(diffusers, cls_name), folder, what="UNet", stem=UNET_STEM, dtype=dtype,
+                              variant=variant)
+    return unet, config, files_sha256(files)
 
 
 def structural_config(config: dict) -> dict:
@@ -157,63 +264,143 @@ def scheduler_config_for(path: Path, unet_dir: Path) -> dict | None:
     return None
 
 
-def load_base(path, dtype=None) -> BaseModel:
+def load_base(path, dtype=None, variant: str | None = None) -> BaseModel:
+    """Load a base model folder (see the module docstring) in ``dtype`` (float32 when None), from the
+    ``variant`` weights when given (e.g. "fp16": ``*.fp16.safetensors``)."""
     path = _require_dir(path)
     udir = unet_folder(path)
-    unet, config, sha = load_unet(udir, dtype)
+    unet, config, sha = load_unet(udir, dtype, variant)
     sched = scheduler_config_for(path, udir)
     if sched is None:
         raise LoadError(f"{path}: no scheduler/scheduler_config.json beside the UNet")
-    text_encoder = tokenizer = vae = None
+    parts, pipeline_config = {}, {}
     if (path / "model_index.json").is_file():
-        text_encoder, tokenizer, vae = _load_pipeline_parts(path, dtype)
-    return BaseModel(path=path, unet=unet, unet_config=config, scheduler_config=sched, text_encoder=text_encoder,
-                     tokenizer=tokenizer, vae=vae, weights_sha256=sha)
+        parts, pipeline_config = load_pipeline_parts(path, dtype, variant)
+    base = BaseModel(path=path, unet=unet, unet_config=config, scheduler_config=sched, weights_sha256=sha,
+                     pipeline_config=pipeline_config, **parts)
+    check_base_parts(base)
+    return base
 
 
-def _load_pipeline_parts(path: Path, dtype):
+def load_pipeline_parts(path: Path, dtype=None, variant: str | None = None) -> tuple[dict, dict]:
+    """The text encoders, tokenizers and VAE a pipeline folder's model_index.json names (each loaded strictly,
+    from safetensors), and its pipeline-level settings (keys not naming a component)."""
+    import diffusers
+    import transformers
+
     index = read_json(path / "model_index.json")
-    text_encoder = tokenizer = vae = None
-    try:
-        if "text_encoder" in index and (path / "text_encoder").is_dir():
-            from transformers import CLIPTextModel, CLIPTokenizer
-            _refuse_pickles(path / "text_encoder")
-            text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True,
-                                                         dtype=dtype).eval().requires_grad_(False)
-            tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-        if "vae" in index and (path / "vae").is_dir():
-            from diffusers import AutoencoderKL
-            _refuse_pickles(path / "vae")
-            vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True,
-                                                torch_dtype=dtype).eval().requires_grad_(False)
-    except LoadError:
-        raise
-    except Exception as exc:
-        raise LoadError(f"{path}: cannot load pipeline components ({_one_line(exc)})") from None
-    return text_encoder, tokenizer, vae
+    parts, settings = {}, {}
+    for key, value in index.items():
+        if key.startswith("_"):
+            continue
+        if not (isinstance(value, list) and len(value) == 2):
+            settings[key] = value
+            continue
+        library, cls_name = value
+        folder = path / key
+        if key in ("unet", "scheduler") or cls_name is None or not folder.is_dir():
+            continue
+        if key in ("text_encoder", "text_encoder_2"):
+            if cls_name not in TEXT_ENCODER_CLASSES:
+                raise LoadError(f"{folder}: unsupported text encoder class {cls_name!r} (msdda loads "
+                                f"{', '.join(TEXT_ENCODER_CLASSES)})")
+            _refuse_pickles(folder)
+            parts[key], _ = load_strict(getattr(transformers, cls_name), folder, what="text encoder",
+                                        stem=TRANSFORMERS_STEM, dtype=dtype, variant=variant)
+        elif key in ("tokenizer", "tokenizer_2"):
+            if cls_name not in TOKENIZER_CLASSES:
+                raise LoadError(f"{folder}: unsupported tokenizer class {cls_name!r}")
+            try:
+                parts[key] = getattr(transformers, cls_name).from_pretrained(folder, local_files_only=True)
+            except Exception as exc:
+                raise LoadError(f"{folder}: cannot load the tokenizer ({_one_line(exc)})") from None
+        elif key == "vae":
+            if cls_name not in VAE_CLASSES:
+                raise LoadError(f"{folder}: unsupported VAE class {cls_name!r}")
+            _refuse_pickles(folder)
+            parts[key], _ = load_strict(getattr(diffusers, cls_name), folder, what="VAE", stem=UNET_STEM,
+                                        dtype=dtype, variant=variant)
+    return parts, settings
+
+
+def check_base_parts(base: BaseModel) -> None:
+    """The parts of a base fit together: a text UNet has a text encoder and tokenizer when the pipeline names
+    them; an SDXL UNet has both encoders, and its added embedding takes the pooled projection plus six time
+    ids (as ``StableDiffusionXLPipeline`` builds them)."""
+    config = base.unet_config
+    embed = config.get("addition_embed_type")
+    if embed not in (None, "text_time"):
+        raise LoadError(f"{base.path}: UNet addition_embed_type={embed!r} is not supported (msdda runs "
+                        "Stable Diffusion and SDXL UNets)")
+    for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        if (getattr(base, encoder) is None) != (getattr(base, tokenizer) is None):
+            raise LoadError(f"{base.path}: {encoder} and {tokenizer} must come together")
+    if base.kind != "sdxl":
+        if base.text_encoder_2 is not None:
+            raise LoadError(f"{base.path}: a second text encoder needs an SDXL UNet (addition_embed_type="
+                            "'text_time')")
+        return
+    if base.text_encoder is None or base.text_encoder_2 is None:
+        raise LoadError(f"{base.path}: an SDXL UNet needs text_encoder and text_encoder_2 (with their tokenizers) "
+                        "in the pipeline folder")
+    projection = getattr(base.text_encoder_2.config, "projection_dim", None)
+    if not hasattr(base.text_encoder_2, "text_projection") or not projection:
+        raise LoadError(f"{base.path}: text_encoder_2 must be a CLIPTextModelWithProjection (its pooled "
+                        "projection is the UNet's text_embeds)")
+    expected = base.unet.add_embedding.linear_1.in_features
+    given = config["addition_time_embed_dim"] * TIME_IDS + projection
+    if given != expected:
+        raise LoadError(f"{base.path}: the UNet's added embedding takes {expected} inputs, but "
+                        f"{TIME_IDS} time ids x addition_time_embed_dim {config['addition_time_embed_dim']} + "
+                        f"text_encoder_2 projection_dim {projection} = {given} (an SDXL refiner is not supported)")
+    width = base.text_encoder.config.hidden_size + base.text_encoder_2.config.hidden_size
+    if config.get("cross_attention_dim") != width:
+        raise LoadError(f"{base.path}: the UNet's cross_attention_dim {config.get('cross_attention_dim')} differs "
+                        f"from the two text encoders' hidden sizes together ({width})")
+
+
+# SDXL micro-conditioning: original (h, w), crop top-left (y, x), target (h, w).
+TIME_IDS = 6
 
 
 def _lora_file(path: Path) -> Path | None:
     for name in LORA_FILES:
         if (path / name).is_file():
             return path / name
+    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    # A folder holding one .safetensors file and no config.json: a LoRA file as kohya-ss and A1111 name them.
+    if len(files) == 1 and not (path / "config.json").is_file() and not (path / "unet").is_dir():
+        return files[0]
     return None
 
 
-def load_expert(name: str, path, base: BaseModel, dtype=None) -> tuple[torch.nn.Module, str]:
-    """Load expert ``name`` and check it against the base. Returns (module, sha256 of its weights)."""
+def load_expert_weights(name: str, path, base: BaseModel, dtype=None, variant: str | None = None
+                        ) -> tuple["torch.nn.Module | LoraAdapter", str]:
+    """Load expert ``name`` and check it against the base. Returns (a full UNet, or a :class:`LoraAdapter` of
+    the base's UNet; the sha256 of its weights)."""
     path = _require_dir(path)
     lora = _lora_file(path)
     if lora is not None:
-        return merge_lora(base.unet, lora, path), file_sha256(lora)
+        adapter = read_lora_adapter(base, lora)
+        return adapter, adapter.sha256
     _refuse_pickles(path)
     udir = unet_folder(path)
-    unet, config, sha = load_unet(udir, dtype)
+    unet, config, sha = load_unet(udir, dtype, variant)
     check_compatible(name, config, base.unet_config)
     sched = scheduler_config_for(path, udir)
     if sched is not None:
         check_scheduler_compatible(name, sched, base.scheduler_config)
     return unet, sha
+
+
+def load_expert(name: str, path, base: BaseModel, dtype=None, variant: str | None = None
+                ) -> tuple[torch.nn.Module, str]:
+    """Expert ``name`` as a full network (a LoRA adapter merged onto a copy of the base's UNet) and the sha256 of
+    its weights: for tools that need one module per expert (ONNX export, benchmarks)."""
+    expert, sha = load_expert_weights(name, path, base, dtype, variant)
+    if isinstance(expert, LoraAdapter):
+        expert = merged_network(base.unet, expert)
+    return expert, sha
 
 
 def check_compatible(name: str, config: dict, base_config: dict) -> None:
@@ -240,9 +427,10 @@ def check_scheduler_compatible(name: str, sched: dict, base_sched: dict) -> None
                             f"{base_sched[key]!r}")
 
 
+# ---------------------------------------------------------------------------------------------------- LoRA
 @dataclass(frozen=True)
 class LoraFactor:
-    """One adapted layer's low-rank update, delta W = up @ down (the scale alpha / r already folded into up).
+    """One adapted layer's low-rank update, delta W = up @ down (PEFT's scale, alpha / r, already folded into up).
 
     down: [r, in] for a Linear, [r, in, kh, kw] for a Conv2d (it runs with the layer's stride and padding);
     up: [out, r] (a 1x1 convolution for a Conv2d)."""
@@ -250,69 +438,217 @@ class LoraFactor:
     up: torch.Tensor
 
 
-# A merged LoRA expert carries its factors under this attribute, so that a backend may run it as the base plus
-# a batched low-rank delta (msdda.backends.lora) instead of as a separate network.
-LORA_FACTORS_ATTR = "msdda_lora_factors"
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA expert as its low-rank factors on the base UNet's layers ({module name: LoraFactor}), never merged
+    here: a backend merges only where it needs a full network (``merged_network``)."""
+    path: Path
+    sha256: str
+    factors: Mapping[str, LoraFactor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.down.nbytes + f.up.nbytes for f in self.factors.values())
 
 
-def read_lora(base_unet: torch.nn.Module, lora_path: Path, folder: Path) -> dict[str, LoraFactor]:
-    """{module name: LoraFactor} of a LoRA adapter on ``base_unet``, checked against the base's layers.
+# The adapter name msdda gives a LoRA while PEFT resolves its scales on a weightless copy of the base.
+_ADAPTER = "msdda"
+# Where a LoRA file's keys point: diffusers' prefixes (the same names its pipelines use).
+_UNET_PREFIX = "unet."
+_TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.")
+_PEFT_PREFIX = "base_model.model."
 
-    Reads diffusers (``...lora.down.weight``/``lora.up.weight`` or ``lora_A``/``lora_B``) and peft
-    (``base_model.model....lora_A.weight``) key layouts; alpha comes from ``adapter_config.json`` (peft) or
-    ``...alpha`` entries, else alpha = r.
-    """
-    from safetensors.torch import load_file
 
+def read_lora_adapter(base: BaseModel, lora_path: Path) -> LoraAdapter:
+    """A LoRA file of the base's UNet as a :class:`LoraAdapter`, read the way diffusers' ``load_lora_weights``
+    reads it, so that merging it gives diffusers' ``fuse_lora`` weights:
+
+    - the file goes through ``StableDiffusionPipeline.lora_state_dict`` (``StableDiffusionXLPipeline``'s for an
+      SDXL base), which converts the kohya-ss / A1111 layout and returns its network alphas; a PEFT
+      ``adapter_model.safetensors`` (``base_model.model.<module>`` keys) takes its LoRA config from
+      ``adapter_config.json``;
+    - the per-layer scale (alpha / r, rank and alpha patterns, rsLoRA) is the one PEFT computes when diffusers
+      injects the adapter, found on a weightless (meta-device) copy of the base UNet.
+
+    Refused with a one-line LoadError: text-encoder weights (msdda adapts the UNet only; the error names the
+    keys), DoRA or LoRA bias terms, a layer the base does not have or that is not a Linear / Conv2d, a down
+    without its up (or the reverse), and shapes that do not fit the base's weights."""
+    from safetensors import safe_open
+
+    folder = lora_path.parent
     try:
-        lora = load_file(lora_path)
+        with safe_open(lora_path, framework="pt") as fh:
+            raw_keys = list(fh.keys())
     except Exception as exc:
         raise LoadError(f"{lora_path}: unreadable LoRA weights ({_one_line(exc)})") from None
-    cfg_path = folder / "adapter_config.json"
-    cfg = read_json(cfg_path) if cfg_path.is_file() else {}
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in lora.items():
-        k = key
-        for prefix in ("base_model.model.", "unet."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        for tag, role in ((".lora_A.weight", "A"), (".lora.down.weight", "A"), (".lora_B.weight", "B"),
-                          (".lora.up.weight", "B"), (".alpha", "alpha")):
-            if k.endswith(tag):
-                pairs.setdefault(k[: -len(tag)], {})[role] = tensor
-                break
-    modules = dict(base_unet.named_modules())
+    bad = [k for k in raw_keys if "dora_scale" in k or "lora_magnitude_vector" in k]
+    if bad:
+        raise LoadError(f"{lora_path}: DoRA adapters are not supported ({bad[0]!r})")
+    state, alphas, metadata = _lora_state_dict(base, lora_path, raw_keys)
+    text = sorted(k for k in state if k.startswith(_TEXT_PREFIXES))
+    if text:
+        raise LoadError(f"{lora_path}: this LoRA also adapts the text encoder ({len(text)} keys, e.g. {text[0]!r}); "
+                        "msdda applies LoRA experts to the UNet only: save the UNet part alone (diffusers: "
+                        "keys starting with 'unet.')")
+    foreign = sorted(k for k in state if not k.startswith(_UNET_PREFIX))
+    if foreign:
+        raise LoadError(f"{lora_path}: unexpected LoRA key {foreign[0]!r} (neither 'unet.' nor a text encoder)")
+    pairs = _lora_pairs(base.unet, state, lora_path)
+    scales = _peft_scales(base.unet, state, alphas, metadata, lora_path)
+    missing = sorted(set(pairs) - set(scales))
+    if missing:
+        raise LoadError(f"{lora_path}: PEFT did not place the LoRA for {missing[0]!r} on the base UNet")
     factors = {}
-    for target, parts in pairs.items():
-        target = target.replace(".processor", "").replace("_lora", "")
-        if "A" not in parts or "B" not in parts:
-            raise LoadError(f"{lora_path}: incomplete LoRA pair for {target}")
+    for target, (a, b) in pairs.items():
+        weight = dict(base.unet.named_modules())[target].weight
+        rank = a.shape[0]
+        factors[target] = LoraFactor(down=a.float().reshape(rank, *weight.shape[1:]),
+                                     up=b.float().reshape(b.shape[0], rank) * scales[target])
+    return LoraAdapter(path=folder, sha256=file_sha256(lora_path), factors=factors)
+
+
+def _lora_state_dict(base: BaseModel, lora_path: Path, raw_keys: list[str]):
+    """(state dict with diffusers' 'unet.' / 'text_encoder.' prefixes, network alphas or None, LoRA config
+    metadata or None) of one LoRA file, through diffusers' converter."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline if base.kind == "sdxl" else StableDiffusionPipeline
+    try:
+        state, alphas, metadata = pipeline.lora_state_dict(
+            str(lora_path.parent), weight_name=lora_path.name, use_safetensors=True, local_files_only=True,
+            unet_config=base.unet_config, return_lora_metadata=True)
+    except Exception as exc:
+        raise LoadError(f"{lora_path}: unreadable LoRA weights ({_one_line(exc)})") from None
+    if raw_keys and all(k.startswith(_PEFT_PREFIX) for k in raw_keys):
+        # PEFT's own layout (PeftModel.save_pretrained on a UNet): the LoRA config lives in adapter_config.json.
+        state = {_UNET_PREFIX + k[len(_PEFT_PREFIX):]: v for k, v in state.items()}
+        config_path = lora_path.parent / "adapter_config.json"
+        # diffusers reads LoRA metadata per component, under the same prefixes as the tensors
+        metadata = {_UNET_PREFIX + k: v for k, v in _peft_config(read_json(config_path), config_path).items()} \
+            if config_path.is_file() else None
+    elif state and not any(k.startswith((_UNET_PREFIX, *_TEXT_PREFIXES)) for k in state):
+        # diffusers' older UNet-only layout (save_attn_procs): module names with no component prefix.
+        state = {_UNET_PREFIX + k: v for k, v in state.items()}
+    if not state:
+        raise LoadError(f"{lora_path}: holds no LoRA weights")
+    return state, alphas, metadata
+
+
+def _peft_config(config: dict, path: Path) -> dict:
+    """The LoraConfig arguments of a PEFT adapter_config.json (the fields LoraConfig takes)."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoadError(f"{path}: a {config.get('peft_type')} adapter, not LoRA")
+    names = {f.name for f in dataclasses.fields(LoraConfig)}
+    return {k: v for k, v in config.items() if k in names}
+
+
+def _lora_pairs(unet: torch.nn.Module, state: dict, lora_path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (A [r, in, ...], B [out, r, ...])} of the UNet keys in PEFT naming (diffusers'
+    ``convert_unet_state_dict_to_peft``), checked against the base's layers."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    unet_state = {k[len(_UNET_PREFIX):]: v for k, v in state.items()}
+    if not any(".lora_A." in k or ".lora_B." in k for k in unet_state):
+        unet_state = convert_unet_state_dict_to_peft(unet_state)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in unet_state.items():
+        target, sep, role = key.rpartition(".lora_")
+        if not sep or role not in ("A.weight", "B.weight"):
+            raise LoadError(f"{lora_path}: unsupported LoRA tensor {key!r} (msdda reads lora_A / lora_B weights of "
+                            "Linear and Conv2d layers)")
+        parts.setdefault(target, {})[role[0]] = tensor
+    modules = dict(unet.named_modules())
+    pairs = {}
+    for target, ab in sorted(parts.items()):
+        if "A" not in ab or "B" not in ab:
+            raise LoadError(f"{lora_path}: incomplete LoRA pair for {target} (has only lora_{next(iter(ab))})")
         module = modules.get(target)
         if module is None or not hasattr(module, "weight"):
             raise LoadError(f"{lora_path}: LoRA targets {target!r}, which the base UNet does not have")
-        a, b = parts["A"].float(), parts["B"].float()
-        rank = a.shape[0]
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(cfg.get("lora_alpha", rank))
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or getattr(module, "groups", 1) != 1:
+            raise LoadError(f"{lora_path}: LoRA on {target} ({type(module).__name__}) is not supported; msdda adapts "
+                            "Linear and Conv2d layers")
+        a, b = ab["A"], ab["B"]
         weight = module.weight
-        if b.shape[0] != weight.shape[0] or a[0].numel() != weight[0].numel() or b[0].numel() != rank:
+        rank = a.shape[0]
+        if a.dim() < 2 or b.dim() < 2 or b.shape[0] != weight.shape[0] or b.shape[1] != rank \
+                or b[0, 0].numel() != 1 or tuple(a.shape[1:]) != tuple(weight.shape[1:]):
             raise LoadError(f"{lora_path}: LoRA for {target} has shape {(b.shape[0], a[0].numel())}, weight is "
                             f"{tuple(weight.shape)}")
-        factors[target] = LoraFactor(down=a.reshape(rank, *weight.shape[1:]),
-                                     up=b.reshape(b.shape[0], rank) * (alpha / rank))
-    return factors
+        pairs[target] = (a, b)
+    return pairs
 
 
-def merge_lora(base_unet: torch.nn.Module, lora_path: Path, folder: Path) -> torch.nn.Module:
-    """A copy of the base UNet with a LoRA adapter merged: W' = W + (alpha / r) * B @ A (see ``read_lora``).
-    The copy carries the factors under ``LORA_FACTORS_ATTR``."""
-    import copy
+def _peft_scales(unet: torch.nn.Module, state: dict, alphas, metadata, lora_path: Path) -> dict[str, float]:
+    """{module name: scale} as PEFT sets it when diffusers loads this LoRA (``load_lora_adapter``: LoraConfig
+    from the file's ranks and network alphas, or from its metadata), found on a meta-device copy of the UNet so
+    that no weight is allocated. UNet2DModel has no diffusers LoRA loader; PEFT is driven directly there, with
+    the same config diffusers would build."""
+    import accelerate
+    from peft.tuners.lora import LoraLayer
 
-    factors = read_lora(base_unet, lora_path, folder)
-    merged = copy.deepcopy(base_unet)
+    with accelerate.init_empty_weights():
+        skeleton = type(unet).from_config(unet.config)
+    try:
+        if hasattr(skeleton, "load_lora_adapter"):
+            skeleton.load_lora_adapter(state, prefix="unet", network_alphas=alphas, metadata=metadata,
+                                       adapter_name=_ADAPTER, low_cpu_mem_usage=True)
+        else:
+            _inject_with_peft(skeleton, state, alphas, metadata)
+    except LoadError:
+        raise
+    except Exception as exc:
+        raise LoadError(f"{lora_path}: diffusers cannot place this LoRA on the base UNet ({_one_line(exc)})") from None
+    scales = {}
+    for name, module in skeleton.named_modules():
+        if isinstance(module, LoraLayer) and _ADAPTER in module.scaling:
+            if module.use_dora.get(_ADAPTER) or module.lora_bias.get(_ADAPTER):
+                raise LoadError(f"{lora_path}: DoRA / LoRA bias on {name} is not supported")
+            scales[name] = float(module.scaling[_ADAPTER])
+    return scales
+
+
+def _inject_with_peft(skeleton: torch.nn.Module, state: dict, alphas, metadata) -> None:
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from diffusers.utils.peft_utils import get_peft_kwargs
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unet_state = {k[len(_UNET_PREFIX):]: v for k, v in state.items()}
+    if not any(".lora_A." in k for k in unet_state):
+        unet_state = convert_unet_state_dict_to_peft(unet_state)
+    if metadata is None:
+        ranks = {f"^{k}": v.shape[1] for k, v in unet_state.items() if "lora_B" in k and v.ndim > 1}
+        alphas = {k[len(_UNET_PREFIX):]: v for k, v in (alphas or {}).items() if k.startswith(_UNET_PREFIX)}
+        config = get_peft_kwargs(ranks, alphas or None, unet_state, is_unet=True)
+    else:
+        config = {k[len(_UNET_PREFIX):]: v for k, v in metadata.items() if k.startswith(_UNET_PREFIX)}
+    inject_adapter_in_model(LoraConfig(**config), skeleton, adapter_name=_ADAPTER, state_dict=unet_state)
+
+
+def lora_delta(factor: LoraFactor, weight_shape) -> torch.Tensor:
+    """delta W = up @ down, shaped like the layer's weight (float32)."""
+    return (factor.up @ factor.down.flatten(1)).reshape(weight_shape)
+
+
+def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy of ``module`` whose parameters and buffers *are* the original's (no weight is copied):
+    its layers may be wrapped or replaced without touching the original module."""
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def merged_network(base_unet: torch.nn.Module, adapter: LoraAdapter) -> torch.nn.Module:
+    """A full copy of the base UNet with the adapter merged, W' = W + up @ down, in the base's dtype: what
+    diffusers' ``fuse_lora`` computes. Shares every tensor the adapter does not change with the base."""
+    merged = shared_copy(base_unet)
     modules = dict(merged.named_modules())
-    for target, f in factors.items():
-        weight = modules[target].weight
-        with torch.no_grad():
-            weight += (f.up @ f.down.flatten(1)).reshape(weight.shape).to(weight.dtype)
-    setattr(merged, LORA_FACTORS_ATTR, factors)
+    for target, f in adapter.factors.items():
+        layer = modules[target]
+        w = layer.weight
+        layer.weight = torch.nn.Parameter((w.float() + lora_delta(f, w.shape).to(w.device)).to(w.dtype),
+                                          requires_grad=False)
     return merged.eval().requires_grad_(False)

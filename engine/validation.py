@@ -18,7 +18,8 @@ __all__ = [
     "check_batch_size", "check_seed", "seed_list", "check_finite", "check_guidance_scale", "check_eta",
     "check_beta", "check_weights", "normalized_weights", "check_expert_betas", "check_strategy",
     "check_class_labels", "check_device", "batch_size", "per_sample_weights", "per_sample", "batch_tensor",
-    "check_noise",
+    "check_noise", "check_num_images_per_prompt", "prompt_rows", "negative_prompt_rows", "check_image_size",
+    "check_size_pair", "check_generator", "check_variant",
 ]
 
 SEED_BOUND = 2**63                     # Philox takes a 64-bit key; seeds live in [0, 2**63)
@@ -243,11 +244,121 @@ def check_device(device):
     raise ValueError(f"device {device!r} is not available here; use 'cpu' or 'cuda'")
 
 
+# ---------------------------------------------------------------------- diffusers' calling conventions
+def check_num_images_per_prompt(value, limits: Limits = DEFAULT_LIMITS) -> int:
+    return check_int("num_images_per_prompt", value, lo=1, hi=limits.max_images,
+                     hint=" (the limit; raise it with Limits(max_images=...) or --max-images)")
+
+
+def _prompt_list(prompt, name: str) -> list[str] | None:
+    """A list prompt's entries (strings), or None for a single string / no prompt."""
+    if prompt is None or isinstance(prompt, str):
+        return None
+    if not isinstance(prompt, (list, tuple)):
+        raise ValueError(f"{name} must be a string or a list of strings, not {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError(f"{name} is an empty list")
+    for p in prompt:
+        if not isinstance(p, str):
+            raise ValueError(f"{name} entries must be strings, got {p!r}")
+    return list(prompt)
+
+
+def prompt_rows(prompt, batch: int, num_images_per_prompt: int = 1) -> tuple[list[str], int]:
+    """(distinct prompts P, images per prompt r) with len(P) * r == batch, the way diffusers lays a batch out:
+    a string makes every image; a list of ``batch`` prompts one image each; a list of ``batch /
+    num_images_per_prompt`` prompts ``num_images_per_prompt`` consecutive images each."""
+    prompts = _prompt_list(prompt, "prompt")
+    if prompt is not None and prompts is None:
+        return [prompt], batch
+    if prompts is None:
+        raise ValueError("prompt is required")
+    if len(prompts) * num_images_per_prompt == batch:
+        return prompts, num_images_per_prompt
+    if len(prompts) == batch:
+        return prompts, 1
+    raise ValueError(f"prompt has {len(prompts)} entries x num_images_per_prompt {num_images_per_prompt}, "
+                     f"for {batch} images")
+
+
+def negative_prompt_rows(negative_prompt, prompts: list[str], repeat: int) -> tuple[list[str], list[str] | None, int]:
+    """(prompts, negative prompts or None, images per prompt) for a negative prompt given as None, a string
+    (every prompt's), a list with one per prompt, or a list with one per image (the prompts are then spread to
+    one per image)."""
+    negatives = _prompt_list(negative_prompt, "negative_prompt")
+    if negative_prompt is None:
+        return prompts, None, repeat
+    if negatives is None:
+        return prompts, [negative_prompt] * len(prompts), repeat
+    if len(negatives) == len(prompts):
+        return prompts, negatives, repeat
+    if len(negatives) == len(prompts) * repeat:
+        return [p for p in prompts for _ in range(repeat)], negatives, 1
+    raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts x {repeat} images "
+                     "per prompt")
+
+
+def check_size_pair(name: str, value, *, lo: int = 0) -> tuple[int, int]:
+    """Two integers (height, width or top, left) >= lo, as SDXL's micro-conditioning takes them."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"{name} must be two integers (height, width), not {value!r}")
+    return tuple(check_int(name, v, lo=lo) for v in value)
+
+
+def check_image_size(height, width, *, default: tuple[int, int], multiple: int, scale: int,
+                     max_latent: int) -> tuple[int, int]:
+    """The latent (height, width) for an image of ``height`` x ``width`` pixels (None: the model's default,
+    ``default`` latent sides). Pixels must be multiples of ``multiple`` and the latent sides (pixels / ``scale``,
+    the VAE's factor) at most ``max_latent``."""
+    sides = []
+    for name, value, side in (("height", height, default[0]), ("width", width, default[1])):
+        if value is None:
+            sides.append(side)
+            continue
+        value = check_int(name, value, lo=1)
+        if value % multiple:
+            raise ValueError(f"{name} must be a multiple of {multiple} pixels for this model, got {value}")
+        if value // scale > max_latent:
+            raise ValueError(f"{name} must be <= {max_latent * scale} pixels, got {value}")
+        sides.append(value // scale)
+    return sides[0], sides[1]
+
+
+def check_generator(generator) -> None:
+    """msdda takes no ``generator``: its noise is Philox from ``seed`` (see ``Engine.generate``)."""
+    if generator is not None:
+        raise ValueError("generator is not used by msdda: the noise of image b comes from seed + b (Philox, the "
+                         "same on CPU and GPU and whatever the batch); pass seed= (an int or one per image)")
+
+
+def check_variant(variant) -> str | None:
+    """A weights variant name such as "fp16" (files ``*.fp16.safetensors``), or None."""
+    if variant is None:
+        return None
+    if not isinstance(variant, str) or not variant or not variant.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"variant must be a name such as 'fp16', not {variant!r}")
+    return variant
+
+
 # ---------------------------------------------------------------------- per-sample arguments of generate
-def batch_size(num_images, weights, seed, latents, limits: Limits = DEFAULT_LIMITS) -> int:
-    """The batch of one ``generate`` call: ``num_images``, or the length of a per-sample list (weights, seed,
-    latents) when num_images is 1. Bounded by ``limits.max_images``."""
-    batch = check_num_images(num_images, limits)
+def batch_size(num_images, weights, seed, latents, limits: Limits = DEFAULT_LIMITS, *, prompt=None,
+               num_images_per_prompt: int = 1, prompt_embeds=None) -> int:
+    """The batch of one ``generate`` call: ``num_images`` x ``num_images_per_prompt``; or, when num_images is
+    1, the length of a per-sample list (weights, seed, latents), or a list of prompts (or the rows of
+    ``prompt_embeds``) x num_images_per_prompt, as diffusers lays it out. Bounded by ``limits.max_images``."""
+    check_num_images(num_images, limits)
+    per_prompt = check_num_images_per_prompt(num_images_per_prompt, limits)
+    prompts = _prompt_list(prompt, "prompt")
+    rows = len(prompts) if prompts is not None else (
+        int(prompt_embeds.shape[0]) if getattr(prompt_embeds, "ndim", 0) == 3 and prompt_embeds.shape[0] > 1 else None)
+    if rows is not None:
+        implied = rows * per_prompt
+        if num_images not in (1, implied):
+            raise ValueError(f"prompt has {rows} entries x num_images_per_prompt {per_prompt} = {implied} images, "
+                             f"but num_images is {num_images}")
+        batch = check_num_images(implied, limits)
+    else:
+        batch = check_num_images(num_images * per_prompt, limits)
     for name, value in (("weights", weights), ("seed", seed)):
         if isinstance(value, (list, tuple)) and len(value) != batch:
             if batch == 1:

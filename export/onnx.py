@@ -5,7 +5,9 @@ The graph's I/O names are a contract the runtime relies on::
     inputs   sample                 float [N, C, H, W]   (float16 for precision="fp16")
              timestep               float32 [N]
              class_labels           int64 [N]            (cond="class")
-             encoder_hidden_states  float [N, L, D]      (cond="text")
+             encoder_hidden_states  float [N, L, D]      (cond="text" or "text_time")
+             text_embeds            float [N, P]         (cond="text_time": SDXL's pooled text projection)
+             time_ids               float32 [N, 6]       (cond="text_time": SDXL's size and crop conditioning)
     output   out                    float [N, C_out, H, W]
 
 N is a dynamic axis by default (H and W on request). Export uses torch's TorchScript-based exporter
@@ -51,7 +53,10 @@ MIN_OPSET = 17
 MAX_OPSET = 20                    # the TorchScript exporter's newest
 OUTPUT_NAME = "out"
 INPUT_NAMES = {"none": ("sample", "timestep"), "class": ("sample", "timestep", "class_labels"),
-               "text": ("sample", "timestep", "encoder_hidden_states")}
+               "text": ("sample", "timestep", "encoder_hidden_states"),
+               "text_time": ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")}
+TEXT_CONDS = ("text", "text_time")
+SDXL_TIME_IDS = 6
 DEFAULT_TOLERANCE = {"fp32": (1e-3, 1e-3), "fp16": (2e-2, 2e-2)}     # (rtol, atol)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000                              # bytes of weights; protobuf's hard cap is 2 GiB
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -116,12 +121,14 @@ class _UNetForExport(torch.nn.Module):
             params = {}
         self._return_dict = "return_dict" in params
 
-    def forward(self, sample, timestep, cond=None):
+    def forward(self, sample, timestep, cond=None, text_embeds=None, time_ids=None):
         kwargs = {"return_dict": False} if self._return_dict else {}
         if self.cond == "class":
             kwargs["class_labels"] = cond
-        elif self.cond == "text":
+        elif self.cond in TEXT_CONDS:
             kwargs["encoder_hidden_states"] = cond
+        if self.cond == "text_time":
+            kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
         out = self.unet(sample, timestep, **kwargs)
         if isinstance(out, (tuple, list)):
             out = out[0]
@@ -146,7 +153,8 @@ def unet_export_spec(unet, *, text_len: int | None = None) -> dict:
         cross = cfg.get("cross_attention_dim")
         if isinstance(cross, (list, tuple)):
             cross = cross[0]
-        return dict(sample_shape=(cfg["in_channels"], h, w), cond="text", text_shape=(text_len or 77, int(cross)))
+        cond = "text_time" if cfg.get("addition_embed_type") == "text_time" else "text"
+        return dict(sample_shape=(cfg["in_channels"], h, w), cond=cond, text_shape=(text_len or 77, int(cross)))
     cond = "class" if cfg.get("num_class_embeds") else "none"
     return dict(sample_shape=(cfg["in_channels"], h, w), cond=cond, text_shape=None)
 
@@ -165,7 +173,7 @@ def check_export_options(opset, precision) -> None:
 def _check_args(sample_shape, cond, text_shape, opset, precision):
     check_export_options(opset, precision)
     if cond not in INPUT_NAMES:
-        raise ExportError(f"cond must be 'none', 'class' or 'text', not {cond!r}")
+        raise ExportError(f"cond must be one of {', '.join(map(repr, INPUT_NAMES))}, not {cond!r}")
     try:
         shape = tuple(int(s) for s in sample_shape)
     except (TypeError, ValueError):
@@ -173,21 +181,27 @@ def _check_args(sample_shape, cond, text_shape, opset, precision):
     if len(shape) != 3 or min(shape) < 1:
         raise ExportError(f"sample_shape must be three positive sizes (C, H, W), not {sample_shape!r}")
     text = None
-    if cond == "text":
+    if cond in TEXT_CONDS:
         try:
             text = tuple(int(s) for s in text_shape)
         except (TypeError, ValueError):
-            raise ExportError(f"cond='text' needs text_shape=(L, D), not {text_shape!r}") from None
+            raise ExportError(f"cond={cond!r} needs text_shape=(L, D), not {text_shape!r}") from None
         if len(text) != 2 or min(text) < 1:
             raise ExportError(f"text_shape must be (L, D), not {text_shape!r}")
     elif text_shape is not None:
-        raise ExportError(f"text_shape is only for cond='text' (cond={cond!r})")
+        raise ExportError(f"text_shape is only for cond='text' or 'text_time' (cond={cond!r})")
     return shape, text
 
 
 def _downsample_factor(unet) -> int:
     blocks = _config(unet).get("block_out_channels")
     return 2 ** (len(blocks) - 1) if blocks else 8
+
+
+def pooled_text_width(unet) -> int:
+    """The width of an SDXL UNet's ``text_embeds``: its added embedding's inputs less the six time ids'."""
+    cfg = _config(unet)
+    return int(cfg["projection_class_embeddings_input_dim"]) - SDXL_TIME_IDS * int(cfg["addition_time_embed_dim"])
 
 
 def _example_inputs(unet, cond, batch, sample_shape, text_shape, dtype, device, seed, num_classes):
@@ -197,8 +211,12 @@ def _example_inputs(unet, cond, batch, sample_shape, text_shape, dtype, device, 
     args = [sample, timestep]
     if cond == "class":
         args.append(torch.randint(0, num_classes, (batch,), generator=gen).to(device))
-    elif cond == "text":
+    elif cond in TEXT_CONDS:
         args.append(torch.randn((batch, *text_shape), generator=gen).to(device, dtype))
+    if cond == "text_time":
+        args.append(torch.randn((batch, pooled_text_width(unet)), generator=gen).to(device, dtype))
+        # sizes and crops in pixels, as StableDiffusionXLPipeline passes them
+        args.append((torch.rand((batch, SDXL_TIME_IDS), generator=gen) * 1024).round().to(device, torch.float32))
     return args
 
 
@@ -317,7 +335,7 @@ def _verify(path: Path, ref_module, names, cases, make_inputs, rtol, atol, devic
         feeds = {}
         for name, a in zip(names, args):
             arr = a.detach().cpu().numpy()
-            if name in ("sample", "encoder_hidden_states"):
+            if a.is_floating_point():
                 arr = arr.astype(np.float16 if in_dtype[name] == "tensor(float16)" else np.float32)
             feeds[name] = arr
         try:
@@ -359,11 +377,13 @@ def export_unet_onnx(unet: torch.nn.Module, path, *, sample_shape, cond: str = "
         raise ExportError(f"expected a torch module, not {type(unet).__name__}")
     cfg = _config(unet)
     kind = type(unet).__name__
-    if kind == "UNet2DModel" and cond == "text":
-        raise ExportError("cond='text' needs a text-conditioned UNet2DConditionModel; this is a UNet2DModel")
-    if kind == "UNet2DConditionModel" and cond != "text":
-        raise ExportError(f"a UNet2DConditionModel is text-conditioned: use cond='text', not {cond!r}")
-    if cond == "text" and cfg.get("cross_attention_dim") not in (None, text[1]) \
+    if kind == "UNet2DModel" and cond in TEXT_CONDS:
+        raise ExportError(f"cond={cond!r} needs a text-conditioned UNet2DConditionModel; this is a UNet2DModel")
+    if kind == "UNet2DConditionModel":
+        wanted = "text_time" if cfg.get("addition_embed_type") == "text_time" else "text"
+        if cond != wanted:
+            raise ExportError(f"this UNet2DConditionModel takes cond={wanted!r}, not {cond!r}")
+    if cond in TEXT_CONDS and cfg.get("cross_attention_dim") not in (None, text[1]) \
             and not isinstance(cfg.get("cross_attention_dim"), (list, tuple)):
         raise ExportError(f"text_shape D={text[1]} differs from the UNet's cross_attention_dim="
                           f"{cfg['cross_attention_dim']}")
@@ -562,8 +582,11 @@ def export_pipeline(base, experts: Mapping[str, str] | None, out_dir, *, opset: 
               "timestep": ["N"]}
     if spec["cond"] == "class":
         inputs["class_labels"] = ["N"]
-    elif spec["cond"] == "text":
+    elif spec["cond"] in TEXT_CONDS:
         inputs["encoder_hidden_states"] = ["N", *spec["text_shape"]]
+    if spec["cond"] == "text_time":
+        inputs["text_embeds"] = ["N", pooled_text_width(base_model.unet)]
+        inputs["time_ids"] = ["N", SDXL_TIME_IDS]
     manifest = {
         "format": 1, "kind": "msdda-onnx", "opset": opset, "precision": precision, "cond": spec["cond"],
         "sample_shape": list(spec["sample_shape"]),

@@ -357,8 +357,8 @@ def test_lora_expert_merges_onto_base(pixel_models, tmp_path):
     target = "down_blocks.0.resnets.0.conv1"
     weight = dict(unet.named_modules())[target].weight
     rank = 2
-    a = torch.randn(rank, weight[0].numel())
-    b = torch.randn(weight.shape[0], rank) * 0.01
+    a = torch.randn(rank, *weight.shape[1:])                  # a Conv2d's LoRA: down [r, in, kh, kw], up [out, r, 1, 1]
+    b = torch.randn(weight.shape[0], rank, 1, 1) * 0.01
     lora_dir = tmp_path / "lora"
     lora_dir.mkdir()
     save_file({f"unet.{target}.lora.down.weight": a, f"unet.{target}.lora.up.weight": b},
@@ -367,8 +367,8 @@ def test_lora_expert_merges_onto_base(pixel_models, tmp_path):
     merged = dict(eng.backend._nets[1].named_modules())[target].weight
     # W + sum_r b_r a_r in float32: rank products, rank - 1 additions and one addition to W, each rounding once;
     # the elementwise bound is (rank + 1) eps (|W| + |b| |a|) (tolerance.rounding_bound)
-    exact = weight.double() + (b.double() @ a.double()).reshape(weight.shape)
-    magnitude = weight.double().abs() + (b.double().abs() @ a.double().abs()).reshape(weight.shape)
+    exact = weight.double() + (b.double().flatten(1) @ a.double().flatten(1)).reshape(weight.shape)
+    magnitude = weight.double().abs() + (b.double().abs().flatten(1) @ a.double().abs().flatten(1)).reshape(weight.shape)
     assert_within(merged, exact, rounding_bound(magnitude, ops=rank + 1), "merged LoRA weight")
     # a missing or doubled delta is caught: the delta is far above the bound
     assert_differ(merged, weight, rounding_bound(magnitude, ops=rank + 1).max().item(), "merged vs base weight")

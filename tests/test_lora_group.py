@@ -147,13 +147,13 @@ def test_bad_lora_adapters_are_one_line_errors(tmp_path, case, message):
 
     base = make_tiny_unet2d(tmp_path / "base")
     conv = "unet.down_blocks.0.resnets.0.conv1"       # weight [16, 16, 3, 3]
-    good_down, good_up = torch.randn(2, 16 * 9), torch.randn(16, 2)
+    good_down, good_up = torch.randn(2, 16, 3, 3), torch.randn(16, 2, 1, 1)
     if case == "corrupt":
         (tmp_path / "x").mkdir()
         (tmp_path / "x" / "pytorch_lora_weights.safetensors").write_bytes(b"\x00garbage")
         folder = tmp_path / "x"
     else:
-        tensors = {"shape": {f"{conv}.lora.down.weight": torch.randn(2, 15 * 9), f"{conv}.lora.up.weight": good_up},
+        tensors = {"shape": {f"{conv}.lora.down.weight": torch.randn(2, 15, 3, 3), f"{conv}.lora.up.weight": good_up},
                    "incomplete": {f"{conv}.lora.down.weight": good_down},
                    "target": {"unet.down_blocks.0.resnets.0.nope.lora.down.weight": good_down,
                               "unet.down_blocks.0.resnets.0.nope.lora.up.weight": good_up}}[case]
@@ -163,12 +163,13 @@ def test_bad_lora_adapters_are_one_line_errors(tmp_path, case, message):
     assert "\n" not in str(info.value)
 
 
-def test_lora_on_a_layer_that_cannot_be_batched_is_refused(tmp_path):
-    """An adapter on the class embedding (an Embedding) merges fine, but group='lora' names the layer."""
+def test_lora_on_a_layer_that_is_not_linear_or_conv_is_refused(tmp_path):
+    """An adapter on the class embedding (an Embedding) is a one-line LoadError naming the layer, at load."""
+    from msdda.loading import LoadError
+
     base = make_tiny_unet2d(tmp_path / "base", num_class_embeds=11)
     folder = _adapter(tmp_path / "emb", {"unet.class_embedding.lora.down.weight": torch.randn(2, 64),
                                          "unet.class_embedding.lora.up.weight": torch.randn(11, 2)})
-    merged = msdda.Engine.from_pretrained(base, {"e": folder})           # the loop path accepts it
-    assert merged.backend.members == ("base", "e")
-    with pytest.raises(ValueError, match=r"group='lora': LoRA on class_embedding \(Embedding\) cannot be batched"):
-        msdda.Engine.from_pretrained(base, {"e": folder}, group="lora")
+    for group in ("loop", "lora"):
+        with pytest.raises(LoadError, match=r"LoRA on class_embedding \(Embedding\) is not supported"):
+            msdda.Engine.from_pretrained(base, {"e": folder}, group=group)

@@ -166,3 +166,69 @@ def write_lora_adapter(base, dst, *, seed: int, rank: int = 4, scale: float = 0.
     dst.mkdir(parents=True, exist_ok=True)
     save_file(state, dst / "pytorch_lora_weights.safetensors")
     return dst
+
+
+def tiny_sdxl_unet_config(sample_size: int = 16) -> dict:
+    """SDXL's UNet layout at toy size: added text-time conditioning (pooled text embedding + 6 micro-conditioning
+    numbers, each embedded in ``addition_time_embed_dim``), both text encoders' hidden states concatenated
+    (32 + 32 = 64) as cross-attention context, linear projections and per-block transformer depths."""
+    return dict(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=16,
+    )
+
+
+def make_tiny_sdxl_pipeline(path, *, seed: int = 0, sample_size: int = 16, force_zeros_for_empty_prompt: bool = True):
+    """Write a tiny StableDiffusionXLPipeline folder: a UNet2DConditionModel with ``addition_embed_type=
+    "text_time"``, a CLIPTextModel and a CLIPTextModelWithProjection (projection 32, so the pooled embedding is
+    32 wide), two byte-level tokenizers, a tiny VAE (scale factor 2) and a DDIM scheduler."""
+    import shutil
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    _seeded(seed)
+    unet = UNet2DConditionModel(**tiny_sdxl_unet_config(sample_size))
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8,
+                        sample_size=2 * sample_size)
+    tok_dir = path / "_tok"
+    _write_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir)
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    shutil.rmtree(tok_dir)
+    return path
+
+
+def kohya_lora_keys(state: dict) -> dict:
+    """A diffusers-layout LoRA state dict (``unet.<module>.lora.down.weight`` / ``.lora.up.weight``) renamed to
+    the kohya-ss / A1111 layout that sd-scripts writes for SD 1.x, whose UNet it trains under diffusers' module
+    names: ``lora_unet_<module with '.' replaced by '_'>.lora_down.weight`` / ``.lora_up.weight``, plus one
+    ``.alpha`` scalar per module (here alpha = rank / 2, so the scale alpha / rank = 0.5 is exercised; the
+    up factors are doubled so that the expert's weights equal the diffusers file's)."""
+    out = {}
+    for key, tensor in state.items():
+        module, _, role = key[len("unet."):].rpartition(".lora.")
+        name = "lora_unet_" + module.replace(".", "_")
+        if role == "down.weight":
+            out[f"{name}.lora_down.weight"] = tensor
+            out[f"{name}.alpha"] = torch.tensor(tensor.shape[0] / 2)
+        else:
+            out[f"{name}.lora_up.weight"] = tensor * 2
+    return out

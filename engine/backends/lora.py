@@ -10,29 +10,35 @@ The members of a call travel in a ContextVar set around that one forward: it is 
 task), so concurrent calls with different members never see each other's selection. Ranks may differ between
 adapters (zero-padded to the largest, which adds exact zeros), and a member with no adapter on a layer (the
 base itself) has a zero delta there.
+
+The group network is a structural copy of the base whose layers hold the base's own parameter tensors
+(``msdda.loading.shared_copy``): the base's weights are stored once, whatever K, and the adapters' factors
+stacked once per adapted layer. No expert is ever merged into a full copy here.
 """
 from __future__ import annotations
 
-import copy
 from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 
-from msdda.loading import LORA_FACTORS_ATTR
+from msdda.loading import LoraAdapter, shared_copy
 
-# Member indices [G] of the forward in progress, in stacking order.
-_SELECTED: ContextVar[torch.Tensor] = ContextVar("msdda_lora_selected")
+# The forward in progress: (factor rows [G], keep [G] or None) for its G member groups in stacking order. Rows
+# index the adapters' stacked factors (member m >= 1 is row m - 1); the base member (0) has no row of its own:
+# it borrows row 0 and its delta is multiplied by keep = 0, so no zero factors are stored for it.
+_SELECTED: ContextVar[tuple] = ContextVar("msdda_lora_selected")
 
 
-def lora_factors(net: torch.nn.Module) -> dict | None:
-    """The LoRA factors a merged expert carries (msdda.loading.merge_lora), or None for a full network."""
-    return getattr(net, LORA_FACTORS_ATTR, None)
+def _selection(members, device) -> tuple:
+    rows = torch.tensor([max(m - 1, 0) for m in members], device=device)
+    keep = None if 0 not in members else torch.tensor([float(m != 0) for m in members], device=device)
+    return rows, keep
 
 
 class _BatchedLora(torch.nn.Module):
-    """A base layer plus every member's factors: down [M, r, in, *k], up [M, out, r] (zeros where a member has
-    no adapter on this layer)."""
+    """A base layer plus every adapter's factors: down [K, r, in, *k], up [K, out, r] (zeros where an adapter
+    does not touch this layer)."""
 
     def __init__(self, base: torch.nn.Module, down: torch.Tensor, up: torch.Tensor):
         super().__init__()
@@ -45,12 +51,15 @@ class BatchedLoraLinear(_BatchedLora):
     """A Linear whose input rows are G member groups; adds each group's low-rank delta (down [M, r, in])."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sel = _SELECTED.get()
+        sel, keep = _SELECTED.get()
         y = self.base(x)
         g = sel.numel()
         xg = x.reshape(g, -1, x.shape[-1])                                   # [G, rows, in]
         h = torch.bmm(xg, self.down[sel].transpose(1, 2))                    # [G, rows, r]
-        return y + torch.bmm(h, self.up[sel].transpose(1, 2)).reshape(y.shape)
+        delta = torch.bmm(h, self.up[sel].transpose(1, 2))                   # [G, rows, out]
+        if keep is not None:
+            delta = delta * keep.to(delta.dtype).view(g, 1, 1)
+        return y + delta.reshape(y.shape)
 
 
 class BatchedLoraConv2d(_BatchedLora):
@@ -59,7 +68,7 @@ class BatchedLoraConv2d(_BatchedLora):
     stride, padding and dilation)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sel = _SELECTED.get()
+        sel, keep = _SELECTED.get()
         y = self.base(x)
         g = sel.numel()
         n, c, h, w = x.shape
@@ -70,12 +79,14 @@ class BatchedLoraConv2d(_BatchedLora):
         mid = F.conv2d(xg, down.reshape(g * r, *down.shape[2:]), None, b.stride, b.padding, b.dilation, groups=g)
         up = self.up[sel]                                                     # [G, out, r]
         delta = F.conv2d(mid, up.reshape(g * up.shape[1], r, 1, 1), None, groups=g)   # [n/g, G*out, h', w']
-        delta = delta.reshape(n // g, g, up.shape[1], *delta.shape[2:]).transpose(0, 1).reshape(y.shape)
-        return y + delta
+        delta = delta.reshape(n // g, g, up.shape[1], *delta.shape[2:]).transpose(0, 1)
+        if keep is not None:
+            delta = delta * keep.to(delta.dtype).view(g, 1, 1, 1, 1)
+        return y + delta.reshape(y.shape)
 
 
 def _stack(factors: list[dict | None], name: str, layer: torch.nn.Module, device, dtype):
-    """(down [M, r_max, ...], up [M, out, r_max]) of one layer over all members, zero-padded."""
+    """(down [K, r_max, ...], up [K, out, r_max]) of one layer over the adapters, zero-padded."""
     present = [f[name] for f in factors if f and name in f]
     r_max = max(p.down.shape[0] for p in present)
     down = torch.zeros(len(factors), r_max, *layer.weight.shape[1:], device=device, dtype=dtype)
@@ -88,22 +99,22 @@ def _stack(factors: list[dict | None], name: str, layer: torch.nn.Module, device
     return down, up
 
 
-def lora_group_network(base: torch.nn.Module, members: list[torch.nn.Module]) -> torch.nn.Module:
-    """A copy of ``base`` whose adapted layers add the selected members' deltas (see the module docstring).
+def lora_group_network(base: torch.nn.Module, adapters: list[LoraAdapter | None]) -> torch.nn.Module:
+    """A copy of ``base`` sharing its parameters, whose adapted layers add the selected members' deltas (see the
+    module docstring).
 
-    members: the backend's networks in member order; each is the base itself or a merged LoRA expert of it.
-    Raises ValueError when a member is neither, or an adapted layer is not a Linear or a groups=1 Conv2d."""
-    factors = []
-    for i, net in enumerate(members):
-        f = lora_factors(net)
-        if f is None and net is not base:
-            raise ValueError(f"member {i} is a full network, not a LoRA adapter of the base")
-        factors.append(f)
+    adapters: one per member, in member order: None for the base itself, else a LoRA adapter of it. Raises
+    ValueError when an adapted layer is not a Linear or a groups=1 Conv2d."""
+    if adapters[0] is not None or any(a is None for a in adapters[1:]):
+        raise ValueError("member 0 must be the base and every other member a LoRA adapter of it")
+    factors = [a.factors for a in adapters[1:]]
     p = next(base.parameters())
-    net = copy.deepcopy(base)
+    net = shared_copy(base)
     modules = dict(net.named_modules())
     for name in sorted({n for f in factors if f for n in f}):
-        layer = modules[name]
+        layer = modules.get(name)
+        if layer is None:
+            raise ValueError(f"LoRA targets {name!r}, which the base does not have")
         down, up = _stack(factors, name, layer, p.device, p.dtype)
         if isinstance(layer, torch.nn.Linear):
             wrapped = BatchedLoraLinear(layer, down, up)
@@ -116,12 +127,38 @@ def lora_group_network(base: torch.nn.Module, members: list[torch.nn.Module]) ->
     return net.eval().requires_grad_(False)
 
 
+def soup_parameters(net: torch.nn.Module, base: torch.nn.Module, coeffs: dict[int, float]) -> dict[str, torch.Tensor]:
+    """The parameters of sum_m c_m theta_m over LoRA members of a group network ``net`` built on ``base``:
+    (sum c) W everywhere, plus sum_m c_m up_m @ down_m on the adapted layers. Built per call (a soup needs one
+    full network), never stored."""
+    total = sum(coeffs.values())
+    params = {k: total * v for k, v in base.named_parameters()}
+    for name, layer in net.named_modules():
+        if isinstance(layer, _BatchedLora):
+            key = f"{name}.weight"
+            w = params[key]
+            for m, c in coeffs.items():
+                if m:                                       # member m >= 1 is adapter row m - 1
+                    w = w + c * (layer.up[m - 1] @ layer.down[m - 1].flatten(1)).reshape(w.shape)
+            params[key] = w
+    return params
+
+
+def _repeat(value, g: int):
+    """A conditioning tensor (or a dict of them: SDXL's added_cond_kwargs) stacked for g member groups."""
+    if torch.is_tensor(value):
+        return value.repeat(g, *([1] * (value.dim() - 1)))
+    if isinstance(value, dict):
+        return {k: _repeat(v, g) for k, v in value.items()}
+    return value
+
+
 def forward_members(net: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, kwargs: dict,
                     members: tuple[int, ...]) -> torch.Tensor:
     """One forward of the group network for ``members``: x [N, C, H, W] -> [len(members), N, C_out, H, W]."""
     g = len(members)
-    stacked = {k: (v.repeat(g, *([1] * (v.dim() - 1))) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
-    token = _SELECTED.set(torch.tensor(members, device=x.device))
+    stacked = {k: _repeat(v, g) for k, v in kwargs.items()}
+    token = _SELECTED.set(_selection(members, x.device))
     try:
         out = net(x.repeat(g, 1, 1, 1), timestep.repeat(g), **stacked)[0]
     finally:

@@ -94,6 +94,10 @@ class OnnxRuntimeBackend:
             feeds["encoder_hidden_states"] = cond.encoder_hidden_states.detach().float().cpu().numpy()
         if cond.class_labels is not None:
             feeds["class_labels"] = cond.class_labels.detach().cpu().numpy().astype(np.int64)
+        for name in ("text_embeds", "time_ids"):                 # SDXL's added conditioning
+            value = getattr(cond, name)
+            if value is not None:
+                feeds[name] = value.detach().float().cpu().numpy()
         return feeds
 
     def _run(self, session, feeds) -> torch.Tensor:

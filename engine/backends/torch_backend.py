@@ -1,4 +1,5 @@
-"""Eager PyTorch backend: the K networks' parameters stacked once, evaluated as one group per call."""
+"""Eager PyTorch backend: the K networks evaluated as one group per call (a loop, a vmap over stacked parameters,
+or, for LoRA experts, one forward of the base weights with batched low-rank deltas)."""
 from __future__ import annotations
 
 import copy
@@ -6,17 +7,38 @@ import copy
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
+from msdda.loading import LoraAdapter, merged_network
+
 from . import Conditioning
-from .lora import forward_members, lora_group_network
+from .lora import forward_members, lora_group_network, soup_parameters
 
 
 def unet_kwargs(cond: Conditioning) -> dict:
+    """A diffusers UNet's keyword arguments for ``cond`` (SDXL's pooled text and time ids go in
+    ``added_cond_kwargs``, as StableDiffusionXLPipeline passes them)."""
     kwargs = {"return_dict": False}
     if cond.encoder_hidden_states is not None:
         kwargs["encoder_hidden_states"] = cond.encoder_hidden_states
     if cond.class_labels is not None:
         kwargs["class_labels"] = cond.class_labels
+    if cond.text_embeds is not None or cond.time_ids is not None:
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
     return kwargs
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and shared parameters counted once; meta
+    tensors hold none)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t.device.type == "meta":
+            continue
+        storage = t.untyped_storage()
+        key = (t.device, storage.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
 
 
 def _moved(net: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -30,11 +52,13 @@ def _moved(net: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> to
 class TorchBackend:
     """Runs same-architecture diffusers UNets with torch.
 
-    group="loop" calls the selected networks one after another; group="vmap" evaluates them as one vmapped
-    functional call over stacked parameters (torch.func); group="lora" (every expert a LoRA adapter of the
-    base, the first network) runs the selected members as one forward of the base weights on the stacked
-    batches plus batched low-rank deltas (msdda.backends.lora). Chosen once here. ``compile=True`` wraps each
-    network with torch.compile.
+    ``networks``: {member name: module or LoraAdapter}; the first is the base, a module, and every adapter is a
+    LoRA of it. group="loop" calls the selected networks one after another; group="vmap" evaluates them as one
+    vmapped functional call over stacked parameters (torch.func); under both, LoRA adapters are merged into full
+    networks here (sharing the base's unadapted tensors). group="lora" (every expert a LoRA adapter) runs the
+    selected members as one forward of the base weights on the stacked batches plus batched low-rank deltas
+    (msdda.backends.lora): the base's parameters are held once and no expert is merged, except per call for a
+    soup. Chosen once here. ``compile=True`` wraps each network with torch.compile.
     """
 
     def __init__(self, networks: dict, *, device="cpu", dtype=None, group: str = "loop", compile: bool = False):
@@ -42,25 +66,51 @@ class TorchBackend:
             raise ValueError(f"group must be 'loop', 'vmap' or 'lora', not {group!r}")
         self.members = tuple(networks)
         self.device = torch.device(device)
-        self.dtype = dtype or next(iter(networks.values())).dtype
-        self._nets = tuple(_moved(n, self.device, self.dtype).eval().requires_grad_(False) for n in networks.values())
-        self._params, self._buffers = stack_module_state(list(self._nets))
-        self._skeleton = copy.deepcopy(self._nets[0]).to("meta")
-        self._calls = tuple(torch.compile(n) if compile else n for n in self._nets)
-        self._forward_group = {"loop": self._forward_loop, "vmap": self._forward_vmap,
-                               "lora": self._forward_lora}[group]
+        nets = list(networks.values())
+        if isinstance(nets[0], LoraAdapter):
+            raise ValueError("the first network (the base) must be a module, not a LoRA adapter")
+        self.dtype = dtype or nets[0].dtype
+        base = _moved(nets[0], self.device, self.dtype).eval().requires_grad_(False)
+        self._params = self._buffers = None
         if group == "lora":
+            adapters = [None]
+            for i, net in enumerate(nets[1:], 1):
+                if not isinstance(net, LoraAdapter):
+                    raise ValueError(f"group='lora': member {i} is a full network, not a LoRA adapter of the base")
+                adapters.append(net)
             try:
-                net = lora_group_network(self._nets[0], list(self._nets))
+                group_net = lora_group_network(base, adapters)
             except ValueError as exc:
                 raise ValueError(f"group='lora': {exc}") from None
-            self._lora_net = torch.compile(net) if compile else net
+            self._nets = (base,)
+            self._lora_net = torch.compile(group_net) if compile else group_net
+            self._lora_group = group_net
+            # the base alone runs as itself; an expert alone (expert:NAME) runs through the group network
+            base_call = torch.compile(base) if compile else base
+            self._calls = (base_call,) + (None,) * len(adapters[1:])
+        else:
+            full = [base] + [merged_network(base, n) if isinstance(n, LoraAdapter) else n for n in nets[1:]]
+            self._nets = tuple(_moved(n, self.device, self.dtype).eval().requires_grad_(False) for n in full)
+            if group == "vmap":      # the stacked copy only where a strategy runs on it
+                self._params, self._buffers = stack_module_state(list(self._nets))
+            self._calls = tuple(torch.compile(n) if compile else n for n in self._nets)
+        self._skeleton = copy.deepcopy(self._nets[0]).to("meta")
+        self._forward_group = {"loop": self._forward_loop, "vmap": self._forward_vmap,
+                               "lora": self._forward_lora}[group]
+
+    def resident_bytes(self) -> int:
+        """Bytes of every parameter and buffer this backend keeps (each storage once)."""
+        tensors = [t for n in (*self._nets, getattr(self, "_lora_group", None)) if n is not None
+                   for t in (*n.parameters(), *n.buffers())]
+        for stacked in (self._params, self._buffers):
+            tensors.extend((stacked or {}).values())
+        return tensor_bytes(tensors)
 
     def forward(self, x: torch.Tensor, t: int, cond: Conditioning, members: tuple[int, ...]) -> torch.Tensor:
         """x [N, C, H, W], t a timestep -> [len(members), N, C_out, H, W]."""
         timestep = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
         kwargs = unet_kwargs(cond)
-        if len(members) == 1:
+        if len(members) == 1 and self._calls[members[0]] is not None:
             return self._calls[members[0]](x, timestep, **kwargs)[0].unsqueeze(0)
         return self._forward_group(x, timestep, kwargs, members)
 
@@ -82,9 +132,13 @@ class TorchBackend:
 
     def soup(self, coeffs: dict[int, float]):
         """One network whose parameters are sum_k c_k theta_k (rewarded soups). Built per call, never stored."""
-        params = {k: sum(c * v[m] for m, c in coeffs.items()) for k, v in self._params.items()}
-        first = next(iter(coeffs))
-        buffers = {k: v[first] for k, v in self._buffers.items()}
+        if hasattr(self, "_lora_group"):                # LoRA members: base weights + their deltas
+            params = soup_parameters(self._lora_group, self._nets[0], coeffs)
+            buffers = dict(self._nets[0].named_buffers())
+        else:
+            named = {m: dict(self._nets[m].named_parameters()) for m in coeffs}
+            params = {k: sum(c * named[m][k] for m, c in coeffs.items()) for k in named[next(iter(coeffs))]}
+            buffers = dict(self._nets[next(iter(coeffs))].named_buffers())
         skeleton = self._skeleton
 
         def forward(x, t, cond: Conditioning):
