@@ -14,14 +14,16 @@ import numpy as np
 import torch
 
 from msdda import schedule as sch
+from msdda.backend_artifacts import backend_source
 from msdda.backends import Conditioning, make_backend
+from msdda.export.artifacts import ArtifactMismatch
 from msdda.kernels import StepScalars, fused_expert_step, philox_normal, raise_if_bad
 from msdda.loading import BaseModel, LoadError, load_base, load_expert
 from msdda.sampling import Denoise, sample
 from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
 from msdda.validation import (DEFAULT_LIMITS, Limits, batch_size, batch_tensor, check_class_labels, check_device,
-                              check_eta, check_guidance_scale, check_noise, check_steps, check_strategy, per_sample,
-                              per_sample_weights, seed_list)
+                              check_eta, check_expert_name, check_guidance_scale, check_noise, check_steps,
+                              check_strategy, per_sample, per_sample_weights, seed_list)
 
 __all__ = ["Engine", "GenerateOutput", "CheckedRequest", "Limits"]
 
@@ -61,8 +63,8 @@ class Engine:
     def __init__(self, base: BaseModel, experts: Mapping[str, torch.nn.Module], *, backend="torch", device="cpu",
                  dtype=None, scheduler: str | None = None, models: Sequence[ModelInfo] = (),
                  backend_options: Mapping | None = None, limits: Limits = DEFAULT_LIMITS):
-        if "base" in experts:
-            raise LoadError("an expert may not be called 'base': that name is the base model")
+        for name in experts:
+            _check_expert_name(name)
         if not isinstance(limits, Limits):
             raise ValueError(f"limits must be a msdda.validation.Limits, not {limits!r}")
         self.limits = limits
@@ -82,15 +84,17 @@ class Engine:
         self.scheduler = kind
         self.learned_variance = cfg["out_channels"] == 2 * cfg["in_channels"]
         networks = {"base": base.unet, **experts}
-        options = dict(backend_options or {})
-        if backend in ("onnxruntime", "tensorrt"):
-            cond = "text" if self.is_text else ("class" if self.num_classes else "none")
-            text_shape = None
-            if self.is_text:
-                text_shape = (base.tokenizer.model_max_length if base.tokenizer else 77, cfg["cross_attention_dim"])
-            options.update(sample_shape=self.sample_shape, cond=cond, text_shape=text_shape)
+        cond = "text" if self.is_text else ("class" if self.num_classes else "none")
+        text_shape = None
+        if self.is_text:
+            text_shape = (base.tokenizer.model_max_length if base.tokenizer else 77, cfg["cross_attention_dim"])
         self.backend_name = backend
-        self.backend = make_backend(backend, networks, device=self.device, dtype=dtype, **options)
+        try:   # artifacts (ONNX files, TensorRT plans) come from msdda.export; the backend only loads them
+            source, options = backend_source(backend, networks, options=backend_options or {}, spec=dict(
+                sample_shape=self.sample_shape, cond=cond, text_shape=text_shape))
+            self.backend = make_backend(backend, source, device=self.device, dtype=dtype, **options)
+        except ArtifactMismatch as exc:       # a file made from other weights than the model loaded for it
+            raise LoadError(str(exc)) from None
         self.dtype = self.backend.dtype
         for part in (base.text_encoder, base.vae):
             if part is not None:
@@ -106,13 +110,18 @@ class Engine:
         ``scheduler``: "ddpm" or "ddim"; None keeps the base's own scheduler class. Experts whose
         architecture, prediction type, latent shape or scheduler differ from the base are refused here.
         ``limits``: the largest ``num_images`` and ``steps`` one call accepts (``msdda.validation.Limits``).
+        ``backend_options``: the backend's own (``group=`` for torch, ``threads=``/``parallel=`` for onnxruntime,
+        ``batch=`` for tensorrt) and, for onnxruntime/tensorrt, where their artifacts come from: ``cache_dir=``,
+        ``onnx_paths={member: file}``, ``onnx_dir=`` (a folder written by ``msdda export``) and TensorRT's build
+        settings (msdda.backend_artifacts). A given file must carry the loaded model's weights sha256, else
+        LoadError.
         """
         check_device(device)                      # before loading anything
+        for name in experts or {}:
+            _check_expert_name(name)
         base_model = load_base(base, dtype)
         loaded, infos = {}, [ModelInfo("base", str(base), base_model.weights_sha256)]
         for name, path in (experts or {}).items():
-            if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
-                raise LoadError(f"bad expert name {name!r}: use letters, digits, '_', '-' and '.'")
             loaded[name], sha = load_expert(name, path, base_model, dtype)
             infos.append(ModelInfo(name, str(path), sha))
         return cls(base_model, loaded, backend=backend, device=device, dtype=dtype, scheduler=scheduler,
@@ -355,3 +364,11 @@ class Engine:
 
         u8 = (arr * 255).round().astype(np.uint8)
         return [Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img) for img in u8]
+
+
+def _check_expert_name(name) -> None:
+    """msdda.validation's one rule for expert names, as a LoadError (what model loading raises)."""
+    try:
+        check_expert_name(name)
+    except ValueError as exc:
+        raise LoadError(str(exc)) from None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from msdda.export import ExportError, export_unet_onnx, onnx_initializers, unet_export_spec
+from msdda.export import ExportError, export_unet_onnx, onnx_initializers, unet_export_spec, weights_hash
 from msdda.export.tensorrt import (ShapeProfile, TensorRTUnavailable, derive_profile, match_refit_weights,
                                    normalize_weight_name, onnx_io, tensorrt_cache_key)
 from tiny_models import make_tiny_unet2d, perturbed_copy
@@ -29,7 +29,8 @@ def graphs(tmp_path_factory):
     spec = unet_export_spec(a)
     return {"base": export_unet_onnx(a, root / "base.onnx", **spec).path,
             "expert": export_unet_onnx(b, root / "expert.onnx", **spec).path,
-            "hw": export_unet_onnx(a, root / "hw.onnx", **spec, dynamic_hw=True, verify=False).path}
+            "hw": export_unet_onnx(a, root / "hw.onnx", **spec, dynamic_hw=True, verify=False).path,
+            "weights": {"base": weights_hash(a), "expert": weights_hash(b)}, "spec": spec}
 
 
 # ------------------------------------------------------------------------------------------ shapes and profiles
@@ -198,18 +199,18 @@ def test_gpu_check_exits_cleanly_without_a_gpu(tmp_path):
 
 # ------------------------------------------------------------------------------------------ backend logic (test double)
 class _FakeEngine:
-    """Stands in for an ICudaEngine: runs the ONNX graph in ONNX Runtime on host memory at the bound addresses."""
+    """Stands in for an ICudaEngine: its "plan" is the ONNX graph's bytes; it runs the graph in ONNX Runtime on
+    host memory at the bound addresses. Refit rewrites the graph's initializers; serialize returns the graph."""
 
-    def __init__(self, onnx_path, index: int):
+    def __init__(self, plan: bytes, index: int):
         import onnx
 
-        self.model = onnx.load(str(onnx_path))
-        inputs, outputs = onnx_io(onnx_path)
+        self.model = onnx.load_from_string(plan)
+        inputs, outputs = onnx_io(self.model)
         self.specs = {**inputs, **outputs}
         self.inputs, self.output = list(inputs), next(iter(outputs))
         self.device_memory_size_v2 = 4096 * (index + 1)
         self.num_io_tensors = len(self.specs)
-        self.refitted = 0
         self._session()
 
     def _session(self):
@@ -225,8 +226,10 @@ class _FakeEngine:
             t.CopyFrom(numpy_helper.from_array(np.asarray(weights[mapping[t.name]]).astype(
                 numpy_helper.to_array(t).dtype), t.name))
         self._session()
-        self.refitted += 1
         return len(mapping)
+
+    def serialize(self) -> bytes:
+        return self.model.SerializeToString()
 
     def get_tensor_name(self, i):
         return [*self.inputs, self.output][i]
@@ -291,24 +294,57 @@ class _FakeTRT:
         return dt
 
 
+class _Calls:
+    """What the test double was asked to do: TensorRT builds, refits, and every engine still alive."""
+
+    def __init__(self):
+        import weakref
+
+        self.builds, self.refits, self.alive = [], [], weakref.WeakSet()
+
+
 @pytest.fixture
-def fake_trt(monkeypatch, tmp_path):
-    """msdda.export.tensorrt's TensorRT calls replaced by the test double; returns the list of builds made."""
+def fake_trt(monkeypatch):
+    """msdda.export.tensorrt's TensorRT calls replaced by the test double (everything else, the artifact cache,
+    plan headers, refits through the cache and the backend, is the real code)."""
     import msdda.export.tensorrt as T
 
-    builds, counter = [], iter(range(1000))
+    calls, counter = _Calls(), iter(range(10_000))
 
-    def engine_for_onnx(onnx_path, *, cache=None, profile, precision="fp16", refit="none", **kw):
-        builds.append((str(onnx_path), refit, profile.as_dict()))
-        plan = tmp_path / f"plan{len(builds)}"
-        plan.write_text(str(onnx_path))
-        return plan
+    def build_engine(onnx_path, *, profile, precision="fp16", timing_cache=None, refit="none", **kw):
+        import json
+
+        import onnx
+
+        calls.builds.append((str(onnx_path), refit, profile.as_dict()))
+        model = onnx.load(str(onnx_path))          # the "plan": the graph, marked with what it was built for
+        model.metadata_props.add(key="test.build", value=json.dumps([profile.as_dict(), precision, refit]))
+        return model.SerializeToString()
+
+    def deserialize(plan, logger=None):
+        engine = _FakeEngine(plan, next(counter))
+        calls.alive.add(engine)
+        return engine
+
+    def refit_cuda_engine(engine, weights, **kw):
+        calls.refits.append(len(weights))
+        return engine.refit(weights)
 
     monkeypatch.setattr(T, "require_tensorrt", lambda: _FakeTRT)
-    monkeypatch.setattr(T, "engine_for_onnx", engine_for_onnx)
-    monkeypatch.setattr(T, "deserialize", lambda plan, logger=None: _FakeEngine(plan.decode(), next(counter)))
-    monkeypatch.setattr(T, "refit_cuda_engine", lambda engine, weights, **kw: engine.refit(weights))
-    return builds
+    monkeypatch.setattr(T, "compute_capability", lambda device=None: "sm_test")
+    monkeypatch.setattr(T, "build_engine", build_engine)
+    monkeypatch.setattr(T, "deserialize", deserialize)
+    monkeypatch.setattr(T, "refit_cuda_engine", refit_cuda_engine)
+    return calls
+
+
+def _plans(graphs, cache, members=("base", "expert"), **kw):
+    from msdda.export import onnx_set
+    from msdda.export.tensorrt import EnginePlans
+
+    spec = graphs["spec"]
+    onnx = onnx_set({m: graphs[m] for m in members}, graphs["weights"], cache=cache, spec=spec)
+    return EnginePlans(onnx, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -329,11 +365,11 @@ def test_backend_logic_with_a_tensorrt_test_double(fake_trt, graphs, nets, tmp_p
     from msdda.backends import Conditioning
     from msdda.backends.tensorrt_backend import TensorRTBackend
 
-    be = TensorRTBackend(nets, device="cpu", batch=2, cache_dir=tmp_path / "c",
-                         onnx_paths={"base": graphs["base"], "expert": graphs["expert"]})
+    be = TensorRTBackend(_plans(graphs, tmp_path / "c"), device="cpu", batch=2)
     assert be.members == ("base", "expert") and be.refit == "refit" and be.dtype == torch.float32
-    assert len(fake_trt) == 1 and fake_trt[0][1] == "refit"           # ONE build; the expert is a refitted copy
-    assert fake_trt[0][2]["sample"] == [[2, 1, 8, 8]] * 3              # static profile at the given batch
+    assert len(fake_trt.builds) == 1 and fake_trt.builds[0][1] == "refit"   # ONE build; the expert is refitted
+    assert len(fake_trt.refits) == 1
+    assert fake_trt.builds[0][2]["sample"] == [[2, 1, 8, 8]] * 3            # static profile at the given batch
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 1, 8, 8, generator=g)
     labels = torch.tensor([4, 10])
@@ -345,7 +381,6 @@ def test_backend_logic_with_a_tensorrt_test_double(fake_trt, graphs, nets, tmp_p
     torch.testing.assert_close(be.forward(x, 321, cond, (1,))[0], out[1])
     torch.testing.assert_close(be.forward(x, 321, cond, (1, 0)), out.flip(0))
     es = be._sets[2]
-    assert [e.refitted for e in es.engines] == [0, 1]
     assert {c.memory for c in es.contexts} == {(be._scratch.data_ptr(), be.scratch_bytes)}   # one shared scratch
     assert be.scratch_bytes == max(e.device_memory_size_v2 for e in es.engines)
     out_buf = es.out.data_ptr()
@@ -355,7 +390,7 @@ def test_backend_logic_with_a_tensorrt_test_double(fake_trt, graphs, nets, tmp_p
     out3 = be.forward(x3, 5, Conditioning(class_labels=torch.tensor([1, 2, 3])), (0, 1))
     torch.testing.assert_close(out3[1], _torch_out(nets["expert"], x3, 5, torch.tensor([1, 2, 3])), atol=1e-4,
                                rtol=1e-4)
-    assert len(fake_trt) == 2 and set(be._sets) == {2, 3}
+    assert len(fake_trt.builds) == 2 and len(fake_trt.refits) == 2 and set(be._sets) == {2, 3}
     assert all(c.memory[0] == be._scratch.data_ptr() for s in be._sets.values() for c in s.contexts)
     with pytest.raises(ValueError, match="class_labels"):
         be.forward(x, 1, Conditioning(), (0,))
@@ -370,8 +405,7 @@ def test_soup_and_graphed_sampler_with_the_test_double(fake_trt, graphs, nets, t
     from msdda.backends.tensorrt_backend import TensorRTBackend
     from msdda.kernels import fused_expert_step
 
-    be = TensorRTBackend(nets, device="cpu", batch=2, cache_dir=tmp_path / "c",
-                         onnx_paths={"base": graphs["base"], "expert": graphs["expert"]})
+    be = TensorRTBackend(_plans(graphs, tmp_path / "c"), device="cpu", batch=2)
     # soup: parameters 0.3 base + 0.7 expert, by refitting with the mixed initializers
     soup = copy.deepcopy(nets["base"])
     sb, se = nets["base"].state_dict(), nets["expert"].state_dict()
