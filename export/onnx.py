@@ -20,6 +20,12 @@ Every export is run in ONNX Runtime on seeded random inputs and compared with th
 ``|ort - torch| <= atol + rtol * |torch|`` elementwise; defaults rtol = atol = 1e-3 for fp32 and 2e-2 for fp16.
 A graph that fails is deleted and ExportError raised. Files appear atomically: everything is written in a
 private folder beside the target and moved into place with os.replace only after verification.
+
+Every graph carries in its ``metadata_props`` the sha256 of the weights it was made from
+(``msdda.weights_sha256``, ``weights_hash`` of the module), the exporter (``msdda.exporter``) and its I/O spec
+(``msdda.cond``, ``msdda.sample_shape``, ``msdda.text_shape``, ``msdda.precision``, ``msdda.opset``,
+``msdda.dynamic_batch``, ``msdda.dynamic_hw``); loaders compare the first with the model they load
+(msdda.export.artifacts).
 """
 from __future__ import annotations
 

@@ -434,3 +434,177 @@ def test_soup_and_graphed_sampler_with_the_test_double(fake_trt, graphs, nets, t
     x0b, _ = sampler.run(x_T, timesteps, scalars, coeff=coeff, seeds=seeds, cond=cond, guidance_scale=2.0)
     torch.testing.assert_close(x0b, x0)                                 # replayed "graphs": same result
     assert len(sampler._graphs) == 1
+
+
+# ------------------------------------------------------------------------------------------ plans are what they claim
+def test_plan_files_carry_their_weights_sha256(fake_trt, graphs, tmp_path):
+    from msdda.export.artifacts import WEIGHTS_KEY, read_plan
+    from msdda.hashing import file_sha256
+
+    plans = _plans(graphs, tmp_path / "c")
+    profile, paths = plans.plans(2)
+    assert plans.refit == "refit" and len(paths) == 2 and paths[0] != paths[1]
+    for name, path in zip(plans.members, paths):
+        meta, blob = read_plan(path)
+        assert meta[WEIGHTS_KEY] == graphs["weights"][name] and meta["msdda.refit"] == "refit"
+        assert blob[:4] != b"MSDD"                                          # TensorRT's plan follows the header
+    assert read_plan(paths[1])[0]["msdda.refit_of"] == file_sha256(paths[0])
+    assert plans.plans(2)[1] == paths and len(fake_trt.builds) == 1 and len(fake_trt.refits) == 1   # cached
+
+
+def _match_manifest(cache, path) -> None:
+    """Edit the cache manifest so that its record of ``path`` (size, sha256) matches the file as it is now."""
+    import json
+
+    from msdda.hashing import file_sha256
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    (entry,) = [e for e in manifest["artifacts"].values() if cache / e["file"] == path]
+    meta = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    entry.update(meta)
+    entry["files"][path.name] = meta
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_swapped_cached_plans_with_a_matching_manifest_are_rebuilt(fake_trt, graphs, nets, tmp_path):
+    """The base's and the expert's cached plans swapped, and the cache manifest edited to match: only the plans'
+    own headers tell, and the next backend rebuilds both instead of running the base with the expert's weights."""
+    from msdda.backends import Conditioning
+    from msdda.backends.tensorrt_backend import TensorRTBackend
+    from msdda.export.artifacts import WEIGHTS_KEY, read_plan
+
+    cache = tmp_path / "c"
+    _, (p_base, p_expert) = _plans(graphs, cache).plans(2)
+    blob = p_base.read_bytes()
+    p_base.write_bytes(p_expert.read_bytes())
+    p_expert.write_bytes(blob)
+    _match_manifest(cache, p_base)
+    _match_manifest(cache, p_expert)
+    builds = len(fake_trt.builds)
+
+    be = TensorRTBackend(_plans(graphs, cache), device="cpu", batch=2)
+    assert len(fake_trt.builds) == builds + 1                              # the refittable engine, built again
+    assert read_plan(p_base)[0][WEIGHTS_KEY] == graphs["weights"]["base"]
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([2, 5])
+    out = be.forward(x, 250, Conditioning(class_labels=labels), (0, 1))
+    for k, name in enumerate(be.members):
+        torch.testing.assert_close(out[k], _torch_out(nets[name], x, 250, labels), atol=1e-4, rtol=1e-4)
+
+
+def test_backend_refuses_a_plan_made_from_other_weights(fake_trt, graphs, tmp_path, monkeypatch):
+    """The backend reads each plan's header itself: handed the expert's plan for the base, it refuses it."""
+    from msdda.backends.tensorrt_backend import TensorRTBackend
+    from msdda.export.artifacts import ArtifactMismatch
+    from msdda.export.tensorrt import EnginePlans
+
+    plans = _plans(graphs, tmp_path / "c")
+    profile, paths = plans.plans(2)
+    monkeypatch.setattr(EnginePlans, "plans", lambda self, n: (profile, paths[::-1]))
+    with pytest.raises(ArtifactMismatch) as info:
+        TensorRTBackend(plans, device="cpu", batch=2)
+    msg = str(info.value)
+    assert "\n" not in msg and "'base'" in msg
+    assert graphs["weights"]["base"] in msg and graphs["weights"]["expert"] in msg
+
+
+def test_plan_without_msdda_header(fake_trt, graphs, tmp_path):
+    """A bare TensorRT plan (no header) is refused by a loader, and rebuilt when it is a cache entry."""
+    from msdda.export.artifacts import ArtifactMismatch, read_plan
+
+    bare = tmp_path / "bare.plan"
+    bare.write_bytes(b"\x00serialized engine")
+    with pytest.raises(ArtifactMismatch, match="not an msdda plan file"):
+        read_plan(bare)
+    cache = tmp_path / "c"
+    plans = _plans(graphs, cache, members=("base",))
+    assert plans.refit == "none"                                           # one graph: nothing to refit
+    _, (path,) = plans.plans(2)
+    path.write_bytes(read_plan(path)[1])                                   # strip the header in place
+    _match_manifest(cache, path)
+    builds = len(fake_trt.builds)
+    _, (again,) = plans.plans(2)
+    assert again == path and len(fake_trt.builds) == builds + 1 and read_plan(path)[0]
+
+
+# ------------------------------------------------------------------------------------------ soups own their engines
+def test_soup_engines_belong_to_the_call_not_the_backend(fake_trt, graphs, nets, tmp_path):
+    """TensorRT soups used to be added to the backend's engine table and never removed. Now each soup callable
+    owns its engines: the backend's table does not grow, and the engines are freed with the callable."""
+    import gc
+
+    from msdda.backends import Conditioning
+    from msdda.backends.tensorrt_backend import TensorRTBackend
+
+    be = TensorRTBackend(_plans(graphs, tmp_path / "c"), device="cpu", batch=2)
+    gc.collect()
+    members_alive = len(fake_trt.alive)
+    assert members_alive == 2
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = Conditioning(class_labels=torch.tensor([0, 7]))
+    for i, w in enumerate((0.3, 0.5, 0.3, 0.9, 0.1)):
+        net = be.soup({0: 1 - w, 1: w})
+        out = net(x, 99, cond)
+        out3 = net(torch.cat([x, x[:1]]), 99, Conditioning(class_labels=torch.tensor([0, 7, 0])))
+        torch.testing.assert_close(out3[0, :2], out[0], atol=1e-5, rtol=1e-5)
+        assert set(be._sets) == {2}                                        # nothing added to the backend
+        del net, out, out3
+        gc.collect()
+        assert len(fake_trt.alive) == members_alive                        # the soup's engines are gone
+    assert all(c.memory[0] == be._scratch.data_ptr() for c in be._sets[2].contexts)
+
+
+def test_concurrent_soups_and_forwards_match_sequential(fake_trt, graphs, nets, tmp_path):
+    import threading
+
+    from msdda.backends import Conditioning
+    from msdda.backends.tensorrt_backend import TensorRTBackend
+
+    be = TensorRTBackend(_plans(graphs, tmp_path / "c"), device="cpu", batch=2)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    cond = Conditioning(class_labels=torch.tensor([1, 4]))
+    jobs = [("soup", 0.2), ("forward", None), ("soup", 0.7), ("soup", 0.2), ("forward", None), ("soup", 0.5)]
+
+    def run(kind, w):
+        if kind == "forward":
+            return be.forward(x, 500, cond, (0, 1))
+        return be.soup({0: 1 - w, 1: w})(x, 500, cond)
+
+    sequential = [run(*j) for j in jobs]
+    results, errors = [None] * len(jobs), []
+    barrier = threading.Barrier(len(jobs))
+
+    def work(i):
+        barrier.wait()
+        try:
+            results[i] = run(*jobs[i])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, repr(errors[0])
+    for got, want in zip(results, sequential):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert set(be._sets) == {2}
+
+
+# ------------------------------------------------------------------------------------------ EnginePlans (GPU-free)
+def test_engine_plans_settings(graphs, tmp_path):
+    from msdda.export.tensorrt import EnginePlans
+
+    two = _plans(graphs, tmp_path / "c")
+    assert two.refit == "refit" and two.members == ("base", "expert")
+    assert _plans(graphs, tmp_path / "c", refit="none").refit == "none"
+    assert _plans(graphs, tmp_path / "c", members=("base",)).refit == "none"
+    assert two.profile(4).is_static and two.profile(4).shapes["sample"][1] == (4, 1, 8, 8)
+    dyn = _plans(graphs, tmp_path / "c", dynamic=True, max_batch=16)
+    assert dyn.profile(4).shapes["sample"] == ((1, 1, 8, 8), (4, 1, 8, 8), (16, 1, 8, 8))
+    with pytest.raises(ExportError, match="precision"):
+        _plans(graphs, tmp_path / "c", precision="int4")
+    with pytest.raises(ExportError, match="refit"):
+        _plans(graphs, tmp_path / "c", refit="sometimes")
+    assert isinstance(two, EnginePlans)
