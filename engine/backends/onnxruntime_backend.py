@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from msdda.export.artifacts import check_weights_tag
+from msdda.export.artifacts import ArtifactMismatch, check_weights_tag
 
 from . import Conditioning
 
@@ -87,6 +87,10 @@ class OnnxRuntimeBackend:
 
         session = ort.InferenceSession(os.fspath(path), options, providers=self._providers)
         check_weights_tag(session.get_modelmeta().custom_metadata_map, weights_sha256, member=member, source=path)
+        sample = next((i.type for i in session.get_inputs() if i.name == "sample"), None)
+        if sample != "tensor(float)":              # the feeds are float32 (an fp16 export is for TensorRT)
+            raise ArtifactMismatch(f"{path}: the graph for {member!r} takes {sample} samples; the ONNX Runtime "
+                                   "backend runs float32 graphs (export with --precision fp32)")
         return session
 
     @staticmethod

@@ -15,7 +15,7 @@
   and serialised; the result is a fresh tensor (one device copy of the output).
 - ``soup(coeffs)`` returns a callable that owns its engines (per batch size): the plans come from
   ``EnginePlans.soup`` (the soup graph and its refitted plan are cached by msdda.export), nothing is added to
-  the backend, and the engines are freed with the callable.
+  the backend (its engine table and its scratch stay as they are), and the engines are freed with the callable.
 - ``graphed_sampler(...)`` captures each whole denoising step (stage x, K engine calls, the fused combine
   kernel msdda.kernels.fused_expert_step with Philox noise and deferred validation, write-back of x) as a CUDA
   graph (torch.cuda.CUDAGraph) and replays them: static shapes, no host syncs inside the loop.
@@ -247,6 +247,7 @@ class TensorRTBackend:
         callable, one set per batch size, and are freed with it: the backend keeps nothing."""
         plans = self._plans.soup({self.members[m]: float(c) for m, c in coeffs.items()})
         sets: dict[int, _EngineSet] = {}
+        own_scratch: dict[int, torch.Tensor] = {}
 
         def net(x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
             n = x.shape[0]
@@ -255,7 +256,15 @@ class TensorRTBackend:
                 es = sets.get(key)
                 if es is None or n > es.max_batch:
                     es = sets[key] = self._load_set(plans, n)
-                self._bind_scratch(es)             # the shared scratch may have moved since the last call
+                # the backend's scratch when it is large enough (it may have moved since the last call: bind
+                # every time), else one of the soup's own: a soup never grows or moves the members' scratch
+                scratch = self._scratch
+                if scratch is None or scratch.numel() < es.memory:
+                    scratch = own_scratch.get(key)
+                    if scratch is None or scratch.numel() < es.memory:
+                        scratch = own_scratch[key] = torch.empty(max(es.memory, 1), dtype=torch.uint8,
+                                                                 device=self.device)
+                es.bind_scratch(scratch.data_ptr(), scratch.numel())
 
                 def run(stream_handle: int) -> torch.Tensor:
                     es.stage(x.to(self.device), t, cond)
