@@ -521,16 +521,20 @@ def refit_engine(engine_bytes: bytes, onnx_path_or_state, *, logger=None) -> byt
 
 # ---------------------------------------------------------------------------------------------- what the backend loads
 def same_architecture(paths: Sequence) -> bool:
-    """Whether every graph has the same initializer names and shapes (so one refittable engine serves all)."""
-    from .onnx import onnx_initializers
+    """Whether every graph has the same initializer (and Constant) names and shapes, so one refittable engine
+    serves all. Reads the shapes only, never external weights."""
+    import onnx
 
-    shapes = None
-    for p in paths:
-        these = {k: v.shape for k, v in onnx_initializers(p).items()}
-        if shapes is not None and these != shapes:
-            return False
-        shapes = these
-    return True
+    def shapes(path) -> dict:
+        graph = onnx.load(os.fspath(path), load_external_data=False).graph
+        out = {t.name: tuple(t.dims) for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant":
+                out.update({node.output[0]: tuple(a.t.dims) for a in node.attribute if a.name == "value"})
+        return out
+
+    first = shapes(paths[0])
+    return all(shapes(p) == first for p in paths[1:])
 
 
 @dataclass(frozen=True)

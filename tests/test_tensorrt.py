@@ -632,3 +632,56 @@ def test_engine_plans_settings(graphs, tmp_path):
     with pytest.raises(ExportError, match="refit"):
         _plans(graphs, tmp_path / "c", refit="sometimes")
     assert isinstance(two, EnginePlans)
+
+
+def test_same_architecture_reads_shapes(graphs, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from msdda.export.tensorrt import same_architecture
+
+    assert same_architecture([graphs["base"], graphs["expert"]])
+    model = onnx.load(str(graphs["base"]))
+    first = model.graph.initializer[0]
+    first.CopyFrom(numpy_helper.from_array(np.zeros((3, 5), np.float32), first.name))
+    onnx.save_model(model, str(tmp_path / "other.onnx"))
+    assert not same_architecture([graphs["base"], tmp_path / "other.onnx"])
+
+
+# ------------------------------------------------------------------------------------------ through the Engine
+def test_engine_with_tensorrt_gets_its_plans_from_export(fake_trt, graphs, tmp_path):
+    """Engine.from_pretrained(backend="tensorrt"): the Engine exports (cache), builds one refittable engine and
+    refits the expert through msdda.export, the backend loads the plans. Every strategy agrees with the ONNX
+    Runtime backend (the same graphs) at least as closely as ONNX Runtime agrees with torch."""
+    import msdda
+
+    root = graphs["base"].parent
+    kw = dict(cache_dir=tmp_path / "c")
+    trt = msdda.Engine.from_pretrained(root / "base", {"expert": root / "expert"}, backend="tensorrt", device="cpu",
+                                       batch=4, **kw)
+    assert trt.backend.refit == "refit" and len(fake_trt.builds) == 1 and set(trt.backend._sets) == {4}
+    ort = msdda.Engine.from_pretrained(root / "base", {"expert": root / "expert"}, backend="onnxruntime", **kw)
+    assert trt.backend.onnx_paths == ort.backend.onnx_paths          # one export, shared through the cache
+    ref = msdda.Engine.from_pretrained(root / "base", {"expert": root / "expert"})
+    # expert_betas: c = (0.4 base, 0.6 expert), so the soup really mixes two members
+    gen = dict(class_labels=[1, 4], weights={"expert": 1.0}, expert_betas={"expert": 0.6}, num_images=2, steps=3,
+               seed=9, guidance_scale=2.0, output_type="latent")
+    for strategy in ("msdda", "mpa", "soup", "expert:expert"):
+        a, b, c = (e.generate(strategy=strategy, **gen).latents for e in (trt, ort, ref))
+        eps_scale = 4 * torch.finfo(torch.float32).eps * c.abs().max().item()
+        assert (a - b).abs().max().item() <= (b - c).abs().max().item() + eps_scale, strategy
+    assert set(trt.backend._sets) == {4}                               # the soup left nothing behind
+
+
+def test_engine_with_tensorrt_refuses_before_exporting_without_it(graphs, tmp_path):
+    import importlib.util
+
+    import msdda
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here")
+    root = graphs["base"].parent
+    with pytest.raises(TensorRTUnavailable):
+        msdda.Engine.from_pretrained(root / "base", {"expert": root / "expert"}, backend="tensorrt",
+                                     cache_dir=tmp_path / "c")
+    assert not (tmp_path / "c" / "onnx").exists()
