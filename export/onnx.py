@@ -46,7 +46,8 @@ import numpy as np
 import torch
 
 from .artifacts import EXPORTER_KEY, WEIGHTS_KEY, check_weights_tag, exporter_id
-from .cache import ArtifactCache, CacheKey, ExportError, config_hash, file_sha256, one_line, runtime_versions, weights_hash
+from .cache import (ArtifactCache, CacheKey, ExportError, config_hash, file_sha256, one_line, runtime_versions,
+                    weights_hash)
 
 __all__ = ["ExportRecord", "export_unet_onnx", "onnx_for_unet", "onnx_cache_key", "unet_export_spec",
            "onnx_initializers", "save_onnx", "INPUT_NAMES", "OUTPUT_NAME", "MIN_OPSET", "DEFAULT_TOLERANCE",

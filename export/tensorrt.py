@@ -436,9 +436,9 @@ def refitted_engine_for(plan_path, onnx_path, *, cache=None, weights_sha256: str
     tag = _graph_weights(onnx_path, weights_sha256)
     base_sha = file_sha256(plan_path)
     versions = runtime_versions("tensorrt")
-    key = CacheKey(kind="tensorrt", weights=onnx_files_sha256(onnx_path), precision=base_meta.get("msdda.precision", ""),
-                   profile={"refit_of": base_sha}, versions=versions, device=compute_capability(),
-                   filename="unet.plan")
+    key = CacheKey(kind="tensorrt", weights=onnx_files_sha256(onnx_path),
+                   precision=base_meta.get("msdda.precision", ""), profile={"refit_of": base_sha},
+                   versions=versions, device=compute_capability(), filename="unet.plan")
 
     def build(target: Path) -> None:
         t0 = time.perf_counter()
