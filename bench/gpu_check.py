@@ -573,12 +573,14 @@ def check_ort_cuda(rec, nets, base, batch, cache):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         rec.update(skipped="onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
         return
+    from msdda.backend_artifacts import backend_source
     from msdda.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     spec, x, cond = _inputs(nets, base, batch)
     ref = _reference(nets, x, 500, cond)
     members = tuple(range(len(nets)))
-    be = OnnxRuntimeBackend(nets, device="cuda", cache_dir=cache, **spec)
+    onnx, opts = backend_source("onnxruntime", nets, spec=spec, options={"cache_dir": cache})
+    be = OnnxRuntimeBackend(onnx, device="cuda", **opts)
     out = be.forward(x, 500, cond, members)
     err = (out - ref).abs().max().item()
     rec.update(ok=err < 1e-2, max_err=err, ms=cuda_time(lambda: be.forward(x, 500, cond, members), reps=10),
@@ -594,6 +596,7 @@ def check_tensorrt(rec, nets, base, batch, cache, steps):
     import torch
 
     from msdda import schedule as sch
+    from msdda.backend_artifacts import backend_source
     from msdda.backends.tensorrt_backend import TensorRTBackend
     from msdda.kernels import fused_expert_step
 
@@ -604,7 +607,9 @@ def check_tensorrt(rec, nets, base, batch, cache, steps):
     results = {}
     for mode in ("refit", "none"):
         t0 = time.perf_counter()
-        be = TensorRTBackend(nets, device="cuda", batch=batch, refit=mode, cache_dir=cache, **spec)
+        plans, opts = backend_source("tensorrt", nets, spec=spec,
+                                     options={"batch": batch, "refit": mode, "cache_dir": cache})
+        be = TensorRTBackend(plans, device="cuda", **opts)
         construct = time.perf_counter() - t0
         out = be.forward(x, 500, cond, members)
         err = (out - ref).abs().max().item()

@@ -127,11 +127,14 @@ def parse_betas(text: str | None) -> dict[str, float] | None:
 
 
 def parse_experts(items: list[str] | None) -> dict[str, str]:
+    from msdda.validation import check_expert_name
+
     experts: dict[str, str] = {}
     for item in items or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise CliError(f"--expert: expected NAME=PATH, got {item!r}")
+        check_expert_name(name, option="--expert")
         if name in experts:
             raise CliError(f"--expert: {name!r} given twice")
         experts[name] = path
@@ -529,12 +532,15 @@ def _zoo_rewards(args, paths) -> dict:
 
 
 def cmd_export(args) -> int:
-    from msdda.export import export_models
+    from msdda.export import check_export_options
+    from msdda.exporting import export_models
 
     experts = parse_experts(args.expert)
     if experts and args.base is None:
         raise CliError("--expert needs --base (or give neither to export the embedded zoo)")
-    manifest = export_models(args.base, experts, args.out, opset=args.opset, precision=args.precision,
+    check_export_options(args.opset, args.precision)          # before resolving the zoo or loading anything
+    base, experts = resolve_models(args)
+    manifest = export_models(base, experts, args.out, opset=args.opset, precision=args.precision,
                              dynamic_hw=args.dynamic_hw)
     print(f"exported {len(manifest.get('models', manifest))} models to {args.out}")
     return 0

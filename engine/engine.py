@@ -14,17 +14,19 @@ import numpy as np
 import torch
 
 from msdda import schedule as sch
+from msdda.backend_artifacts import backend_source
 from msdda.backends import Conditioning, make_backend
+from msdda.export.artifacts import ArtifactMismatch
 from msdda.kernels import (StepScalars, fused_expert_step, fused_expert_step_ref, philox_normal, prepare_fused_step,
                            raise_if_bad)
 from msdda.loading import (MAX_SAMPLE_SIZE, TIME_IDS, BaseModel, LoadError, LoraAdapter, check_base_parts,
                            check_compatible, check_scheduler_config, check_unet_config, load_base,
-                           load_expert_weights)
+                           load_expert_weights, merged_network)
 from msdda.sampling import Denoise, sample
 from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
 from msdda.validation import (DEFAULT_LIMITS, Limits, batch_size, batch_tensor, check_class_labels, check_device,
-                              check_eta, check_generator, check_guidance_scale, check_image_size, check_noise,
-                              check_num_images_per_prompt, check_size_pair, check_steps, check_strategy,
+                              check_eta, check_expert_name, check_generator, check_guidance_scale, check_image_size,
+                              check_noise, check_num_images_per_prompt, check_size_pair, check_steps, check_strategy,
                               check_variant, negative_prompt_rows, per_sample, per_sample_weights, prompt_rows,
                               seed_list)
 
@@ -68,8 +70,8 @@ class Engine:
                  device="cpu",
                  dtype=None, scheduler: str | None = None, models: Sequence[ModelInfo] = (),
                  backend_options: Mapping | None = None, limits: Limits = DEFAULT_LIMITS):
-        if "base" in experts:
-            raise LoadError("an expert may not be called 'base': that name is the base model")
+        for name in experts:
+            _check_expert_name(name)
         if not isinstance(limits, Limits):
             raise ValueError(f"limits must be a msdda.validation.Limits, not {limits!r}")
         self.limits = limits
@@ -100,15 +102,20 @@ class Engine:
         self.scheduler = kind
         self.learned_variance = cfg["out_channels"] == 2 * cfg["in_channels"]
         networks = {"base": base.unet, **experts}
-        options = dict(backend_options or {})
-        if backend in ("onnxruntime", "tensorrt"):
-            cond = "text_time" if self.is_sdxl else "text" if self.is_text else ("class" if self.num_classes else "none")
-            text_shape = None
-            if self.is_text:
-                text_shape = (base.tokenizer.model_max_length if base.tokenizer else 77, cfg["cross_attention_dim"])
-            options.update(sample_shape=self.sample_shape, cond=cond, text_shape=text_shape)
+        cond = "text_time" if self.is_sdxl else "text" if self.is_text else ("class" if self.num_classes else "none")
+        text_shape = None
+        if self.is_text:
+            text_shape = (base.tokenizer.model_max_length if base.tokenizer else 77, cfg["cross_attention_dim"])
+        if backend != "torch":  # the torch backend runs LoRA adapters as factors; exported graphs need full networks
+            networks = {name: merged_network(base.unet, net) if isinstance(net, LoraAdapter) else net
+                        for name, net in networks.items()}
         self.backend_name = backend
-        self.backend = make_backend(backend, networks, device=self.device, dtype=dtype, **options)
+        try:   # artifacts (ONNX files, TensorRT plans) come from msdda.export; the backend only loads them
+            source, options = backend_source(backend, networks, options=backend_options or {}, spec=dict(
+                sample_shape=self.sample_shape, cond=cond, text_shape=text_shape))
+            self.backend = make_backend(backend, source, device=self.device, dtype=dtype, **options)
+        except ArtifactMismatch as exc:       # a file made from other weights than the model loaded for it
+            raise LoadError(str(exc)) from None
         self.dtype = self.backend.dtype
         # The kernels compute in float32. A float64 Engine (a verification twin of a float32 one) steps with the
         # float64 definition instead, chosen once here.
@@ -133,13 +140,19 @@ class Engine:
         shape or scheduler differ from the base are refused here. ``limits``: the largest ``num_images`` and
         ``steps`` one call accepts (``msdda.validation.Limits``). LoRA experts stay low-rank factors: the torch
         backend's group="lora" runs them on the base's weights, held once; other modes merge them.
+        ``backend_options``: the backend's own (``group=`` for torch, ``threads=``/``parallel=`` for onnxruntime,
+        ``batch=`` for tensorrt) and, for onnxruntime/tensorrt, where their artifacts come from: ``cache_dir=``,
+        ``onnx_paths={member: file}``, ``onnx_dir=`` (a folder written by ``msdda export``) and TensorRT's build
+        settings (msdda.backend_artifacts). A given file must carry the loaded model's weights sha256, else
+        LoadError.
         """
         check_device(device)                      # before loading anything
+        for name in experts or {}:
+            _check_expert_name(name)
         variant = check_variant(variant)
         base_model = load_base(base, dtype, variant)
         loaded, infos = {}, [ModelInfo("base", str(base), base_model.weights_sha256)]
         for name, path in (experts or {}).items():
-            check_expert_name(name)
             loaded[name], sha = load_expert_weights(name, path, base_model, dtype, variant)
             infos.append(ModelInfo(name, str(path), sha))
         return cls(base_model, loaded, backend=backend, device=device, dtype=dtype, scheduler=scheduler,
@@ -174,7 +187,7 @@ class Engine:
         check_base_parts(base_model)
         loaded, infos = {}, [ModelInfo("base", name, "")]
         for expert_name, expert in (experts or {}).items():
-            check_expert_name(expert_name)
+            _check_expert_name(expert_name)
             if isinstance(expert, LoraAdapter):
                 loaded[expert_name], sha, where = expert, expert.sha256, str(expert.path)
             elif isinstance(expert, torch.nn.Module):
@@ -564,11 +577,6 @@ class Engine:
 
 
 # ---------------------------------------------------------------------- helpers
-def check_expert_name(name) -> None:
-    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
-        raise LoadError(f"bad expert name {name!r}: use letters, digits, '_', '-' and '.'")
-
-
 def prompt_pipeline(base: BaseModel):
     """A diffusers pipeline object over the base's own text encoders and tokenizers (nothing copied), used only
     for its ``encode_prompt``: StableDiffusionXLPipeline for SDXL bases (with the folder's
@@ -607,3 +615,11 @@ def _rows(t, batch: int, per_prompt: int, name: str, engine: "Engine"):
     if t.shape[0] != batch:
         raise ValueError(f"{name} has {t.shape[0]} rows for {batch} images")
     return t.to(engine.device, engine.dtype)
+
+
+def _check_expert_name(name) -> None:
+    """msdda.validation's one rule for expert names, as a LoadError (what model loading raises)."""
+    try:
+        check_expert_name(name)
+    except ValueError as exc:
+        raise LoadError(str(exc)) from None

@@ -31,6 +31,8 @@ from typing import Mapping
 
 import torch
 
+from msdda.hashing import file_sha256
+
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 UNET_STEM = "diffusion_pytorch_model"
 UNET_WEIGHTS = UNET_STEM + ".safetensors"
@@ -99,14 +101,6 @@ def _refuse_pickles(folder: Path) -> None:
     if pickles and not any(p.suffix == ".safetensors" for p in folder.iterdir()):
         raise LoadError(f"{folder}: only pickle checkpoints ({', '.join(sorted(pickles))}); refusing to unpickle, "
                         "convert the weights to safetensors")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def unet_folder(path) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -20,6 +21,7 @@ __all__ = [
     "check_class_labels", "check_device", "batch_size", "per_sample_weights", "per_sample", "batch_tensor",
     "check_noise", "check_num_images_per_prompt", "prompt_rows", "negative_prompt_rows", "check_image_size",
     "check_size_pair", "check_generator", "check_variant",
+    "check_expert_name", "EXPERT_NAME_RULE",
 ]
 
 SEED_BOUND = 2**63                     # Philox takes a 64-bit key; seeds live in [0, 2**63)
@@ -187,6 +189,21 @@ def _check_names(mapping: Mapping, experts: Sequence[str] | None, option: str) -
         unknown = [n for n in mapping if n not in experts]
         if unknown:
             raise ValueError(f"unknown expert {unknown[0]!r} in {option}; experts are: {', '.join(experts) or 'none'}")
+
+
+# ---------------------------------------------------------------------- expert names
+# An expert's name becomes a file name (``<name>.onnx`` in an export folder), a strategy (``expert:NAME``) and a
+# key in ``--weights a=0.6,b=0.4``: so ASCII letters and digits, then also '_', '-' and '.' (never ',' '=' ':'
+# '/' or a space), not starting with '.' or '-' (a hidden file, an option), and not "base" (the base model).
+EXPERT_NAME_RULE = "use ASCII letters, digits, '_', '-' and '.', starting with a letter or digit (at most 100), not 'base'"
+_EXPERT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_expert_name(name, *, option: str = "expert") -> str:
+    """The one rule for expert names, used by ``Engine.from_pretrained``, the CLI's ``--expert`` and export."""
+    if not isinstance(name, str) or _EXPERT_NAME.fullmatch(name) is None or name == "base":
+        raise ValueError(f"{option}: bad expert name {name!r}: {EXPERT_NAME_RULE}")
+    return name
 
 
 # ---------------------------------------------------------------------- strategy, conditioning, device

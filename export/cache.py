@@ -34,7 +34,7 @@ __all__ = ["ExportError", "CacheKey", "ArtifactCache", "weights_hash", "config_h
            "runtime_versions", "file_sha256", "atomic_write_bytes", "atomic_write_text", "CACHE_FORMAT"]
 
 # Bump when the export code changes what it writes for the same inputs: every old artifact then misses.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2          # 2: artifacts carry their weights' sha256 inside (ONNX metadata, plan headers)
 
 
 class ExportError(ValueError):
@@ -50,7 +50,7 @@ def default_cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "msdda"
 
 
-from msdda.loading import file_sha256  # noqa: E402  (one implementation, shared with the runtime)
+from msdda.hashing import file_sha256  # noqa: E402  (one implementation, shared with the runtime)
 
 
 # ---------------------------------------------------------------------------------------------- hashing
@@ -138,6 +138,9 @@ def runtime_versions(kind: str = "onnx") -> dict[str, str | None]:
     else:
         names = ("torch", "onnx", "onnxruntime", "tensorrt")
     out = {n: _version(n) for n in names}
+    from msdda import __version__
+
+    out["msdda"] = __version__              # the exporter: what it writes may change with it
     if kind == "tensorrt" and out["tensorrt"] is None:
         for alt in ("tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu12"):
             if _version(alt):

@@ -22,6 +22,12 @@ Every export is run in ONNX Runtime on seeded random inputs and compared with th
 ``|ort - torch| <= atol + rtol * |torch|`` elementwise; defaults rtol = atol = 1e-3 for fp32 and 2e-2 for fp16.
 A graph that fails is deleted and ExportError raised. Files appear atomically: everything is written in a
 private folder beside the target and moved into place with os.replace only after verification.
+
+Every graph carries in its ``metadata_props`` the sha256 of the weights it was made from
+(``msdda.weights_sha256``, ``weights_hash`` of the module), the exporter (``msdda.exporter``) and its I/O spec
+(``msdda.cond``, ``msdda.sample_shape``, ``msdda.text_shape``, ``msdda.precision``, ``msdda.opset``,
+``msdda.dynamic_batch``, ``msdda.dynamic_hw``); loaders compare the first with the model they load
+(msdda.export.artifacts).
 """
 from __future__ import annotations
 
@@ -30,7 +36,6 @@ import copy
 import inspect
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -42,12 +47,13 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from .cache import (ArtifactCache, CacheKey, ExportError, atomic_write_text, config_hash, file_sha256, one_line,
-                    runtime_versions, weights_hash)
+from .artifacts import EXPORTER_KEY, WEIGHTS_KEY, check_weights_tag, exporter_id
+from .cache import (ArtifactCache, CacheKey, ExportError, config_hash, file_sha256, one_line, runtime_versions,
+                    weights_hash)
 
-__all__ = ["ExportRecord", "export_unet_onnx", "onnx_for_unet", "onnx_cache_key", "export_pipeline",
-           "export_models", "unet_export_spec", "onnx_initializers", "INPUT_NAMES", "OUTPUT_NAME", "MIN_OPSET",
-           "DEFAULT_TOLERANCE", "cleanup_tool", "check_export_options"]
+__all__ = ["ExportRecord", "export_unet_onnx", "onnx_for_unet", "onnx_cache_key", "unet_export_spec",
+           "onnx_initializers", "save_onnx", "INPUT_NAMES", "OUTPUT_NAME", "MIN_OPSET", "DEFAULT_TOLERANCE",
+           "EXTERNAL_DATA_THRESHOLD", "cleanup_tool", "check_export_options", "onnx_loads_with_weights"]
 
 MIN_OPSET = 17
 MAX_OPSET = 20                    # the TorchScript exporter's newest
@@ -60,7 +66,6 @@ SDXL_TIME_IDS = 6
 DEFAULT_TOLERANCE = {"fp32": (1e-3, 1e-3), "fp16": (2e-2, 2e-2)}     # (rtol, atol)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000                              # bytes of weights; protobuf's hard cap is 2 GiB
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -300,7 +305,8 @@ def onnx_initializers(path, *, include_constants: bool = True) -> dict[str, np.n
     return out
 
 
-def _save(model, path: Path, external: bool) -> None:
+def save_onnx(model, path: Path, external: bool) -> None:
+    """Write ``model`` to ``path``; with ``external``, every weight goes to one ``<name>.data`` file beside it."""
     import onnx
 
     if external:
@@ -440,9 +446,12 @@ def export_unet_onnx(unet: torch.nn.Module, path, *, sample_shape, cond: str = "
             model = onnx.load(os.fspath(raw_path), load_external_data=True)
             model, tool = _clean_graph(model)
             wsha = weights_sha256 or weights_hash(unet)
-            meta = {"msdda.format": "1", "msdda.cond": cond, "msdda.precision": precision,
-                    "msdda.sample_shape": json.dumps(list(shape)), "msdda.text_shape": json.dumps(text),
-                    "msdda.weights_sha256": wsha, **{str(k): str(v) for k, v in (metadata or {}).items()}}
+            meta = {"msdda.format": "1", EXPORTER_KEY: exporter_id(), "msdda.cond": cond,
+                    "msdda.precision": precision, "msdda.sample_shape": json.dumps(list(shape)),
+                    "msdda.text_shape": json.dumps(text), "msdda.opset": str(opset),
+                    "msdda.dynamic_batch": json.dumps(bool(dynamic_batch)),
+                    "msdda.dynamic_hw": json.dumps(bool(dynamic_hw)), WEIGHTS_KEY: wsha,
+                    **{str(k): str(v) for k, v in (metadata or {}).items() if k != WEIGHTS_KEY}}
             del model.metadata_props[:]
             for k, v in meta.items():
                 model.metadata_props.add(key=k, value=v)
@@ -450,7 +459,7 @@ def export_unet_onnx(unet: torch.nn.Module, path, *, sample_shape, cond: str = "
             weight_bytes = sum(_tensor_nbytes(t) for t in model.graph.initializer)
             external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
             staged = work / path.name
-            _save(model, staged, external)
+            save_onnx(model, staged, external)
             del model
             shutil.rmtree(work / "raw", ignore_errors=True)
             try:
@@ -504,134 +513,38 @@ def onnx_cache_key(unet, *, sample_shape, cond, text_shape=None, precision="fp32
                     architecture=config_hash(unet), versions=runtime_versions("onnx"), filename="unet.onnx")
 
 
-def _onnx_loads(path: Path) -> None:
-    import onnx
+def onnx_loads_with_weights(weights_sha256: str, member: str = "model"):
+    """A cache ``validate`` for ONNX artifacts: the file passes the ONNX checker and carries ``weights_sha256``
+    in its own metadata (a file swapped for another model's, even with the manifest edited to match, fails and
+    is rebuilt)."""
+    def validate(path: Path) -> None:
+        import onnx
 
-    onnx.checker.check_model(os.fspath(path))
+        onnx.checker.check_model(os.fspath(path))
+        meta = {p.key: p.value for p in onnx.load(os.fspath(path), load_external_data=False).metadata_props}
+        check_weights_tag(meta, weights_sha256, member=member, source=path)
+
+    return validate
 
 
 def onnx_for_unet(unet: torch.nn.Module, *, cache=None, sample_shape, cond, text_shape=None,
                   precision: str = "fp32", opset: int = 17, dynamic_batch: bool = True,
-                  dynamic_hw: bool = False) -> Path:
+                  dynamic_hw: bool = False, weights_sha256: str | None = None, member: str = "model") -> Path:
     """The path of a verified ONNX export of ``unet``: reused from the cache when one with the same weights,
-    architecture, shapes, precision and tool versions exists and is intact, else exported now.
+    architecture, shapes, precision and tool versions exists, is intact and carries those weights' sha256 in its
+    own metadata, else exported now.
 
     cache: an ArtifactCache, a folder, or None for the default ($MSDDA_CACHE or ~/.cache/msdda).
+    weights_sha256: ``weights_hash(unet)`` when the caller has it already. member: the name used in messages.
     """
     if not isinstance(cache, ArtifactCache):
         cache = ArtifactCache(cache)
     key = onnx_cache_key(unet, sample_shape=sample_shape, cond=cond, text_shape=text_shape, precision=precision,
-                         opset=opset, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw)
+                         opset=opset, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, weights=weights_sha256)
 
     def build(target: Path) -> None:
         export_unet_onnx(unet, target, sample_shape=sample_shape, cond=cond, text_shape=text_shape, opset=opset,
                          precision=precision, dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, verify=True,
                          weights_sha256=key.weights)
 
-    return cache.get_or_build(key, build, validate=_onnx_loads)
-
-
-# ---------------------------------------------------------------------------------------------- pipelines
-def _load_models(base, experts: Mapping):
-    from msdda.loading import LoadError, load_base, load_expert
-
-    try:
-        base_model = load_base(base)
-        nets = {"base": (base_model.unet, str(base), base_model.weights_sha256)}
-        for name, p in experts.items():
-            unet, sha = load_expert(name, p, base_model)
-            nets[name] = (unet, str(p), sha)
-    except LoadError as exc:
-        raise ExportError(one_line(exc)) from None
-    text_len = None
-    if base_model.tokenizer is not None:
-        text_len = int(base_model.tokenizer.model_max_length)
-    return base_model, nets, text_len
-
-
-def export_pipeline(base, experts: Mapping[str, str] | None, out_dir, *, opset: int = 17, precision: str = "fp32",
-                    dynamic_batch: bool = True, dynamic_hw: bool = False, verify: bool = True,
-                    text_len: int | None = None) -> dict:
-    """Export the base's UNet and every expert's to ``out_dir/<name>.onnx`` (the base as ``base.onnx``) and
-    write ``out_dir/manifest.json``. Experts are loaded and checked by msdda.loading (UNet folders or LoRA
-    adapters merged onto the base). Returns the manifest dict."""
-    check_export_options(opset, precision)          # before loading models or creating out_dir
-    experts = dict(experts or {})
-    for name in experts:
-        if name == "base" or not _NAME_RE.match(name):
-            raise ExportError(f"bad expert name {name!r}: use letters, digits, '_', '-' and '.', not 'base'")
-    if base is None:
-        raise ExportError("export_pipeline needs a base model folder")
-    base_model, nets, tok_len = _load_models(base, experts)
-    spec = unet_export_spec(base_model.unet, text_len=text_len or tok_len)
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"cannot create {out_dir} ({os.strerror(exc.errno) if exc.errno else exc})") from None
-    models = {}
-    for name, (unet, src, sha) in nets.items():
-        rec = export_unet_onnx(unet, out_dir / f"{name}.onnx", opset=opset, precision=precision,
-                               dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, verify=verify, **spec)
-        models[name] = {"file": rec.path.name, "sha256": rec.file_sha256, "size": rec.size_bytes,
-                        "external_data": rec.external_data, "source": src, "source_sha256": sha,
-                        "weights_sha256": rec.weights_sha256, "max_abs_err": rec.max_abs_err, "rtol": rec.rtol,
-                        "atol": rec.atol, "export_seconds": rec.export_seconds,
-                        "verify_seconds": rec.verify_seconds}
-    inputs = {"sample": ["N", spec["sample_shape"][0], *(("H", "W") if dynamic_hw else spec["sample_shape"][1:])],
-              "timestep": ["N"]}
-    if spec["cond"] == "class":
-        inputs["class_labels"] = ["N"]
-    elif spec["cond"] in TEXT_CONDS:
-        inputs["encoder_hidden_states"] = ["N", *spec["text_shape"]]
-    if spec["cond"] == "text_time":
-        inputs["text_embeds"] = ["N", pooled_text_width(base_model.unet)]
-        inputs["time_ids"] = ["N", SDXL_TIME_IDS]
-    manifest = {
-        "format": 1, "kind": "msdda-onnx", "opset": opset, "precision": precision, "cond": spec["cond"],
-        "sample_shape": list(spec["sample_shape"]),
-        "text_shape": list(spec["text_shape"]) if spec["text_shape"] else None,
-        "dynamic_batch": dynamic_batch, "dynamic_hw": dynamic_hw, "inputs": inputs, "outputs": {OUTPUT_NAME: ["N",
-        rec.out_channels, *(("H", "W") if dynamic_hw else spec["sample_shape"][1:])]},
-        "members": list(nets), "models": models, "cleanup": cleanup_tool(), "versions": runtime_versions("onnx"),
-        "base_config": base_model.unet_config, "scheduler_config": base_model.scheduler_config,
-    }
-    try:
-        atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1, default=str))
-    except OSError as exc:
-        raise ExportError(f"cannot write {out_dir / 'manifest.json'} ({one_line(exc)})") from None
-    return manifest
-
-
-def _zoo_models():
-    """(base, experts) of the embedded zoo: the base and its single-objective experts (as ``msdda generate`` uses
-    them; the MORL oracles are evaluation references and are not exported). ExportError while msdda.zoo or its
-    trained models are unavailable."""
-    try:
-        from msdda import zoo
-    except ImportError as exc:
-        raise ExportError(f"the embedded model zoo is not available ({one_line(exc, 120)}); pass a base and "
-                          "experts to export") from None
-    paths = dict(zoo.zoo_paths())
-    if "base" not in paths:
-        raise ExportError("msdda.zoo.zoo_paths() names no 'base' model")
-    base = Path(paths.pop("base"))
-    if not (base / "unet" / "config.json").is_file():
-        raise ExportError(f"the embedded zoo has no trained base model at {base}; train it (python -m "
-                          "msdda.zoo.train all) or pass a base and experts to export")
-    names = getattr(zoo, "OBJECTIVES", tuple(paths))
-    return base, {n: paths[n] for n in names if n in paths}
-
-
-def export_models(base_path=None, experts: Mapping[str, str] | None = None, out_dir="onnx", *, opset: int = 17,
-                  precision: str = "fp32", dynamic_hw: bool = False, dynamic_batch: bool = True,
-                  verify: bool = True) -> dict:
-    """What ``msdda export`` runs: with no base and no experts, the embedded zoo (msdda.zoo.zoo_paths()).
-    Returns the manifest written to out_dir/manifest.json. Raises ExportError (one line) for user errors."""
-    experts = dict(experts or {})
-    if base_path is None:
-        if experts:
-            raise ExportError("experts were given without a base model; pass --base")
-        base_path, experts = _zoo_models()
-    return export_pipeline(base_path, experts, out_dir, opset=opset, precision=precision,
-                           dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, verify=verify)
+    return cache.get_or_build(key, build, validate=onnx_loads_with_weights(key.weights, member))

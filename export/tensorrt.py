@@ -12,8 +12,19 @@ GPU-free (tested everywhere):
 
 Needs tensorrt (imported lazily, inside the functions):
 - ``build_engine(onnx_path, profile=, precision=, timing_cache=, refit=)`` -> serialized plan bytes.
-- ``engine_for_onnx(onnx_path, cache=, ...)`` -> Path of a cached, verified plan.
+- ``engine_for_onnx(onnx_path, cache=, ...)`` -> Path of a cached, verified plan file.
+- ``refitted_engine_for(plan_path, onnx_path, cache=)`` -> Path of a cached plan file: that engine refitted with
+  another graph's weights.
 - ``refit_engine(engine_bytes, onnx_path_or_state)`` -> refitted plan bytes; ``refit_cuda_engine`` in place.
+- ``EnginePlans``: what the Engine hands the TensorRT backend: the members' ONNX graphs (an OnnxSet) and the
+  build settings; ``plans(batch)`` returns one plan file per member for that batch's profile (built, or
+  refitted, through the cache on first use) and ``soup(coeffs)`` the same for a soup. The backend only reads
+  the files (``msdda.export.artifacts.read_plan``) and deserializes them.
+
+Plan files are msdda's header (the weights' sha256 of the graph they were built or refitted from, the ONNX
+files' sha256, precision, refit mode; ``msdda.export.artifacts``) followed by TensorRT's plan: the engine
+format has no user metadata, and the header lets a loader refuse a plan made from other weights even when the
+cache manifest was edited to match it.
 
 Refit: build one engine with ``refit="refit"`` (BuilderFlag.REFIT) and load each other expert's weights of the
 same architecture into a copy of it. msdda's exporter keeps one initializer per parameter (no by-value
@@ -27,19 +38,21 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .artifacts import EXPORTER_KEY, WEIGHTS_KEY, check_weights_tag, exporter_id, onnx_metadata, pack_plan, read_plan
 from .cache import (ArtifactCache, CacheKey, ExportError, atomic_write_bytes, file_lock, file_sha256, one_line,
                     runtime_versions)
+from .onnx_set import OnnxSet
 
 __all__ = ["TensorSpec", "ShapeProfile", "onnx_io", "derive_profile", "tensorrt_cache_key", "match_refit_weights",
-           "normalize_weight_name", "build_engine", "engine_for_onnx", "refit_engine", "refit_cuda_engine",
-           "require_tensorrt", "TensorRTUnavailable", "compute_capability", "onnx_files_sha256", "PRECISIONS",
-           "REFIT_MODES"]
+           "normalize_weight_name", "build_engine", "engine_for_onnx", "refitted_engine_for", "refit_engine",
+           "refit_cuda_engine", "deserialize", "EnginePlans", "require_tensorrt", "TensorRTUnavailable",
+           "compute_capability", "onnx_files_sha256", "PRECISIONS", "REFIT_MODES"]
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 REFIT_MODES = ("none", "refit", "identical")
@@ -361,13 +374,37 @@ def default_timing_cache(cache: ArtifactCache) -> Path:
     return cache.root / "tensorrt" / f"timing-{version}-{compute_capability()}.cache"
 
 
+def _graph_weights(onnx_path, weights_sha256: str | None) -> str:
+    """The weights tag a plan built from ``onnx_path`` carries: the graph's own (or the caller's, checked)."""
+    meta = onnx_metadata(onnx_path)
+    if weights_sha256 is not None:
+        check_weights_tag(meta, weights_sha256, member="the engine's graph", source=onnx_path)
+        return weights_sha256
+    tag = meta.get(WEIGHTS_KEY)
+    if not tag:
+        raise ExportError(f"{onnx_path}: the graph carries no {WEIGHTS_KEY}; export it with msdda export")
+    return tag
+
+
+def plan_loads_with_weights(weights_sha256: str, member: str = "model"):
+    """A cache ``validate`` for plan files: msdda's header names ``weights_sha256`` and the plan deserializes."""
+    def validate(path: Path) -> None:
+        meta, plan = read_plan(path)
+        check_weights_tag(meta, weights_sha256, member=member, source=path)
+        deserialize(plan)
+
+    return validate
+
+
 def engine_for_onnx(onnx_path, *, cache=None, profile: ShapeProfile, precision: str = "fp16", refit: str = "none",
-                    timing_cache=None, **build_options) -> Path:
-    """The path of a cached plan for ``onnx_path``; built (with the persisted timing cache) when absent or
-    when the cached file fails its hash or does not deserialize."""
+                    timing_cache=None, weights_sha256: str | None = None, member: str = "model",
+                    **build_options) -> Path:
+    """The path of a cached plan file for ``onnx_path``; built (with the persisted timing cache) when absent, or
+    when the cached file fails its hash, names other weights in its header, or does not deserialize."""
     require_tensorrt()
     if not isinstance(cache, ArtifactCache):
         cache = ArtifactCache(cache)
+    tag = _graph_weights(onnx_path, weights_sha256)
     key = tensorrt_cache_key(onnx_path, profile=profile, precision=precision, refit=refit,
                              strip_weights=bool(build_options.get("strip_weights")),
                              compute_capability=compute_capability(), options={
@@ -378,13 +415,40 @@ def engine_for_onnx(onnx_path, *, cache=None, profile: ShapeProfile, precision: 
         t0 = time.perf_counter()
         plan = build_engine(onnx_path, profile=profile, precision=precision, timing_cache=tc, refit=refit,
                             **build_options)
-        target.write_bytes(plan)
+        target.write_bytes(pack_plan(plan, {WEIGHTS_KEY: tag, "msdda.onnx_sha256": key.weights,
+                                            EXPORTER_KEY: exporter_id(), "msdda.precision": precision,
+                                            "msdda.refit": refit}))
         target.with_name("build.json").write_text(f'{{"build_seconds": {time.perf_counter() - t0:.3f}}}\n')
 
-    def validate(target: Path) -> None:
-        deserialize(target.read_bytes())
+    return cache.get_or_build(key, build, validate=plan_loads_with_weights(tag, member))
 
-    return cache.get_or_build(key, build, validate=validate)
+
+def refitted_engine_for(plan_path, onnx_path, *, cache=None, weights_sha256: str | None = None,
+                        member: str = "model") -> Path:
+    """The path of a cached plan file: the refittable engine at ``plan_path`` (an msdda plan file built with
+    refit="refit") carrying ``onnx_path``'s weights instead (same architecture; one refit, no build)."""
+    require_tensorrt()
+    if not isinstance(cache, ArtifactCache):
+        cache = ArtifactCache(cache)
+    base_meta, _ = read_plan(plan_path)
+    if base_meta.get("msdda.refit") != "refit":
+        raise ExportError(f"{plan_path}: the engine was not built refittable (refit='refit')")
+    tag = _graph_weights(onnx_path, weights_sha256)
+    base_sha = file_sha256(plan_path)
+    versions = runtime_versions("tensorrt")
+    key = CacheKey(kind="tensorrt", weights=onnx_files_sha256(onnx_path),
+                   precision=base_meta.get("msdda.precision", ""), profile={"refit_of": base_sha},
+                   versions=versions, device=compute_capability(), filename="unet.plan")
+
+    def build(target: Path) -> None:
+        t0 = time.perf_counter()
+        _, plan = read_plan(plan_path)
+        refitted = refit_engine(plan, onnx_path)
+        target.write_bytes(pack_plan(refitted, {**base_meta, WEIGHTS_KEY: tag, "msdda.onnx_sha256": key.weights,
+                                                "msdda.refit_of": base_sha}))
+        target.with_name("build.json").write_text(f'{{"refit_seconds": {time.perf_counter() - t0:.3f}}}\n')
+
+    return cache.get_or_build(key, build, validate=plan_loads_with_weights(tag, member))
 
 
 # ---------------------------------------------------------------------------------------------- refit (TensorRT)
@@ -453,3 +517,91 @@ def refit_engine(engine_bytes: bytes, onnx_path_or_state, *, logger=None) -> byt
     engine = deserialize(engine_bytes, logger)
     refit_cuda_engine(engine, _weights_source(onnx_path_or_state), logger=logger)
     return bytes(memoryview(engine.serialize()))
+
+
+# ---------------------------------------------------------------------------------------------- what the backend loads
+def same_architecture(paths: Sequence) -> bool:
+    """Whether every graph has the same initializer (and Constant) names and shapes, so one refittable engine
+    serves all. Reads the shapes only, never external weights."""
+    import onnx
+
+    def shapes(path) -> dict:
+        graph = onnx.load(os.fspath(path), load_external_data=False).graph
+        out = {t.name: tuple(t.dims) for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant":
+                out.update({node.output[0]: tuple(a.t.dims) for a in node.attribute if a.name == "value"})
+        return out
+
+    first = shapes(paths[0])
+    return all(shapes(p) == first for p in paths[1:])
+
+
+@dataclass(frozen=True)
+class EnginePlans:
+    """Where the TensorRT backend's engines come from: the members' verified ONNX graphs and the build settings.
+
+    ``plans(batch)`` -> (profile, one plan file per member), built through the cache on first use: with
+    ``refit="refit"`` one refittable engine from the first member's graph (or ``refit_source``'s) and a refitted
+    copy per other member; with ``"none"`` one build each. ``"auto"`` (default) is "refit" for several graphs of
+    one architecture, else "none". ``dynamic``: one profile spanning batches 1..max_batch (default max(batch, 8))
+    instead of one static profile per batch size. ``soup(coeffs)``: the same for the soup of some members (its
+    graph from ``OnnxSet.soup``, its engine a refit of the first member's refittable engine). Immutable."""
+    onnx: OnnxSet
+    precision: str = "fp16"
+    refit: str = "auto"
+    dynamic: bool = False
+    max_batch: int | None = None
+    timing_cache: Path | None = None
+    build_options: Mapping = field(default_factory=dict)
+    refit_source: Path | None = None
+    io: Mapping = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ExportError(f"TensorRT precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.refit not in ("auto", *REFIT_MODES):
+            raise ExportError(f"refit must be 'auto' or one of {', '.join(REFIT_MODES)}, not {self.refit!r}")
+        if self.max_batch is not None and (not isinstance(self.max_batch, int) or self.max_batch < 1):
+            raise ExportError(f"max_batch must be a positive integer, not {self.max_batch!r}")
+        refit = self.refit
+        graphs = [self.onnx.paths[n] for n in self.members]
+        if refit == "auto":
+            refit = "refit" if len(graphs) > 1 and same_architecture(graphs) else "none"
+        if self.refit_source is not None:
+            refit = "refit"
+        object.__setattr__(self, "refit", refit)
+        object.__setattr__(self, "build_options", dict(self.build_options))
+        object.__setattr__(self, "io", onnx_io(graphs[0])[0])
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return self.onnx.members
+
+    @property
+    def weights_sha256(self) -> Mapping[str, str]:
+        return self.onnx.weights_sha256
+
+    def profile(self, batch: int) -> ShapeProfile:
+        if self.dynamic:
+            return derive_profile(self.io, batch=batch, dynamic=True, batch_range=(1, self.max_batch or max(batch, 8)))
+        return derive_profile(self.io, batch=batch)
+
+    def plans(self, batch: int) -> tuple[ShapeProfile, tuple[Path, ...]]:
+        profile = self.profile(batch)
+        opts = dict(cache=self.onnx.cache, profile=profile, precision=self.precision, timing_cache=self.timing_cache,
+                    **self.build_options)
+        paths = self.onnx.paths
+        if self.refit != "refit":
+            return profile, tuple(engine_for_onnx(paths[n], refit=self.refit, weights_sha256=self.weights_sha256[n],
+                                                  member=n, **opts) for n in self.members)
+        source = Path(self.refit_source or paths[self.members[0]])
+        base = engine_for_onnx(source, refit="refit", **opts)
+        return profile, tuple(base if Path(paths[n]) == source else refitted_engine_for(
+            base, paths[n], cache=self.onnx.cache, weights_sha256=self.weights_sha256[n], member=n)
+            for n in self.members)
+
+    def soup(self, coeffs: Mapping[str, float]) -> "EnginePlans":
+        return EnginePlans(self.onnx.soup(coeffs), precision=self.precision, refit="refit", dynamic=self.dynamic,
+                           max_batch=self.max_batch, timing_cache=self.timing_cache, build_options=self.build_options,
+                           refit_source=Path(self.refit_source or self.onnx.paths[self.members[0]]))

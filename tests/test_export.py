@@ -16,8 +16,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from msdda.export import (DEFAULT_TOLERANCE, ArtifactCache, ExportError, export_models, export_pipeline,
-                          export_unet_onnx, onnx_for_unet, onnx_initializers, unet_export_spec)
+from msdda.export import (DEFAULT_TOLERANCE, ArtifactCache, ExportError, export_unet_onnx, onnx_for_unet,
+                          onnx_initializers, unet_export_spec)
+from msdda.exporting import export_models
 from tiny_models import make_tiny_sd_pipeline, make_tiny_unet2d, perturbed_copy
 from tolerance import (TWIN_MULTIPLE, assert_error_below, assert_within, eps, float_error, lower_precision_bound,
                        twin_bound)
@@ -222,7 +223,7 @@ def test_onnx_for_unet_reuses_the_cache(tmp_path, pixel_unet, monkeypatch):
 
 def test_export_pipeline_writes_manifest(tmp_path, pixel):
     base, expert = pixel
-    manifest = export_pipeline(base, {"sharp": expert}, tmp_path / "out")
+    manifest = export_models(base, {"sharp": expert}, tmp_path / "out")
     assert manifest["members"] == ["base", "sharp"] and manifest["cond"] == "class"
     assert manifest["inputs"] == {"sample": ["N", 1, 8, 8], "timestep": ["N"], "class_labels": ["N"]}
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -234,9 +235,12 @@ def test_export_pipeline_writes_manifest(tmp_path, pixel):
         unet = UNet2DModel.from_pretrained((base if name == "base" else expert) / "unet").eval()
         assert_error_below(m["max_abs_err"], TWIN_MULTIPLE * _twin_error(unet, [(3, 8, 8)], num_classes=11),
                            f"recorded ORT error, {name}")
+        meta = {p.key: p.value for p in onnx.load(str(tmp_path / "out" / m["file"])).metadata_props}
+        assert meta["msdda.weights_sha256"] == m["weights_sha256"]          # the tag travels inside the file
+        assert meta["msdda.exporter"].startswith("msdda ")
 
 
-@pytest.mark.parametrize("case", ["missing_base", "missing_expert", "bad_name", "expert_without_base"])
+@pytest.mark.parametrize("case", ["missing_base", "missing_expert", "bad_name", "no_base"])
 def test_pipeline_bad_input(tmp_path, pixel, case):
     base, expert = pixel
     with pytest.raises(ExportError) as info:
@@ -252,17 +256,18 @@ def test_pipeline_bad_input(tmp_path, pixel, case):
     assert "\n" not in msg and msg
     if case.startswith("missing"):
         assert "not found" in msg
+    if case == "bad_name":
+        assert "bad expert name 'base'" in msg
+    assert not (tmp_path / "out").exists()
 
 
 def test_zoo_export(tmp_path):
-    """``msdda export`` with no models exports the embedded zoo (skipped only while it is not trained yet)."""
-    from msdda.zoo import ZOO_DIR, OBJECTIVES
+    """``msdda export`` with no models exports the embedded zoo's base and single-objective experts."""
+    from msdda import cli
+    from msdda.zoo import OBJECTIVES
 
-    if not (ZOO_DIR / "base" / "unet" / "config.json").is_file():
-        with pytest.raises(ExportError, match="zoo"):
-            export_models(None, {}, tmp_path / "zoo")
-        pytest.skip("engine/zoo/models holds no trained base yet")
-    manifest = export_models(None, {}, tmp_path / "zoo")
+    assert cli.main(["export", "--out", str(tmp_path / "zoo")]) == 0
+    manifest = json.loads((tmp_path / "zoo" / "manifest.json").read_text())
     assert manifest["members"] == ["base", *OBJECTIVES]
     from diffusers import UNet2DModel
 

@@ -237,7 +237,7 @@ def test_bad_requests_get_422_and_the_server_stays_up(server):
         ({"class_labels": 3, "weights": {"legible": 0.5, "nope": 0.5}}, None, "unknown expert 'nope'"),
         ({"class_labels": 3, "weights": {"legible": -0.5, "bold": 1.5}}, None, "negative"),
         (None, b'{"class_labels": 3, "weights": {"legible": NaN, "bold": 1}}', "not a finite number"),
-        ({"class_labels": 3, "steps": 0}, None, "steps must be a positive integer"),
+        ({"class_labels": 3, "steps": 0}, None, "steps must be >= 1"),
         ({"class_labels": 3, "steps": 61}, None, "limit of 60"),
         ({"class_labels": 3, "num_images": 5}, None, "at most 4"),
         ({"prompt": "a cat"}, None, "not text-conditioned"),

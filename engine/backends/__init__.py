@@ -7,7 +7,9 @@ Every backend has the same shape (ARCHITECTURE.md section 5)::
     soup(coeffs) -> Callable[[x, t, cond], Tensor]  # one network with parameters sum_k c_k theta_k
 
 Backends hold only what they loaded at construction; they keep no per-call state, so one backend serves
-concurrent calls from several threads.
+concurrent calls from several threads. They build nothing: the torch backend takes the loaded modules, the
+ONNX Runtime and TensorRT backends take the artifacts the Engine obtained from msdda.export (an ``OnnxSet`` /
+``EnginePlans``) and only load them, checking each file's own weights sha256 against the member's.
 """
 from __future__ import annotations
 
@@ -34,27 +36,17 @@ class Conditioning:
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
-def full_networks(networks: dict) -> dict:
-    """{member name: torch module}: LoRA adapters merged onto the first network (the base), for backends that
-    need one full network per member (ONNX export)."""
-    from msdda.loading import LoraAdapter, merged_network
-
-    base = next(iter(networks.values()))
-    return {name: merged_network(base, net) if isinstance(net, LoraAdapter) else net for name, net in networks.items()}
-
-
-def make_backend(name: str, networks: dict, **options):
-    """Build the named backend over ``networks`` ({member name: torch module or msdda.loading.LoraAdapter of the
-    first, the base}, same architecture). The torch backend keeps LoRA adapters as factors (group="lora") or
-    merges them itself; the others get merged networks."""
+def make_backend(name: str, source, **options):
+    """Build the named backend over what it loads: ``source`` is {member name: torch module} (same architecture)
+    for "torch", an ``msdda.export.OnnxSet`` for "onnxruntime", an ``msdda.export.tensorrt.EnginePlans`` for
+    "tensorrt"."""
     if name == "torch":
         from .torch_backend import TorchBackend
-        return TorchBackend(networks, **options)
-    networks = full_networks(networks)
+        return TorchBackend(source, **options)
     if name == "onnxruntime":
         from .onnxruntime_backend import OnnxRuntimeBackend
-        return OnnxRuntimeBackend(networks, **options)
+        return OnnxRuntimeBackend(source, **options)
     if name == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
-        return TensorRTBackend(networks, **options)
+        return TensorRTBackend(source, **options)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

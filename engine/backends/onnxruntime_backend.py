@@ -1,5 +1,10 @@
 """ONNX Runtime backend: one InferenceSession per network, from ONNX files that msdda.export writes.
 
+It only loads: the Engine hands it an ``msdda.export.OnnxSet`` (one verified file per member and the weights
+sha256 each must carry). Each session's own metadata (``msdda.weights_sha256``) is compared with that sha256
+when it is created, so a file made from other weights is refused whatever its path. Soups come from the set
+(``OnnxSet.soup``: built through the export cache) and are loaded per call, never kept here.
+
 Sessions are created once, here. ``InferenceSession.run`` is thread-safe, so one backend serves concurrent
 calls. The execution provider is CUDA where onnxruntime-gpu sees a GPU, else CPU.
 
@@ -10,12 +15,13 @@ sessions on all cores serves the single-network calls (base, expert:NAME, soup).
 """
 from __future__ import annotations
 
-import copy
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from msdda.export.artifacts import ArtifactMismatch, check_weights_tag
 
 from . import Conditioning
 
@@ -48,31 +54,20 @@ def _providers(device: torch.device):
 class OnnxRuntimeBackend:
     """Runs each network's exported ONNX graph in ONNX Runtime; outputs come back as torch tensors."""
 
-    def __init__(self, networks: dict, *, device="cpu", dtype=None, sample_shape, cond: str,
-                 text_shape=None, cache_dir=None, threads: int | None = None, onnx_paths: dict | None = None,
-                 parallel: bool | None = None):
-        import onnxruntime as ort
-
-        from msdda.export import ArtifactCache, onnx_for_unet
-
-        self.members = tuple(networks)
+    def __init__(self, onnx, *, device="cpu", dtype=None, threads: int | None = None, parallel: bool | None = None):
+        """onnx: an ``msdda.export.OnnxSet`` (``paths``, ``weights_sha256``, ``soup``), built by the Engine."""
+        self.members = tuple(onnx.members)
         self.device = torch.device(device)
         self.dtype = torch.float32
-        self._cache = ArtifactCache(cache_dir) if cache_dir is not None else None
-        self._export_args = dict(sample_shape=tuple(sample_shape), cond=cond,
-                                 text_shape=tuple(text_shape) if text_shape else None)
+        self._onnx = onnx
         # several sessions take turns here; spin-waiting threads slow the next one (no spinning: zoo K=2 batch 8
         # 0.227 -> 0.189 s, tiny SD 0.608 -> 0.569 s; with sequential sessions 0.338 -> 0.197 s, on 2 cores)
-        spin = len(networks) == 1
+        spin = len(self.members) == 1
         self._options = session_options(threads, spin)
         self._providers = _providers(self.device)
-        paths = dict(onnx_paths or {})
-        for name, net in networks.items():
-            if name not in paths:
-                paths[name] = onnx_for_unet(net.float(), cache=self._cache, **self._export_args)
-        self.onnx_paths = paths
+        self.onnx_paths = dict(onnx.paths)
         threads = threads or torch.get_num_threads()
-        self._sessions = tuple(ort.InferenceSession(os.fspath(paths[n]), self._options, providers=self._providers)
+        self._sessions = tuple(self._load(n, onnx.paths[n], onnx.weights_sha256[n], self._options)
                                for n in self.members)
         if parallel is None:
             parallel = self.device.type == "cpu" and len(self.members) > 1 and threads > 1
@@ -80,11 +75,23 @@ class OnnxRuntimeBackend:
         if parallel:
             workers = min(len(self.members), threads)
             opts = session_options(max(1, threads // workers), spin)
-            self._group_sessions = tuple(ort.InferenceSession(os.fspath(paths[n]), opts, providers=self._providers)
+            self._group_sessions = tuple(self._load(n, onnx.paths[n], onnx.weights_sha256[n], opts)
                                          for n in self.members)
             self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="msdda-ort")
-        self._skeleton = copy.deepcopy(next(iter(networks.values()))).float()
-        self._state = {n: {k: v.float() for k, v in net.state_dict().items()} for n, net in networks.items()}
+
+    def _load(self, member: str, path, weights_sha256: str, options):
+        """A session for ``path``, refused (ArtifactMismatch) unless the graph says it was made from
+        ``weights_sha256``: the check reads the loaded session's own metadata, so nothing can change between
+        the check and the load."""
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(os.fspath(path), options, providers=self._providers)
+        check_weights_tag(session.get_modelmeta().custom_metadata_map, weights_sha256, member=member, source=path)
+        sample = next((i.type for i in session.get_inputs() if i.name == "sample"), None)
+        if sample != "tensor(float)":              # the feeds are float32 (an fp16 export is for TensorRT)
+            raise ArtifactMismatch(f"{path}: the graph for {member!r} takes {sample} samples; the ONNX Runtime "
+                                   "backend runs float32 graphs (export with --precision fp32)")
+        return session
 
     @staticmethod
     def _feeds(x: torch.Tensor, t: int, cond: Conditioning) -> dict:
@@ -114,18 +121,11 @@ class OnnxRuntimeBackend:
         return out.to(x.device, x.dtype)
 
     def soup(self, coeffs: dict[int, float]):
-        """One network with parameters sum_k c_k theta_k, exported (or found in the cache) for this call."""
-        import onnxruntime as ort
-
-        from msdda.export import onnx_for_unet
-
-        names = [self.members[m] for m in coeffs]
-        state = {k: sum(c * self._state[self.members[m]][k] for m, c in coeffs.items())
-                 if v.is_floating_point() else v for k, v in self._state[names[0]].items()}
-        net = copy.deepcopy(self._skeleton)
-        net.load_state_dict(state)
-        path = onnx_for_unet(net, cache=self._cache, **self._export_args)
-        session = ort.InferenceSession(os.fspath(path), self._options, providers=self._providers)
+        """One network with parameters sum_k c_k theta_k: its graph comes from the OnnxSet (the export cache
+        builds it once per weight vector); its session belongs to the returned callable, not to the backend."""
+        soup = self._onnx.soup({self.members[m]: float(c) for m, c in coeffs.items()})
+        (name,) = soup.members
+        session = self._load(name, soup.paths[name], soup.weights_sha256[name], self._options)
 
         def forward(x, t, cond: Conditioning):
             return self._run(session, self._feeds(x, t, cond)).unsqueeze(0).to(x.device, x.dtype)

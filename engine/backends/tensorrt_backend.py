@@ -1,17 +1,21 @@
-"""TensorRT backend: one engine per network, built from msdda's ONNX graphs (msdda.export.tensorrt).
+"""TensorRT backend: one engine per network, loaded from plan files that msdda.export.tensorrt builds.
 
-- Engines come from the artifact cache (key: ONNX hashes, profile, precision, flags, TensorRT version, GPU
-  compute capability), built with a persisted timing cache. With several networks of one architecture the
-  default (``refit="auto"``) builds ONE refittable engine and refits a copy per expert from that expert's ONNX
-  initializers (80-95% cheaper than K builds); ``refit="none"`` builds each separately.
-- Shapes are static by default: an engine set per batch size N (the one given as ``batch=`` is built at
-  construction, others on first use). ``dynamic=True`` builds one set for 1..max_batch.
+- It only loads: the Engine hands it an ``msdda.export.tensorrt.EnginePlans`` (the members' verified ONNX graphs
+  and the build settings). For each batch size it asks that object for one plan file per member (built, or for
+  several experts of one architecture refitted from ONE refittable build, through the artifact cache, keyed by
+  ONNX hashes, profile, precision, flags, TensorRT version and GPU compute capability), reads each file's header
+  and refuses one made from other weights than the member's (``msdda.export.artifacts``), and deserializes it.
+- Shapes are static by default: an engine set per batch size N (the one given as ``batch=`` is loaded at
+  construction, others on first use). ``EnginePlans(dynamic=True)`` gives one set for 1..max_batch.
 - Every set preallocates its named I/O buffers (torch CUDA tensors bound once with set_tensor_address): one
   input set shared by all K contexts and one output [K, N, C_out, H, W]. All contexts of all sets share ONE
   device scratch allocation (contexts made without device memory, then set_device_memory with the largest
   device_memory_size_v2) and run on one stream, in order, so the sharing is safe.
 - ``forward`` holds a lock for its whole enqueue (buffers and scratch are shared), so concurrent calls are safe
   and serialised; the result is a fresh tensor (one device copy of the output).
+- ``soup(coeffs)`` returns a callable that owns its engines (per batch size): the plans come from
+  ``EnginePlans.soup`` (the soup graph and its refitted plan are cached by msdda.export), nothing is added to
+  the backend (its engine table and its scratch stay as they are), and the engines are freed with the callable.
 - ``graphed_sampler(...)`` captures each whole denoising step (stage x, K engine calls, the fused combine
   kernel msdda.kernels.fused_expert_step with Philox noise and deferred validation, write-back of x) as a CUDA
   graph (torch.cuda.CUDAGraph) and replays them: static shapes, no host syncs inside the loop.
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from pathlib import Path
+import time
 
 import torch
 
@@ -124,10 +128,9 @@ class _EngineSet:
 class TensorRTBackend:
     """Backend interface (ARCHITECTURE.md section 5) over TensorRT engines. See the module docstring."""
 
-    def __init__(self, networks: dict, *, device="cuda", dtype=None, sample_shape=None, cond: str | None = None,
-                 text_shape=None, text_len: int | None = None, batch: int | None = None, dynamic: bool = False,
-                 max_batch: int | None = None, precision: str = "fp16", refit: str = "auto", cache_dir=None,
-                 onnx_paths: dict | None = None, timing_cache=None, **build_options):
+    def __init__(self, plans, *, device="cuda", dtype=None, batch: int | None = None):
+        """plans: an ``msdda.export.tensorrt.EnginePlans``, built by the Engine. batch: load that batch size's
+        engines now (others load on first use)."""
         from msdda.export.tensorrt import TensorRTUnavailable, require_tensorrt
 
         trt = require_tensorrt()
@@ -135,52 +138,20 @@ class TensorRTBackend:
         double = getattr(trt, "MSDDA_TEST_DOUBLE", False)
         if (device.type != "cuda" or not torch.cuda.is_available()) and not double:
             raise TensorRTUnavailable(f"the TensorRT backend needs a CUDA device, not {device}")
-        from msdda.export import ArtifactCache, onnx_for_unet, unet_export_spec
-        from msdda.export.onnx import onnx_initializers
-        from msdda.export.tensorrt import onnx_io
-
         self._trt = trt
-        self.members = tuple(networks)
+        self._plans = plans
+        self.members = tuple(plans.members)
         self._cuda = device.type == "cuda"
         self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device()) \
             if self._cuda else device
         self.dtype = torch.float32                 # what forward takes and returns; engines run `precision` inside
-        self.precision = precision
-        self._cache = cache_dir if isinstance(cache_dir, ArtifactCache) else ArtifactCache(cache_dir)
-        self._timing_cache = timing_cache
-        self._build_options = build_options
-        self.dynamic = bool(dynamic)
-        first = next((n for n in networks.values() if n is not None), None)
-        if sample_shape is None or cond is None:
-            if first is None:
-                raise ValueError("pass sample_shape= and cond= when no torch networks are given")
-            spec = unet_export_spec(first, text_len=text_len)
-            sample_shape = sample_shape or spec["sample_shape"]
-            cond = cond or spec["cond"]
-            text_shape = text_shape or spec["text_shape"]
-        self.sample_shape, self.cond, self.text_shape = tuple(sample_shape), cond, text_shape
-        paths = {k: Path(v) for k, v in (onnx_paths or {}).items()}
-        with self._device_ctx():
-            for name, net in networks.items():
-                if name not in paths:
-                    if net is None:
-                        raise ValueError(f"member {name!r} has neither a network nor an ONNX path")
-                    paths[name] = onnx_for_unet(net, cache=self._cache, sample_shape=self.sample_shape, cond=cond,
-                                                text_shape=text_shape, precision="fp32",
-                                                dynamic_batch=True, dynamic_hw=False)
-        self.onnx_paths = paths
-        self._io = onnx_io(paths[self.members[0]])[0]
-        if refit == "auto":
-            refit = "refit" if len(self.members) > 1 else "none"
-        if refit == "refit" and len(self.members) > 1:
-            ref = {k: v.shape for k, v in onnx_initializers(paths[self.members[0]]).items()}
-            for name in self.members[1:]:
-                other = {k: v.shape for k, v in onnx_initializers(paths[name]).items()}
-                if other != ref:
-                    refit = "none"                 # not one architecture after all: build each engine
-                    break
-        self.refit = refit
-        self.max_batch = max_batch
+        self.precision = plans.precision
+        self.refit = plans.refit
+        self.dynamic = plans.dynamic
+        self.max_batch = plans.max_batch
+        spec = plans.onnx.spec()
+        self.sample_shape, self.cond, self.text_shape = spec["sample_shape"], spec["cond"], spec["text_shape"]
+        self.onnx_paths = dict(plans.onnx.paths)
         self._lock = threading.RLock()
         self._sets: dict[int, _EngineSet] = {}
         self._scratch: torch.Tensor | None = None
@@ -207,39 +178,23 @@ class TensorRTBackend:
         return out
 
     # ------------------------------------------------------------------ engines
-    def _profile(self, n: int):
-        from msdda.export.tensorrt import derive_profile
+    def _load_set(self, plans, n: int) -> "_EngineSet":
+        """The engine set of ``plans``' members for batch ``n``: plan files from ``plans`` (msdda.export builds
+        them through its cache), each checked against its member's weights sha256, then deserialized."""
+        from msdda.export.artifacts import check_weights_tag, read_plan
+        from msdda.export.tensorrt import deserialize
 
-        if self.dynamic:
-            top = self.max_batch or max(n, 8)
-            return derive_profile(self._io, batch=n, dynamic=True, batch_range=(1, top))
-        return derive_profile(self._io, batch=n)
-
-    def _load_engines(self, profile):
-        import time
-
-        from msdda.export.onnx import onnx_initializers
-        from msdda.export.tensorrt import deserialize, engine_for_onnx, refit_cuda_engine
-
-        opts = dict(cache=self._cache, profile=profile, precision=self.precision, timing_cache=self._timing_cache,
-                    **self._build_options)
         t0 = time.perf_counter()
-        if self.refit == "refit":
-            plan = engine_for_onnx(self.onnx_paths[self.members[0]], refit="refit", **opts).read_bytes()
-            self.build_seconds["build"] = time.perf_counter() - t0
-            engines = []
-            for name in self.members:
-                engine = deserialize(plan)
-                if name != self.members[0]:
-                    t1 = time.perf_counter()
-                    refit_cuda_engine(engine, onnx_initializers(self.onnx_paths[name]))
-                    self.build_seconds[f"refit:{name}"] = time.perf_counter() - t1
-                engines.append(engine)
-            return engines
-        engines = [deserialize(engine_for_onnx(self.onnx_paths[n], refit="none", **opts).read_bytes())
-                   for n in self.members]
-        self.build_seconds["build"] = time.perf_counter() - t0
-        return engines
+        profile, paths = plans.plans(n)
+        t1 = time.perf_counter()
+        engines = []
+        for name, path in zip(plans.members, paths):
+            meta, blob = read_plan(path)
+            check_weights_tag(meta, plans.weights_sha256[name], member=name, source=path)
+            engines.append(deserialize(blob))
+        if plans is self._plans:                   # the members' timings (soups record nothing here)
+            self.build_seconds.update(plans=t1 - t0, load=time.perf_counter() - t1)
+        return _EngineSet(self._trt, engines, profile, self.device, self.dynamic)
 
     def _engine_set(self, n: int) -> _EngineSet:
         key = 0 if self.dynamic else n
@@ -249,23 +204,21 @@ class TensorRTBackend:
         with self._lock, self._device_ctx():
             es = self._sets.get(key)
             if es is None or n > es.max_batch:
-                profile = self._profile(n)
-                es = _EngineSet(self._trt, self._load_engines(profile), profile, self.device, self.dynamic)
+                es = self._load_set(self._plans, n)
                 self._sets[key] = es
-                self._ensure_scratch()
+                self._bind_scratch(es)
         return es
 
-    def _ensure_scratch(self) -> None:
-        need = max(es.memory for es in self._sets.values())
-        if self._scratch is None or self._scratch.numel() < need:
+    def _bind_scratch(self, es: _EngineSet) -> None:
+        """Bind ``es``'s contexts to the one shared scratch, first growing it (and rebinding every member set) if
+        ``es`` needs more. Called with the lock held."""
+        if self._scratch is None or self._scratch.numel() < es.memory:
             if self._stream is not None:
                 torch.cuda.current_stream(self.device).wait_stream(self._stream)
-            self._scratch = torch.empty(max(need, 1), dtype=torch.uint8, device=self.device)
-            for es in self._sets.values():      # rebind every context: one scratch for all
-                es.bind_scratch(self._scratch.data_ptr(), self._scratch.numel())
-        else:
-            for es in self._sets.values():
-                es.bind_scratch(self._scratch.data_ptr(), self._scratch.numel())
+            self._scratch = torch.empty(max(es.memory, 1), dtype=torch.uint8, device=self.device)
+            for other in self._sets.values():
+                other.bind_scratch(self._scratch.data_ptr(), self._scratch.numel())
+        es.bind_scratch(self._scratch.data_ptr(), self._scratch.numel())
 
     @property
     def scratch_bytes(self) -> int:
@@ -289,42 +242,29 @@ class TensorRTBackend:
             return self._on_stream(run)
 
     def soup(self, coeffs: dict[int, float]):
-        """One network with parameters sum_k c_k theta_k: a refittable engine refitted with the mixed ONNX
-        initializers (floating ones mixed, integer ones taken from the first member)."""
-        import numpy as np
-
-        from msdda.export.onnx import onnx_initializers
-        from msdda.export.tensorrt import deserialize, engine_for_onnx, refit_cuda_engine
-
-        items = [(self.members[m], float(c)) for m, c in coeffs.items()]
-        mixed = None
-        for name, c in items:
-            w = onnx_initializers(self.onnx_paths[name])
-            if mixed is None:
-                mixed = {k: (c * v.astype(np.float64)) if np.issubdtype(v.dtype, np.floating) else v
-                         for k, v in w.items()}
-            else:
-                for k, v in w.items():
-                    if np.issubdtype(v.dtype, np.floating):
-                        mixed[k] = mixed[k] + c * v.astype(np.float64)
-        dtypes = {k: v.dtype for k, v in onnx_initializers(self.onnx_paths[items[0][0]]).items()}
-        mixed = {k: v.astype(dtypes[k]) for k, v in mixed.items()}
+        """One network with parameters sum_k c_k theta_k. Its plans come from ``EnginePlans.soup`` (the soup graph
+        and a refit of the refittable engine, cached by msdda.export); its engines belong to the returned
+        callable, one set per batch size, and are freed with it: the backend keeps nothing."""
+        plans = self._plans.soup({self.members[m]: float(c) for m, c in coeffs.items()})
         sets: dict[int, _EngineSet] = {}
+        own_scratch: dict[int, torch.Tensor] = {}
 
         def net(x: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:
             n = x.shape[0]
+            key = 0 if self.dynamic else n
             with self._lock, self._device_ctx():
-                es = sets.get(n)
-                if es is None:
-                    profile = self._profile(n)
-                    plan = engine_for_onnx(self.onnx_paths[items[0][0]], cache=self._cache, profile=profile,
-                                           precision=self.precision, refit="refit", timing_cache=self._timing_cache,
-                                           **self._build_options).read_bytes()
-                    engine = deserialize(plan)
-                    refit_cuda_engine(engine, mixed)
-                    es = sets[n] = _EngineSet(self._trt, [engine], profile, self.device, self.dynamic)
-                    self._sets[-1 - len(self._sets)] = es          # counted for the shared scratch size
-                    self._ensure_scratch()
+                es = sets.get(key)
+                if es is None or n > es.max_batch:
+                    es = sets[key] = self._load_set(plans, n)
+                # the backend's scratch when it is large enough (it may have moved since the last call: bind
+                # every time), else one of the soup's own: a soup never grows or moves the members' scratch
+                scratch = self._scratch
+                if scratch is None or scratch.numel() < es.memory:
+                    scratch = own_scratch.get(key)
+                    if scratch is None or scratch.numel() < es.memory:
+                        scratch = own_scratch[key] = torch.empty(max(es.memory, 1), dtype=torch.uint8,
+                                                                 device=self.device)
+                es.bind_scratch(scratch.data_ptr(), scratch.numel())
 
                 def run(stream_handle: int) -> torch.Tensor:
                     es.stage(x.to(self.device), t, cond)
