@@ -6,6 +6,7 @@ calls from several threads.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -15,8 +16,10 @@ import torch
 
 from msdda import schedule as sch
 from msdda.backends import Conditioning, make_backend
+from msdda.graphs import StepGraphCache, StepInputs, sample_graphed
 from msdda.kernels import StepScalars, fused_expert_step, philox_normal, prepare_fused_step, raise_if_bad
-from msdda.loading import BaseModel, LoadError, load_base, load_expert
+from msdda.loading import LORA_FILES, UNET_WEIGHTS, BaseModel, LoadError, load_base, load_expert, unet_folder
+from msdda.precision import all_finite, default_dtype, pipeline_class, vae_decode_dtype
 from msdda.sampling import Denoise, sample
 from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
 from msdda.validation import (DEFAULT_LIMITS, Limits, batch_size, batch_tensor, check_class_labels, check_device,
@@ -24,6 +27,8 @@ from msdda.validation import (DEFAULT_LIMITS, Limits, batch_size, batch_tensor, 
                               per_sample_weights, seed_list)
 
 __all__ = ["Engine", "GenerateOutput", "CheckedRequest", "Limits"]
+
+log = logging.getLogger("msdda")
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,8 @@ class Engine:
 
     def __init__(self, base: BaseModel, experts: Mapping[str, torch.nn.Module], *, backend="torch", device="cpu",
                  dtype=None, scheduler: str | None = None, models: Sequence[ModelInfo] = (),
-                 backend_options: Mapping | None = None, limits: Limits = DEFAULT_LIMITS):
+                 backend_options: Mapping | None = None, limits: Limits = DEFAULT_LIMITS, cuda_graphs: bool = True,
+                 dtype_default: bool = False):
         if "base" in experts:
             raise LoadError("an expert may not be called 'base': that name is the base model")
         if not isinstance(limits, Limits):
@@ -92,22 +98,37 @@ class Engine:
         self.backend_name = backend
         self.backend = make_backend(backend, networks, device=self.device, dtype=dtype, **options)
         self.dtype = self.backend.dtype
+        self.dtype_default = bool(dtype_default)   # True: from_pretrained chose the dtype (no dtype was given)
         for part in (base.text_encoder, base.vae):
             if part is not None:
                 part.to(self.device)
+        if base.vae is not None:   # decode in the precision diffusers' pipeline for this model decodes in
+            vae_dtype = vae_decode_dtype(base.vae.dtype, bool(base.vae.config.get("force_upcast", False)),
+                                         pipeline_class(base.path))
+            if vae_dtype != base.vae.dtype:
+                base.vae.to(vae_dtype)
+        # Whole-step CUDA graphs (msdda.graphs): the torch backend on CUDA, unless cuda_graphs=False.
+        self.step_graphs = StepGraphCache() if cuda_graphs and backend == "torch" and self.device.type == "cuda" \
+            else None
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, base, experts: Mapping[str, str] | None = None, *, backend: str = "torch",
                         device="cpu", dtype=None, scheduler: str | None = None, limits: Limits = DEFAULT_LIMITS,
-                        **backend_options) -> "Engine":
+                        cuda_graphs: bool = True, **backend_options) -> "Engine":
         """Load a base (pipeline, ``unet/`` folder or UNet folder) and experts {name: folder} from local disk.
 
         ``scheduler``: "ddpm" or "ddim"; None keeps the base's own scheduler class. Experts whose
         architecture, prediction type, latent shape or scheduler differ from the base are refused here.
         ``limits``: the largest ``num_images`` and ``steps`` one call accepts (``msdda.validation.Limits``).
+        ``dtype``: None chooses (``msdda.precision.default_dtype``): float16 on CUDA when the weights allow it,
+        else float32; ``engine.dtype`` and ``engine.dtype_default`` record the choice. ``cuda_graphs``: capture
+        each step as a CUDA graph (torch backend on CUDA; ``msdda.graphs``).
         """
         check_device(device)                      # before loading anything
+        chosen = dtype is None
+        if chosen and check_device(device).type == "cuda":
+            dtype, _ = default_dtype(device, _unet_weight_files(base, (experts or {}).values()))
         base_model = load_base(base, dtype)
         loaded, infos = {}, [ModelInfo("base", str(base), base_model.weights_sha256)]
         for name, path in (experts or {}).items():
@@ -115,8 +136,16 @@ class Engine:
                 raise LoadError(f"bad expert name {name!r}: use letters, digits, '_', '-' and '.'")
             loaded[name], sha = load_expert(name, path, base_model, dtype)
             infos.append(ModelInfo(name, str(path), sha))
+        if chosen and dtype == torch.float16 and not all_finite([base_model.unet, *loaded.values()]):
+            log.warning("msdda: float16 overflows some weights of these models; loading them in float32")
+            engine = cls.from_pretrained(base, experts, backend=backend, device=device, dtype=torch.float32,
+                                         scheduler=scheduler, limits=limits, cuda_graphs=cuda_graphs,
+                                         **backend_options)
+            engine.dtype_default = True
+            return engine
         return cls(base_model, loaded, backend=backend, device=device, dtype=dtype, scheduler=scheduler,
-                   models=infos, backend_options=backend_options, limits=limits)
+                   models=infos, backend_options=backend_options, limits=limits, cuda_graphs=cuda_graphs,
+                   dtype_default=chosen)
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -282,7 +311,16 @@ class Engine:
 
         try:
             with torch.inference_mode():
-                x0 = sample(denoise, combine, x, timesteps, callback=callback)
+                x0 = None
+                if self.step_graphs is not None and plan.kind != "soup":   # one captured step, replayed
+                    inputs = StepInputs(x=x, cond=cond, timesteps=timesteps, scalars=scalars, guidance=g,
+                                        step_coeff=step_coeff, mix_coeff=mix_coeff,
+                                        seeds=seed_tensor if noise is None else None, noise=noise)
+                    x0 = sample_graphed(self.step_graphs, inputs, members=plan.members, kind=plan.kind,
+                                        capacity=self.limits.max_steps, coeff=plan.coeff, callback=callback,
+                                        denoise_for=lambda static_cond: self.denoiser(plan, static_cond, cfg))
+                if x0 is None:   # eager: no graphs here, or this configuration's capture failed
+                    x0 = sample(denoise, combine, x, timesteps, callback=callback)
             raise_if_bad(error_count, plan.coeff)
         except ValueError as exc:  # name the networks behind the coefficient columns
             names = ", ".join(self.members[m] for m in plan.members)
@@ -364,3 +402,17 @@ class Engine:
 
         u8 = (arr * 255).round().astype(np.uint8)
         return [Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img) for img in u8]
+
+
+def _unet_weight_files(base, experts) -> list[Path]:
+    """The UNet weight files of a base and its full-weight experts (LoRA adapters merge in the base's dtype); a
+    folder that is not a model is left to the loader, which reports it."""
+    files = []
+    for path in (base, *experts):
+        if any((Path(path) / name).is_file() for name in LORA_FILES):
+            continue
+        try:
+            files.append(unet_folder(path) / UNET_WEIGHTS)
+        except LoadError:
+            pass
+    return files

@@ -117,11 +117,15 @@ def lora_group_network(base: torch.nn.Module, members: list[torch.nn.Module]) ->
 
 
 def forward_members(net: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, kwargs: dict,
-                    members: tuple[int, ...]) -> torch.Tensor:
-    """One forward of the group network for ``members``: x [N, C, H, W] -> [len(members), N, C_out, H, W]."""
+                    members: tuple[int, ...], selected: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward of the group network for ``members``: x [N, C, H, W] -> [len(members), N, C_out, H, W].
+    selected: ``members`` as an int64 tensor on x's device, if the caller keeps one (a CUDA graph capture cannot
+    hold the host-to-device copy that makes it)."""
     g = len(members)
     stacked = {k: (v.repeat(g, *([1] * (v.dim() - 1))) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
-    token = _SELECTED.set(torch.tensor(members, device=x.device))
+    if selected is None:
+        selected = torch.tensor(members, device=x.device)
+    token = _SELECTED.set(selected)
     try:
         out = net(x.repeat(g, 1, 1, 1), timestep.repeat(g), **stacked)[0]
     finally:

@@ -1,7 +1,9 @@
-"""Eager PyTorch backend: the K networks' parameters stacked once, evaluated as one group per call."""
+"""Eager PyTorch backend: the K networks' own parameters, stored once, evaluated as one group per call."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
@@ -27,6 +29,27 @@ def _moved(net: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> to
     return net
 
 
+def timestep_batch(t, n: int, device) -> torch.Tensor:
+    """The timestep the UNets see, float32 [n]: ``t`` a python number (the eager loop), or a float32 tensor of
+    one element on the device (a CUDA graph reads it from a device table, so a replay needs no host value).
+    float32 whatever the networks' dtype: diffusers' time projection computes in float32 (a bfloat16 timestep
+    would round 999 to 1000)."""
+    if isinstance(t, torch.Tensor):
+        return t.reshape(1).expand(n)
+    return torch.full((n,), float(t), device=device, dtype=torch.float32)
+
+
+def meta_skeleton(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``net``'s structure whose parameters and buffers live on the meta device: a module to
+    ``functional_call`` with other tensors. No parameter is ever copied (deepcopy's memo maps each to a meta
+    tensor first), so building it needs no memory beyond the module objects."""
+    memo = {}
+    for t in list(net.parameters()) + list(net.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(meta, requires_grad=False) if isinstance(t, torch.nn.Parameter) else meta
+    return copy.deepcopy(net, memo)
+
+
 class TorchBackend:
     """Runs same-architecture diffusers UNets with torch.
 
@@ -35,18 +58,37 @@ class TorchBackend:
     base, the first network) runs the selected members as one forward of the base weights on the stacked
     batches plus batched low-rank deltas (msdda.backends.lora). Chosen once here. ``compile=True`` wraps each
     network with torch.compile.
+
+    Weights are stored once: the backend holds the networks themselves (moved to ``device``/``dtype`` when they
+    are not there already, which is then the only copy). Nothing is stacked unless a call needs it: group="vmap"
+    stacks the parameters at its first call (``release_stack`` frees them), and ``soup`` builds the averaged
+    parameters per call from the networks' own.
+
+    ``streams=True`` (group="loop" on CUDA): while a CUDA graph is being captured, the K networks of one call run
+    on K CUDA streams (forked from the capturing stream and joined back with events), so the graph holds K
+    independent branches the GPU can run at once. Default on: the one GPU measurement (issue 10, H200,
+    SD1.5-size UNets, fp16, one whole msdda K=2 step with CFG captured in one graph) took 23.7 ms with the two
+    UNets in sequence and 19.8 ms on two streams at batch 1, and 99.8 vs 100.3 ms at batch 8, where the GPU is
+    already full. Outside a capture the networks run in sequence on the current stream (the host issues them
+    one by one anyway). bench/gpu_check.py's e2e section measures both settings.
     """
 
-    def __init__(self, networks: dict, *, device="cpu", dtype=None, group: str = "loop", compile: bool = False):
+    def __init__(self, networks: dict, *, device="cpu", dtype=None, group: str = "loop", compile: bool = False,
+                 streams: bool = True):
         if group not in ("loop", "vmap", "lora"):
             raise ValueError(f"group must be 'loop', 'vmap' or 'lora', not {group!r}")
         self.members = tuple(networks)
+        self.group = group
         self.device = torch.device(device)
         self.dtype = dtype or next(iter(networks.values())).dtype
+        self.streams = bool(streams) and group == "loop"
         self._nets = tuple(_moved(n, self.device, self.dtype).eval().requires_grad_(False) for n in networks.values())
-        self._params, self._buffers = stack_module_state(list(self._nets))
-        self._skeleton = copy.deepcopy(self._nets[0]).to("meta")
         self._calls = tuple(torch.compile(n) if compile else n for n in self._nets)
+        self._lock = threading.Lock()
+        self._skeleton = None   # a meta-device copy of the structure, built when vmap or soup first needs it
+        self._stack = None      # (params, buffers) stacked over members: group="vmap" only, at its first call
+        self._selections = {}   # members -> int64 index tensor on the device (group="lora")
+        self._local = threading.local()   # per-thread side streams for captures (streams=True)
         self._forward_group = {"loop": self._forward_loop, "vmap": self._forward_vmap,
                                "lora": self._forward_lora}[group]
         if group == "lora":
@@ -56,40 +98,148 @@ class TorchBackend:
                 raise ValueError(f"group='lora': {exc}") from None
             self._lora_net = torch.compile(net) if compile else net
 
-    def forward(self, x: torch.Tensor, t: int, cond: Conditioning, members: tuple[int, ...]) -> torch.Tensor:
-        """x [N, C, H, W], t a timestep -> [len(members), N, C_out, H, W]."""
-        timestep = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
+    @property
+    def networks(self) -> tuple[torch.nn.Module, ...]:
+        """The member networks, in member order (the backend's only copy of their weights)."""
+        return self._nets
+
+    def forward(self, x: torch.Tensor, t, cond: Conditioning, members: tuple[int, ...]) -> torch.Tensor:
+        """x [N, C, H, W], t a timestep (a number, or a float32 one-element tensor on x's device) ->
+        [len(members), N, C_out, H, W]."""
+        timestep = timestep_batch(t, x.shape[0], x.device)
         kwargs = unet_kwargs(cond)
         if len(members) == 1:
             return self._calls[members[0]](x, timestep, **kwargs)[0].unsqueeze(0)
         return self._forward_group(x, timestep, kwargs, members)
 
     def _forward_loop(self, x, timestep, kwargs, members):
+        if self.streams and x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return forward_on_streams([lambda m=m: self._calls[m](x, timestep, **kwargs)[0] for m in members],
+                                      self._side_streams(len(members) - 1, x.device))
         return torch.stack([self._calls[m](x, timestep, **kwargs)[0] for m in members])
 
+    def _side_streams(self, n: int, device) -> list:
+        """n CUDA streams of this thread (a capture in another thread never shares them)."""
+        streams = getattr(self._local, "streams", None)
+        if streams is None or len(streams) < n:
+            streams = [torch.cuda.Stream(device) for _ in range(n)]
+            self._local.streams = streams
+        return streams[:n]
+
     def _forward_lora(self, x, timestep, kwargs, members):
-        return forward_members(self._lora_net, x, timestep, kwargs, members)
+        return forward_members(self._lora_net, x, timestep, kwargs, members, self._selection(members, x.device))
+
+    def _selection(self, members, device) -> torch.Tensor:
+        """The members' index tensor on the device, made once per member tuple: made inside a CUDA graph capture
+        it would be a host-to-device copy, which a capture cannot hold."""
+        sel = self._selections.get(members)
+        if sel is None:
+            with self._lock:
+                sel = self._selections.setdefault(members, torch.tensor(members, dtype=torch.int64, device=device))
+        return sel
+
+    # ------------------------------------------------------------------ stacked parameters (vmap), soups
+    def skeleton(self) -> torch.nn.Module:
+        """The networks' structure on the meta device (``meta_skeleton``), built once, on first use."""
+        if self._skeleton is None:
+            with self._lock:
+                if self._skeleton is None:
+                    self._skeleton = meta_skeleton(self._nets[0])
+        return self._skeleton
+
+    def stack(self) -> tuple[dict, dict]:
+        """(params, buffers) stacked over all members (torch.func.stack_module_state): a second copy of every
+        weight, built at group="vmap"'s first call and kept until ``release_stack``."""
+        stack = self._stack
+        if stack is None:
+            with self._lock:
+                if self._stack is None:
+                    self._stack = stack_module_state(list(self._nets))
+                stack = self._stack
+        return stack
+
+    def release_stack(self) -> None:
+        """Free the vmap stack (calls in flight keep theirs; the next vmap call stacks again)."""
+        with self._lock:
+            self._stack = None
 
     def _forward_vmap(self, x, timestep, kwargs, members):
-        index = list(members)
-        params = {k: v[index] for k, v in self._params.items()}
-        buffers = {k: v[index] for k, v in self._buffers.items()}
+        params, buffers = self.stack()
+        pick = _member_index(members)
+        params = {k: v[pick] for k, v in params.items()}
+        buffers = {k: v[pick] for k, v in buffers.items()}
+        skeleton = self.skeleton()
 
         def one(p, b):
-            return functional_call(self._skeleton, (p, b), (x, timestep), kwargs)[0]
+            return functional_call(skeleton, (p, b), (x, timestep), kwargs)[0]
 
         return vmap(one)(params, buffers)
 
     def soup(self, coeffs: dict[int, float]):
-        """One network whose parameters are sum_k c_k theta_k (rewarded soups). Built per call, never stored."""
-        params = {k: sum(c * v[m] for m, c in coeffs.items()) for k, v in self._params.items()}
-        first = next(iter(coeffs))
-        buffers = {k: v[first] for k, v in self._buffers.items()}
-        skeleton = self._skeleton
+        """One network whose parameters are sum_k c_k theta_k (rewarded soups), built from the networks' own
+        parameters for this call and freed with the returned function; buffers are the first member's."""
+        named = [dict(self._nets[m].named_parameters()) for m in coeffs]
+        params = {k: sum(c * p[k] for p, c in zip(named, coeffs.values())) for k in named[0]}
+        buffers = dict(self._nets[next(iter(coeffs))].named_buffers())
+        skeleton = self.skeleton()
 
         def forward(x, t, cond: Conditioning):
-            timestep = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
+            timestep = timestep_batch(t, x.shape[0], x.device)
             out = functional_call(skeleton, (params, buffers), (x, timestep), unet_kwargs(cond))[0]
             return out.unsqueeze(0)
 
         return forward
+
+    def resident_bytes(self) -> int:
+        """Bytes of the distinct tensor storages the backend holds (networks, LoRA group network, vmap stack,
+        index tensors), each storage counted once; meta tensors count nothing."""
+        tensors = []
+        for net in self._nets + ((self._lora_net,) if self.group == "lora" else ()):
+            tensors += list(net.parameters()) + list(net.buffers())
+        if self._stack is not None:
+            tensors += list(self._stack[0].values()) + list(self._stack[1].values())
+        tensors += list(self._selections.values())
+        return storage_bytes(tensors)
+
+
+def storage_bytes(tensors) -> int:
+    """Total bytes of the distinct storages behind ``tensors`` (views of one storage count once; meta: 0)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t.device.type == "meta":
+            continue
+        s = t.untyped_storage()
+        key = (t.device, s.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += s.nbytes()
+    return total
+
+
+def _member_index(members: tuple[int, ...]):
+    """An index that picks ``members`` along the stacked axis: a slice (a view) when they are an ascending run
+    of indices, else the list (a copy)."""
+    first = members[0]
+    if members == tuple(range(first, first + len(members))):
+        return slice(first, first + len(members))
+    return list(members)
+
+
+def forward_on_streams(calls, streams) -> torch.Tensor:
+    """Run ``calls`` (each -> [N, C_out, H, W]) concurrently: the first on the current stream, the others on
+    ``streams`` (len(calls) - 1 CUDA streams; None entries run on the current stream, as on the CPU), each forked
+    from the current stream before any call is issued and joined back to it before the results are stacked.
+    Inside a CUDA graph capture this makes one independent branch per call."""
+    main = torch.cuda.current_stream() if any(s is not None for s in streams) else None
+    for stream in streams:
+        if stream is not None:
+            stream.wait_stream(main)
+    outs = [None] * len(calls)
+    for i, (call, stream) in enumerate(zip(calls[1:], streams), start=1):
+        with (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+            outs[i] = call()
+    outs[0] = calls[0]()
+    for stream in streams:
+        if stream is not None:
+            main.wait_stream(stream)
+    return torch.stack(outs)
