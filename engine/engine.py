@@ -105,8 +105,8 @@ class Engine:
         if base.vae is not None:   # decode in the precision diffusers' pipeline for this model decodes in
             vae_dtype = vae_decode_dtype(base.vae.dtype, bool(base.vae.config.get("force_upcast", False)),
                                          pipeline_class(base.path))
-            if vae_dtype != base.vae.dtype:
-                base.vae.to(vae_dtype)
+            if vae_dtype != base.vae.dtype:   # (Module.to: ModelMixin.to warns about fp32 modules, moot in fp32)
+                torch.nn.Module.to(base.vae, vae_dtype)
         # Whole-step CUDA graphs (msdda.graphs): the torch backend on CUDA, unless cuda_graphs=False.
         self.step_graphs = StepGraphCache() if cuda_graphs and backend == "torch" and self.device.type == "cuda" \
             else None

@@ -127,11 +127,12 @@ class TorchBackend:
         return streams[:n]
 
     def _forward_lora(self, x, timestep, kwargs, members):
-        return forward_members(self._lora_net, x, timestep, kwargs, members, self._selection(members, x.device))
+        return forward_members(self._lora_net, x, timestep, kwargs, members, self.member_index(members, x.device))
 
-    def _selection(self, members, device) -> torch.Tensor:
-        """The members' index tensor on the device, made once per member tuple: made inside a CUDA graph capture
-        it would be a host-to-device copy, which a capture cannot hold."""
+    def member_index(self, members: tuple[int, ...], device) -> torch.Tensor:
+        """``members`` as an int64 tensor on ``device``, made once per member tuple (group="lora" selects the
+        members' low-rank factors with it; made inside a CUDA graph capture it would be a host-to-device copy,
+        which a capture cannot hold)."""
         sel = self._selections.get(members)
         if sel is None:
             with self._lock:
@@ -165,7 +166,7 @@ class TorchBackend:
 
     def _forward_vmap(self, x, timestep, kwargs, members):
         params, buffers = self.stack()
-        pick = _member_index(members)
+        pick = stack_index(members)
         params = {k: v[pick] for k, v in params.items()}
         buffers = {k: v[pick] for k, v in buffers.items()}
         skeleton = self.skeleton()
@@ -216,7 +217,7 @@ def storage_bytes(tensors) -> int:
     return total
 
 
-def _member_index(members: tuple[int, ...]):
+def stack_index(members: tuple[int, ...]):
     """An index that picks ``members`` along the stacked axis: a slice (a view) when they are an ascending run
     of indices, else the list (a copy)."""
     first = members[0]
