@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 from msdda.backends import Conditioning
+from msdda.backends.torch_backend import concurrent_members
 from msdda.kernels import StepScalars, prepare_fused_step, raise_if_bad
 from msdda.kernels.fused_step import step_table_row
 from msdda.sampling import Denoise
@@ -206,16 +207,22 @@ def replay_eagerly(step: Callable[[], None]) -> Callable[[], None]:
     return step
 
 
+# One capture at a time in the process (every Engine's cache): captures never share a stream.
+CAPTURE_LOCK = threading.Lock()
+
+
 def capture_cuda_graph(step: Callable[[], None]) -> Callable[[], None]:
     """Capture ``step`` as a CUDA graph and return its replay. The step first runs once eagerly (that prepares
-    the fused step: autotuning and compilation cannot run inside a capture; and it initialises cuBLAS/cuDNN on
-    these shapes). The capture runs on its own stream, in thread-local mode, so other threads' CUDA work goes
-    on meanwhile, and into a private memory pool that lives as long as the graph."""
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+    the fused step: autotuning and compilation cannot run inside a capture; and it sets up cuBLAS/cuDNN for these
+    shapes on every stream the step uses). Both run inside ``concurrent_members()``: full-weight experts on their
+    own streams. The capture runs on its own stream, in thread-local mode (other threads' CUDA work goes on
+    meanwhile), into a private memory pool that lives as long as the graph."""
+    with concurrent_members():
         step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+            step()
     return graph.replay
 
 
@@ -235,7 +242,6 @@ class StepGraphCache:
         self._idle: list[tuple[StepKey, StepGraph]] = []   # least recently checked in first
         self._failed: dict[StepKey, str] = {}
         self._lock = threading.Lock()
-        self._capture_lock = threading.Lock()               # one capture at a time
         self.stats = {"captures": 0, "reuses": 0, "failures": 0, "evictions": 0}
 
     def checkout(self, key: StepKey, build: Callable[[], StepGraph]) -> StepGraph | None:
@@ -248,7 +254,7 @@ class StepGraphCache:
                     del self._idle[i]
                     self.stats["reuses"] += 1
                     return graph
-        with self._capture_lock:
+        with CAPTURE_LOCK:
             try:
                 graph = build()
                 graph.replay = self.capture(graph.step)

@@ -4,12 +4,31 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+from contextvars import ContextVar
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from . import Conditioning
 from .lora import forward_members, lora_group_network
+
+
+# Whether this thread (or task) is inside ``concurrent_members()``.
+_CONCURRENT: ContextVar[bool] = ContextVar("msdda_concurrent_members", default=False)
+
+
+@contextlib.contextmanager
+def concurrent_members():
+    """Within the block (this thread or task only), a TorchBackend with ``streams=True`` on CUDA runs the K
+    full-weight networks of one call on K CUDA streams, forked from the current stream and joined back to it.
+    ``msdda.graphs.capture_cuda_graph`` wraps a step's warm-up (which sets up the streams' cuBLAS and cuDNN
+    state outside the capture) and its capture (whose graph then holds K independent branches) in it. Outside
+    the block the networks run one after another on the current stream, as the host issues them anyway."""
+    token = _CONCURRENT.set(True)
+    try:
+        yield
+    finally:
+        _CONCURRENT.reset(token)
 
 
 def unet_kwargs(cond: Conditioning) -> dict:
@@ -64,13 +83,13 @@ class TorchBackend:
     stacks the parameters at its first call (``release_stack`` frees them), and ``soup`` builds the averaged
     parameters per call from the networks' own.
 
-    ``streams=True`` (group="loop" on CUDA): while a CUDA graph is being captured, the K networks of one call run
-    on K CUDA streams (forked from the capturing stream and joined back with events), so the graph holds K
-    independent branches the GPU can run at once. Default on: the one GPU measurement (issue 10, H200,
-    SD1.5-size UNets, fp16, one whole msdda K=2 step with CFG captured in one graph) took 23.7 ms with the two
-    UNets in sequence and 19.8 ms on two streams at batch 1, and 99.8 vs 100.3 ms at batch 8, where the GPU is
-    already full. Outside a capture the networks run in sequence on the current stream (the host issues them
-    one by one anyway). bench/gpu_check.py's e2e section measures both settings.
+    ``streams=True`` (group="loop" on CUDA): inside ``concurrent_members()`` (a CUDA graph's warm-up and
+    capture) the K networks of one call run on K CUDA streams, forked from the current stream and joined back
+    with events, so the captured graph holds K independent branches the GPU can run at once. Default on: the
+    one GPU measurement (issue 10, H200, SD1.5-size UNets, fp16, one whole msdda K=2 step with CFG captured in
+    one graph) took 23.7 ms with the two UNets in sequence and 19.8 ms on two streams at batch 1, and 99.8 vs
+    100.3 ms at batch 8, where the GPU is already full. Elsewhere the networks run in sequence on the current
+    stream. bench/gpu_check.py's e2e section measures both settings.
     """
 
     def __init__(self, networks: dict, *, device="cpu", dtype=None, group: str = "loop", compile: bool = False,
@@ -113,16 +132,17 @@ class TorchBackend:
         return self._forward_group(x, timestep, kwargs, members)
 
     def _forward_loop(self, x, timestep, kwargs, members):
-        if self.streams and x.is_cuda and torch.cuda.is_current_stream_capturing():
+        if self.streams and x.is_cuda and _CONCURRENT.get():
             return forward_on_streams([lambda m=m: self._calls[m](x, timestep, **kwargs)[0] for m in members],
                                       self._side_streams(len(members) - 1, x.device))
         return torch.stack([self._calls[m](x, timestep, **kwargs)[0] for m in members])
 
     def _side_streams(self, n: int, device) -> list:
-        """n CUDA streams of this thread (a capture in another thread never shares them)."""
+        """n CUDA streams of this thread, kept for its later calls (so a warm-up prepares the streams its capture
+        uses), from torch's high-priority pool (never the normal-priority pool a capture stream comes from)."""
         streams = getattr(self._local, "streams", None)
         if streams is None or len(streams) < n:
-            streams = [torch.cuda.Stream(device) for _ in range(n)]
+            streams = [torch.cuda.Stream(device, priority=-1) for _ in range(n)]
             self._local.streams = streams
         return streams[:n]
 
