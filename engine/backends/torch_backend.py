@@ -41,8 +41,11 @@ def unet_kwargs(cond: Conditioning) -> dict:
 
 
 def _moved(net: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """net on device/dtype; a no-op (and no diffusers dtype warning) when it is already there."""
+    """net on device/dtype; a no-op (and no diffusers dtype warning) when it is already there ("cuda" is the
+    current CUDA device)."""
     p = next(net.parameters())
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if p.device != device or p.dtype != dtype:
         net = net.to(device, dtype)
     return net
