@@ -121,13 +121,13 @@ class Engine:
         ``scheduler``: "ddpm" or "ddim"; None keeps the base's own scheduler class. Experts whose
         architecture, prediction type, latent shape or scheduler differ from the base are refused here.
         ``limits``: the largest ``num_images`` and ``steps`` one call accepts (``msdda.validation.Limits``).
-        ``dtype``: None chooses (``msdda.precision.default_dtype``): float16 on CUDA when the weights allow it,
-        else float32; ``engine.dtype`` and ``engine.dtype_default`` record the choice. ``cuda_graphs``: capture
-        each step as a CUDA graph (torch backend on CUDA; ``msdda.graphs``).
+        ``dtype``: None chooses (``msdda.precision.default_dtype``): for the torch backend on CUDA float16 when the
+        weights allow it, else float32; ``engine.dtype`` and ``engine.dtype_default`` record the choice.
+        ``cuda_graphs``: capture each step as a CUDA graph (torch backend on CUDA; ``msdda.graphs``).
         """
         check_device(device)                      # before loading anything
         chosen = dtype is None
-        if chosen and check_device(device).type == "cuda":
+        if chosen and backend == "torch" and check_device(device).type == "cuda":   # (ORT/TensorRT: their own)
             dtype, _ = default_dtype(device, _unet_weight_files(base, (experts or {}).values()))
         base_model = load_base(base, dtype)
         loaded, infos = {}, [ModelInfo("base", str(base), base_model.weights_sha256)]
