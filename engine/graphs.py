@@ -228,10 +228,11 @@ def capture_cuda_graph(step: Callable[[], None]) -> Callable[[], None]:
 
 class StepGraphCache:
     """Step graphs by ``StepKey``, owned by one Engine: at most ``capacity`` idle graphs are kept (the least
-    recently used is dropped first, with its memory pool); a graph checked out serves one call and is checked in
-    after it. ``capture`` turns a step into its replay (``capture_cuda_graph``; ``replay_eagerly`` on the CPU).
-    A key whose capture failed is remembered (the last ``failures_kept``) and runs eagerly: one log line says
-    why, once."""
+    recently used is dropped first, with its memory pool: a graph's activations, which no other graph shares);
+    a graph checked out serves one call and is checked in after it. ``capture`` turns a step into its replay
+    (``capture_cuda_graph``; ``replay_eagerly`` on the CPU). A capture that runs out of memory drops every idle
+    graph and tries once more. A key whose capture failed is remembered (the last ``failures_kept``) and runs
+    eagerly: one log line says why, once."""
 
     def __init__(self, capture: Capture = capture_cuda_graph, *, capacity: int = 4, failures_kept: int = 64):
         if capacity < 1:
@@ -256,8 +257,7 @@ class StepGraphCache:
                     return graph
         with CAPTURE_LOCK:
             try:
-                graph = build()
-                graph.replay = self.capture(graph.step)
+                graph = self._capture(build)
             except Exception as exc:  # any failure: this key runs eagerly, which reports real input errors itself
                 reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
                 with self._lock:
@@ -270,6 +270,22 @@ class StepGraphCache:
                 return None
         with self._lock:
             self.stats["captures"] += 1
+        return graph
+
+    def _capture(self, build: Callable[[], StepGraph]) -> StepGraph:
+        try:
+            graph = build()
+            graph.replay = self.capture(graph.step)
+            return graph
+        except torch.OutOfMemoryError:
+            with self._lock:
+                if not self._idle:
+                    raise
+                self.stats["evictions"] += len(self._idle)
+                self._idle.clear()
+        torch.cuda.empty_cache()      # the dropped graphs' pools go back before the second try
+        graph = build()
+        graph.replay = self.capture(graph.step)
         return graph
 
     def checkin(self, key: StepKey, graph: StepGraph) -> None:

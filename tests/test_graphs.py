@@ -304,3 +304,24 @@ def test_infeasible_composition_is_reported_through_the_graph(pixel):
     finally:
         pixel.step_graphs = None
     assert len(cache.idle()) == 1     # checked back in despite the error
+
+
+def test_out_of_memory_drops_idle_graphs_and_retries_once(caplog):
+    tries = []
+
+    def tight(step):
+        tries.append(step)
+        if len(tries) == 2:          # the second capture finds no memory until the idle graph is gone
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return step
+
+    cache = StepGraphCache(capture=tight)
+    k1, k2 = _key(1), _key(2)
+    cache.checkin(k1, cache.checkout(k1, lambda: FakeGraph(k1)))
+    g2 = cache.checkout(k2, lambda: FakeGraph(k2))
+    assert g2 is not None and len(tries) == 3 and cache.idle() == [] and cache.stats["evictions"] == 1
+    with caplog.at_level(logging.WARNING, logger="msdda"):   # nothing idle left to drop: eager, one line
+        tries.clear()
+        tries.append(None)
+        assert cache.checkout(_key(3), lambda: FakeGraph(_key(3))) is None
+    assert "OutOfMemoryError" in caplog.records[0].getMessage()
