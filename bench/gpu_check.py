@@ -12,7 +12,8 @@ wheels. On the CPU machine, in the repository root (.whl/ is git-ignored, so nam
     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 
-then one device call (carry [".whl"], timeout about 540 s; the e2e section takes about 3 minutes on an H200):
+then one device call (carry [".whl"], timeout about 540 s; by issue 10's H200 timings the e2e section's runs add
+up to about 3 minutes: an estimate, not a measurement):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && mkdir -p /tmp/pp &&
     ln -sfn $PWD/engine /tmp/pp/msdda && ln -sfn $PWD/kernels engine/kernels && ln -sfn $PWD/export engine/export &&
