@@ -71,7 +71,7 @@ def sd(tmp_path_factory):
     return base, {"a": perturbed_copy(base, root / "a", seed=5, scale=0.2)}
 
 
-KW = dict(prompt=["a cat", "two dogs"], num_images=2, steps=4, weights={"a": 1.0}, expert_betas={"a": 0.6},
+KW = dict(prompt=["a cat", "two dogs"], num_images=2, steps=3, weights={"a": 1.0}, expert_betas={"a": 0.6},
           seed=[1, 2], guidance_scale=7.5)
 
 
