@@ -2,7 +2,25 @@
 """Build, verify against torch, and time every GPU path of msdda in one go.
 
     python bench/gpu_check.py [--base PATH --expert NAME=PATH ...] [--batch 2] [--steps 20] [--aot-build DIR]
-                              [--only kernels,launch,torch,ort_cuda,tensorrt,aot] [--out FILE]
+                              [--only kernels,launch,e2e,torch,ort_cuda,tensorrt,aot] [--e2e-batches 1,8]
+                              [--e2e-steps 50] [--out FILE]
+
+Runbook (a session lent an NVIDIA GPU; the README's "What is verified only on a GPU" has the same lines). The GPU
+machines have torch, Triton, transformers, CMake and nvcc but no diffusers and no network, so diffusers travels as
+wheels. On the CPU machine, in the repository root (.whl/ is git-ignored, so name it in the run's carry):
+
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+
+then one device call (carry [".whl"], timeout about 540 s; by issue 10's H200 timings the e2e section's runs add
+up to about 3 minutes: an estimate, not a measurement):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && mkdir -p /tmp/pp &&
+    ln -sfn $PWD/engine /tmp/pp/msdda && ln -sfn $PWD/kernels engine/kernels && ln -sfn $PWD/export engine/export &&
+    PYTHONPATH=/tmp/pp:/tmp/site PYTHONUNBUFFERED=1 python3 bench/gpu_check.py --only kernels,launch,e2e \
+        --out $OUT/gpu-check.json
+
+and commit the returned JSON as bench/results/gpu-<gpu>-<date>.json (the name the script prints).
 
 On a machine with an NVIDIA GPU it runs these sections, each verified before it is timed (each is one function,
 ``section_<name>(rec, ctx)``, filling its record):
@@ -17,6 +35,17 @@ On a machine with an NVIDIA GPU it runs these sections, each verified before it 
               vs replaying a CUDA graph that captured plan.launch(step=<device counter>); and that graph, replayed
               at every step of a DDPM learned-range schedule (variance mode changing per step), gives the eager
               by-value steps' latents
+  e2e         Stable Diffusion 1.5's architecture built from its configs with random weights (860M-parameter UNets,
+              CLIP text encoder, VAE, a hand-written tokenizer; fp16, 64x64 latents, 77x768 embeddings, DDIM 50
+              steps, CFG 7.5), at batch 1 and 8: msdda K=2 through Engine.generate (CUDA graphs with expert
+              streams, the default; graphs without streams; eager), one expert through msdda's fast path,
+              diffusers' own StableDiffusionPipeline with one UNet (eager, as users run it), and a
+              Diffusion-Blend-style loop (each UNet, CFG, average, DDIMScheduler.step); wall time and peak memory
+              of each; the per-step split (one UNet eager and graphed, one msdda step eager and replayed with and
+              without streams, one loop step, prompt encoding, VAE decode); the Engines' parameter memory vs the
+              networks' own; checks: graph latents == eager latents bit for bit (streams on and off), and msdda's
+              one-expert path vs diffusers' pipeline from the same x_T (DDIM eta 0; informational); the issue's
+              target ratios, met or not
   torch       the torch backend (loop and vmap) vs the modules themselves
   ort_cuda    the ONNX Runtime backend on the CUDA execution provider (when onnxruntime-gpu is installed)
   tensorrt    TensorRT engines (fp16): build time, refit time per expert, forward vs torch, refittable vs
@@ -26,8 +55,9 @@ On a machine with an NVIDIA GPU it runs these sections, each verified before it 
 It prints a short table and writes the full record to bench/results/gpu-<gpu>-<date>.json (or --out).
 
 Without a CUDA GPU it prints why and exits 0, doing nothing. The kernels and launch sections also run on the CPU
-under the Triton interpreter at tiny sizes (``run_sections(..., device="cpu", quick=True)``; tests/test_gpu_check.py),
-so their logic is tested before a GPU ever runs them.
+under the Triton interpreter at tiny sizes (``run_kernel_sections(device="cpu", quick=True)``), and so does the e2e
+section on tiny models (``run_e2e_section(device="cpu", quick=True)``: CUDA graphs through their eager seam);
+tests/test_gpu_check.py runs both, so their logic is tested before a GPU ever runs them.
 """
 from __future__ import annotations
 
@@ -736,6 +766,354 @@ def check_aot(rec, build: Path) -> None:
                c_host_launch_us=host_c, library=str(lib_path))
 
 
+# ------------------------------------------------------------------------------------------------ e2e
+# Stable Diffusion 1.5's architecture (runwayml/stable-diffusion-v1-5's configs), built with random weights: the
+# timings depend on the shapes, not the values, so nothing is downloaded. "tiny" is the CPU test's stand-in.
+SD15 = dict(
+    unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+              block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+              down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
+    vae=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+             block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+             up_block_types=("UpDecoderBlock2D",) * 4),
+)
+TINY = dict(
+    unet=dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+              cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16),
+    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=77),
+    vae=dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
+             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32),
+)
+# SD1.5's DDIM scheduler (scheduler_config.json of the same repository)
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+E2E_WEIGHTS = {"e1": 0.5, "e2": 0.5}
+E2E_PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def e2e_settings(quick: bool, device) -> SimpleNamespace:
+    """The e2e section's configuration: SD1.5 at fp16, 50 DDIM steps, CFG 7.5, batch 1 and 8 on a GPU; the tiny
+    models at float32, 2 steps, batch 1 and 2 for the CPU test (``quick``)."""
+    import torch
+
+    if quick:
+        return SimpleNamespace(spec="tiny", batches=(1, 2), steps=2, guidance=7.5, dtype=torch.float32,
+                               reps={}, warmup=0)
+    half = torch.float16 if device.type == "cuda" else torch.float32
+    return SimpleNamespace(spec="sd15", batches=(1, 8), steps=50, guidance=7.5, dtype=half, reps={1: 3, 8: 2},
+                           warmup=1)
+
+
+def sd_models(spec: str, device, dtype, tmp: Path):
+    """Three UNets (base, e1, e2), a CLIP text encoder, a VAE and a DDIM scheduler config of ``spec``'s
+    architecture with seeded random weights, built on ``device`` in ``dtype``; the tokenizer is the hand-written
+    byte-level one of tests/tiny_models.py (77 tokens, CLIP's special tokens)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_models import write_tokenizer
+
+    cfg = SD15 if spec == "sd15" else TINY
+    write_tokenizer(tmp / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
+
+    def build(make, seed):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            module = make()
+        # Module.to: diffusers' ModelMixin.to warns about fp32 modules on every network
+        return torch.nn.Module.to(module, dtype).eval().requires_grad_(False)
+
+    unets = [build(lambda: UNet2DConditionModel(**cfg["unet"]), seed) for seed in (0, 1, 2)]
+    text = CLIPTextConfig(vocab_size=max(len(tokenizer), 49408 if spec == "sd15" else 0), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **cfg["text"])
+    text_encoder = build(lambda: CLIPTextModel(text), 3)
+    vae = build(lambda: AutoencoderKL(**cfg["vae"]), 4)
+    scheduler = dict(DDIMScheduler(**SD_SCHEDULER).config, _class_name="DDIMScheduler")
+    return SimpleNamespace(unets=unets, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, scheduler=scheduler)
+
+
+def e2e_engines(m, device, dtype, tmp: Path) -> dict:
+    """Engines over the same networks (the torch backend stores no copy, so they share the weights): graphs with
+    expert streams (the default), graphs without streams, and eager. On a CPU the graphs go through the eager
+    seam (``replay_eagerly``)."""
+    from msdda import Engine
+    from msdda.graphs import StepGraphCache, replay_eagerly
+    from msdda.loading import BaseModel
+
+    unet = m.unets[0]
+    base = BaseModel(path=tmp, unet=unet, unet_config=dict(unet.config, _class_name=type(unet).__name__),
+                     scheduler_config=m.scheduler, text_encoder=m.text_encoder, tokenizer=m.tokenizer, vae=m.vae)
+    experts = {"e1": m.unets[1], "e2": m.unets[2]}
+    engines = {}
+    for name, graphs, streams in (("graph_streams", True, True), ("graph_no_streams", True, False),
+                                  ("eager", False, True)):
+        eng = Engine(base, experts, device=device, dtype=dtype, cuda_graphs=graphs,
+                     backend_options={"streams": streams})
+        if graphs and eng.step_graphs is None:      # CPU: the seam
+            eng.step_graphs = StepGraphCache(capture=replay_eagerly)
+        engines[name] = eng
+    return engines
+
+
+def db_loop(m, unets, weights, prompts, *, steps, guidance, generator, latents=None, eta=1.0, output_type="np"):
+    """A Diffusion-Blend-style loop, as its public code runs: every UNet on the CFG pair, CFG per expert, the
+    weighted average of the guided eps, then diffusers' DDIMScheduler.step; prompts encoded and images decoded as
+    a pipeline does."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    device = unets[0].device
+    ids = m.tokenizer([""] * len(prompts) + list(prompts), padding="max_length", truncation=True,
+                      max_length=m.tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+    with torch.inference_mode():
+        emb = m.text_encoder(ids)[0]
+        sched = DDIMScheduler.from_config(m.scheduler)
+        sched.set_timesteps(steps)
+        shape = (len(prompts), unets[0].config.in_channels, unets[0].config.sample_size, unets[0].config.sample_size)
+        lat = latents if latents is not None else \
+            torch.randn(shape, generator=generator, device=device, dtype=unets[0].dtype) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            lat = db_step(unets, weights, lat, t, emb, guidance, sched, generator, eta)
+        if output_type == "latent":
+            return lat
+        image = m.vae.decode(lat / m.vae.config.scaling_factor, return_dict=False)[0]
+        return ((image.float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def db_step(unets, weights, lat, t, emb, guidance, sched, generator, eta):
+    """One step of ``db_loop``."""
+    import torch
+
+    inp = sched.scale_model_input(torch.cat([lat, lat]), t)
+    eps = 0
+    for w, unet in zip(weights, unets):
+        u, c = unet(inp, t, encoder_hidden_states=emb, return_dict=False)[0].chunk(2)
+        eps = eps + w * (u + guidance * (c - u))
+    return sched.step(eps, t, lat, eta=eta, generator=generator, return_dict=False)[0]
+
+
+def wall_ms(fn, device, *, warmup: int, reps: int) -> float:
+    """Median wall-clock milliseconds of fn() from start to finished on the device (its result on the host)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, reps)):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def timed_with_peak(fn, device, *, warmup: int, reps: int) -> tuple[float, int | None]:
+    """(wall_ms of the reps, peak device memory allocated during them; None on a CPU)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    ms = wall_ms(fn, device, warmup=0, reps=reps)
+    return ms, (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+
+
+def _allocated(device) -> int | None:
+    import torch
+
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _idle_graph(engine, kind: str, batch: int):
+    """The idle step graph of ``kind`` ("product": msdda, "single": one network) at ``batch`` in an Engine's
+    cache, or None."""
+    for key, graph in engine.step_graphs.idle():
+        if key.kind == kind and key.batch == batch:
+            return graph
+    return None
+
+
+def section_e2e(rec: dict, ctx) -> None:
+    """End to end at SD1.5's architecture: msdda K=2 (graphs with expert streams, graphs without, eager), one
+    expert through msdda's fast path, diffusers' StableDiffusionPipeline with one UNet, and a Diffusion-Blend-style
+    loop, at each batch; the per-step split; peak memory; the Engines' parameter memory vs the networks' own;
+    graph vs eager latents; msdda's one-expert path vs diffusers' pipeline from the same x_T (DDIM eta 0)."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from msdda.backends.torch_backend import storage_bytes
+
+    device = ctx.device
+    s = ctx.e2e
+    tmp = Path(tempfile.mkdtemp(prefix="msdda-e2e-"))
+    before_models = _allocated(device)
+    m = sd_models(s.spec, device, s.dtype, tmp)
+    networks = storage_bytes([t for u in m.unets for t in list(u.parameters()) + list(u.buffers())])
+    before_engines = _allocated(device)
+    engines = e2e_engines(m, device, s.dtype, tmp)
+    after_engines = _allocated(device)
+    eng = engines["graph_streams"]
+    resident = eng.backend.resident_bytes()
+    rec.update(spec=s.spec, dtype=str(s.dtype).removeprefix("torch."), steps=s.steps, guidance=s.guidance,
+               K=2, weights=E2E_WEIGHTS, params_per_unet=sum(p.numel() for p in m.unets[0].parameters()),
+               memory=dict(networks_bytes=networks, all_models_bytes=None if before_models is None else
+                           before_engines - before_models, engines_extra_bytes=None if after_engines is None else
+                           after_engines - before_engines, backend_resident_bytes=resident,
+                           backend_resident_ratio=resident / networks,
+                           engine_param_ratio=None if after_engines is None else
+                           (networks + after_engines - before_engines) / networks, target_ratio=1.05))
+    pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unets[1],
+                                   scheduler=DDIMScheduler.from_config(m.scheduler), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    checks, batches = [], {}
+    for B in s.batches:
+        prompts = [E2E_PROMPT] * B
+        common = dict(prompt=prompts, num_images=B, steps=s.steps, guidance_scale=s.guidance, seed=0)
+        msdda_kw = dict(common, weights=E2E_WEIGHTS)
+        res = batches[str(B)] = {}
+
+        # correctness first (it also captures every graph these calls use)
+        with torch.inference_mode():
+            eager = engines["eager"].generate(output_type="latent", **msdda_kw).latents
+            for name in ("graph_streams", "graph_no_streams"):
+                got = engines[name].generate(output_type="latent", **msdda_kw).latents
+                diff = (got.float() - eager.float()).abs().max().item()
+                row = dict(check=f"graph vs eager latents, {name}, batch {B}", max_abs_diff=diff,
+                           bitwise=bool(torch.equal(got, eager)), finite=bool(torch.isfinite(got).all()),
+                           captures=engines[name].step_graphs.stats["captures"],
+                           failed=[k.describe() + ": " + v for k, v in engines[name].step_graphs.failed().items()])
+                row["ok"] = row["finite"] and row["bitwise"] and not row["failed"]
+                checks.append(row)
+            if B == s.batches[0]:   # msdda's one-expert fast path vs diffusers' pipeline, same x_T, DDIM eta 0
+                g = torch.Generator(device=device).manual_seed(5)
+                x_T = torch.randn(B, *eng.sample_shape, generator=g, device=device, dtype=s.dtype)
+                ours = eng.generate(output_type="latent", strategy="expert:e1", latents=x_T, eta=0.0,
+                                    **{k: v for k, v in common.items() if k != "seed"}).latents
+                theirs = pipe(prompt=prompts, num_inference_steps=s.steps, guidance_scale=s.guidance, eta=0.0,
+                              latents=x_T.clone(), output_type="latent").images
+                diff = (ours.float() - theirs.float()).abs().max().item()
+                scale = theirs.float().abs().max().item()
+                checks.append(dict(check=f"msdda expert:e1 vs diffusers StableDiffusionPipeline latents, batch {B}, "
+                                         "eta 0 (informational: diffusers steps in the UNets' dtype)",
+                                   max_abs_diff=diff, scale=scale, rel_diff=diff / max(scale, 1e-30),
+                                   ok=bool(torch.isfinite(ours).all())))
+
+        reps, warm = s.reps.get(B, 1), s.warmup
+        gen = torch.Generator(device=device)
+        methods = {
+            "msdda_graph_streams": lambda: engines["graph_streams"].generate(output_type="np", **msdda_kw),
+            "msdda_graph_no_streams": lambda: engines["graph_no_streams"].generate(output_type="np", **msdda_kw),
+            "msdda_eager": lambda: engines["eager"].generate(output_type="np", **msdda_kw),
+            "one_expert_graph": lambda: eng.generate(output_type="np", strategy="expert:e1", **common),
+            "diffusers_single": lambda: pipe(prompt=prompts, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                                             eta=1.0, generator=gen.manual_seed(0), output_type="np"),
+            "db_loop": lambda: db_loop(m, m.unets[1:], [E2E_WEIGHTS["e1"], E2E_WEIGHTS["e2"]], prompts,
+                                       steps=s.steps, guidance=s.guidance, generator=gen.manual_seed(0)),
+        }
+        for name, fn in methods.items():
+            w = 0 if name == "msdda_eager" else warm       # the eager engine was warmed by the check above
+            ms, peak = timed_with_peak(fn, device, warmup=w, reps=reps)
+            res[name] = dict(ms=ms, reps=reps, peak_bytes=peak)
+            print(f"    batch {B} {name}: {ms:.1f} ms", flush=True)
+        res["split"] = _step_split(m, engines, pipe, B, s, device)
+
+    b1, bl = batches[str(s.batches[0])], batches[str(s.batches[-1])]
+    targets = dict(
+        msdda_vs_diffusers_single_b1=b1["msdda_graph_streams"]["ms"] / b1["diffusers_single"]["ms"],
+        msdda_vs_one_expert_b1=b1["msdda_graph_streams"]["ms"] / b1["one_expert_graph"]["ms"],
+        db_loop_vs_msdda_b1=b1["db_loop"]["ms"] / b1["msdda_graph_streams"]["ms"],
+        msdda_vs_db_loop_blast=bl["msdda_graph_streams"]["ms"] / bl["db_loop"]["ms"],
+        streams_speedup_b1=b1["msdda_graph_no_streams"]["ms"] / b1["msdda_graph_streams"]["ms"],
+        streams_speedup_blast=bl["msdda_graph_no_streams"]["ms"] / bl["msdda_graph_streams"]["ms"],
+        graph_speedup_b1=b1["msdda_eager"]["ms"] / b1["msdda_graph_streams"]["ms"],
+        param_memory_ratio=rec["memory"]["engine_param_ratio"],
+    )
+    limits = dict(msdda_vs_diffusers_single_b1=("<=", 1.0), msdda_vs_one_expert_b1=("<=", 1.5),
+                  db_loop_vs_msdda_b1=(">=", 2.5), msdda_vs_db_loop_blast=("<=", 1.0), param_memory_ratio=("<=", 1.05))
+    met = {k: (None if targets[k] is None else (targets[k] <= v if op == "<=" else targets[k] >= v))
+           for k, (op, v) in limits.items()}
+    rec.update(batches=batches, checks=checks, targets=targets, target_limits={k: f"{op} {v}" for k, (op, v) in
+                                                                                limits.items()},
+               targets_met=met, ok=all(c["ok"] for c in checks))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _step_split(m, engines, pipe, B: int, s, device) -> dict:
+    """Milliseconds of one step's parts at batch B: one UNet on the CFG pair (eager, and replayed as a CUDA graph
+    on a GPU), one msdda K=2 step eager (the step function) and replayed (with and without expert streams), one
+    Diffusion-Blend-style step, the prompt encoding and the VAE decode of a generate call."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    reps = 20 if device.type == "cuda" else 1
+    eng = engines["graph_streams"]
+    unet = m.unets[1]
+    C, H = unet.config.in_channels, unet.config.sample_size
+    g = torch.Generator(device=device).manual_seed(1)
+    x2 = torch.randn(2 * B, C, H, H, generator=g, device=device, dtype=s.dtype)
+    with torch.inference_mode():
+        cond = eng.conditioning(B, cfg=True, prompt=[E2E_PROMPT] * B)
+    emb = cond.encoder_hidden_states
+    t = torch.tensor(500, device=device)
+    out = {}
+
+    def unet_call():
+        return unet(x2, t, encoder_hidden_states=emb, return_dict=False)[0]
+
+    with torch.inference_mode():
+        out["unet_eager_ms"] = wall_ms(unet_call, device, warmup=1, reps=reps)
+        if device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            unet_call()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                unet_call()
+            out["unet_graph_ms"] = wall_ms(graph.replay, device, warmup=2, reps=reps)
+            del graph
+        for name in ("graph_streams", "graph_no_streams"):
+            sg = _idle_graph(engines[name], "product", B)
+            if sg is None:
+                continue
+
+            def replay(sg=sg):
+                sg.counter.zero_()
+                sg.replay()
+
+            out[f"msdda_step_{name}_ms"] = wall_ms(replay, device, warmup=1, reps=reps)
+            if name == "graph_streams":
+                def eager_step(sg=sg):
+                    sg.counter.zero_()
+                    sg.step()
+
+                out["msdda_step_eager_ms"] = wall_ms(eager_step, device, warmup=1, reps=reps)
+        sched = DDIMScheduler.from_config(m.scheduler)
+        sched.set_timesteps(s.steps)
+        lat = x2[:B].clone()
+        tt = sched.timesteps[len(sched.timesteps) // 2]
+        out["db_step_ms"] = wall_ms(lambda: db_step(m.unets[1:], [0.5, 0.5], lat, tt, emb, s.guidance, sched, None, 1.0),
+                                    device, warmup=1, reps=reps)
+        out["encode_ms"] = wall_ms(lambda: eng.conditioning(B, cfg=True, prompt=[E2E_PROMPT] * B), device, warmup=1,
+                                   reps=reps)
+        vae = m.vae
+        out["decode_ms"] = wall_ms(lambda: vae.decode(lat.to(vae.dtype) / vae.config.scaling_factor,
+                                                      return_dict=False)[0], device, warmup=1, reps=max(1, reps // 4))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ main
 def new_record(device) -> dict:
     import torch
@@ -784,6 +1162,18 @@ def run_kernel_sections(names=("kernels", "launch"), device="cuda", quick=False,
     return record
 
 
+def run_e2e_section(device="cuda", quick=False, record=None, settings=None) -> dict:
+    """The e2e section on ``device`` (``settings``: ``e2e_settings``'s, by default; ``quick``: the tiny models,
+    which is how tests/test_gpu_check.py runs it on the CPU)."""
+    import torch
+
+    device = torch.device(device)
+    record = record if record is not None else new_record(device)
+    ctx = SimpleNamespace(device=device, quick=quick, e2e=settings or e2e_settings(quick, device))
+    run_section(record, "e2e", section_e2e, ctx)
+    return record
+
+
 def results_path(record: dict) -> Path:
     """bench/results/gpu-<gpu>-<date>.json"""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", record.get("gpu", "gpu")).strip("-")
@@ -798,7 +1188,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2, help="network batch N (2B under CFG)")
     ap.add_argument("--steps", type=int, default=20, help="denoising steps for the CUDA-graph check")
     ap.add_argument("--aot-build", type=Path, default=None, help="cmake build folder of libmsdda_step")
-    ap.add_argument("--only", default="kernels,launch,torch,ort_cuda,tensorrt,aot")
+    ap.add_argument("--only", default="kernels,launch,e2e,torch,ort_cuda,tensorrt,aot")
+    ap.add_argument("--e2e-batches", default=None, help="e2e batch sizes, e.g. 1,8 (default 1,8)")
+    ap.add_argument("--e2e-steps", type=int, default=None, help="e2e denoising steps (default 50)")
     ap.add_argument("--quick", action="store_true", help="tiny kernel sizes (a smoke run of the script)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/gpu-<gpu>-<date>.json)")
     args = ap.parse_args(argv)
@@ -815,6 +1207,14 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="msdda-gpu-check-"))
     cache = tmp / "cache"
     run_kernel_sections([n for n in KERNEL_SECTIONS if n in only], "cuda", args.quick, record)
+    if "e2e" in only:
+        settings = e2e_settings(False, torch.device("cuda"))
+        if args.e2e_batches:
+            settings.batches = tuple(int(b) for b in args.e2e_batches.split(","))
+        if args.e2e_steps:
+            settings.steps = args.e2e_steps
+        run_e2e_section("cuda", record=record, settings=settings)
+        write_record(record, args.out or results_path(record))   # kept even if a later section crashes
     nets = base = None
     if set(only) & {"torch", "ort_cuda", "tensorrt"}:
         nets, base = _models(args, tmp)
@@ -872,6 +1272,21 @@ def print_table(record) -> None:
             cg = r.get("cuda_graph", {})
             rows.append(("trt/cuda_graph_loop", cg.get("graph_ms"), cg.get("eager_ms"), None,
                          cg.get("launches_graph"), f"diff vs eager {f(cg.get('max_diff_vs_eager'))}"))
+        elif name == "e2e" and "batches" in r:
+            rows = []
+            for B, res in r["batches"].items():
+                for meth, v in res.items():
+                    if meth != "split":
+                        rows.append((f"e2e/b{B}/{meth}", v.get("ms"), None, None, None,
+                                     f"peak {f(None if v.get('peak_bytes') is None else v['peak_bytes'] / 2**30)} GiB"))
+                sp = res.get("split", {})
+                rows.append((f"e2e/b{B}/step", sp.get("msdda_step_graph_streams_ms"), sp.get("msdda_step_eager_ms"),
+                             None, None, "; ".join(f"{k[:-3]} {f(v)}" for k, v in sp.items())))
+            rows.append(("e2e/targets", None, None, None, None,
+                         ", ".join(f"{k} {f(v)} ({r['target_limits'].get(k, '')}: {r['targets_met'].get(k)})"
+                                   for k, v in r["targets"].items())))
+            rows += [("e2e/check", None, None, None, None,
+                      f"{'ok' if c['ok'] else 'FAIL'} {c['check']}: diff {f(c['max_abs_diff'])}") for c in r["checks"]]
         elif name == "aot" and "skipped" not in r:
             rows = [(name, r.get("c_ms"), r.get("python_ms"), None, 1,
                      f"host launch {f(r.get('c_host_launch_us'))} us; diff {f(r.get('max_diff_vs_python_kernel'))}")]

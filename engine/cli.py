@@ -26,6 +26,7 @@ from msdda import batch, serve  # the Ray commands; Ray itself is imported only 
 EXIT_BAD_INPUT = 2
 GRID = "grid.png"
 SUMMARY = "summary.json"
+DTYPES = ("float32", "float16", "bfloat16")   # --dtype: torch dtype names
 MAX_SWEEP_POINTS = 101          # point folders are named w0.00 ... w1.00: two decimals tell 101 apart
 # Loggers of the libraries msdda drives; silenced (with Python warnings) unless --verbose.
 LIBRARY_LOGGERS = ("diffusers", "transformers", "accelerate", "peft", "torch", "huggingface_hub", "onnxruntime",
@@ -174,6 +175,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     g.add_argument("--scheduler", choices=("ddpm", "ddim"), help="sampler family (default: the base's own)")
     g.add_argument("--variant", metavar="NAME", help="load *.NAME.safetensors weights, e.g. fp16 (as diffusers' variant=)")
+    g.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
+                   help="network precision (default auto: float16 on CUDA when the weights allow it, else float32)")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run every step eagerly instead of replaying one captured CUDA graph (torch on CUDA)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -297,9 +302,13 @@ def _engine(args, limits=None):
     from msdda import Engine
     from msdda.validation import DEFAULT_LIMITS
 
+    import torch
+
     base, experts = resolve_models(args)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     return Engine.from_pretrained(base, experts, backend=args.backend, device=args.device, scheduler=args.scheduler,
-                                  limits=limits or DEFAULT_LIMITS, variant=args.variant)
+                                  limits=limits or DEFAULT_LIMITS, variant=args.variant, dtype=dtype,
+                                  cuda_graphs=args.cuda_graphs)
 
 
 # ---------------------------------------------------------------------- checks after loading
@@ -349,6 +358,7 @@ def _run_params(args, engine, request: dict, num_images: int) -> dict:
         "models": [{"name": m.name, "path": m.path, "sha256": m.sha256} for m in engine.models],
         "weights": request["weights"], "normalize": request["normalize"], "expert_betas": request["expert_betas"],
         "strategy": request["strategy"], "backend": args.backend, "device": args.device,
+        "dtype": str(engine.dtype).removeprefix("torch."), "dtype_default": engine.dtype_default,
         "scheduler": engine.scheduler, "steps": request["steps"], "eta": request["eta"],
         "guidance_scale": request["guidance_scale"], "seed": args.seed,
         "seeds": [args.seed + i for i in range(num_images)], "num_images": num_images,

@@ -6,6 +6,7 @@ calls from several threads.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -17,11 +18,13 @@ from msdda import schedule as sch
 from msdda.backend_artifacts import backend_source
 from msdda.backends import Conditioning, make_backend
 from msdda.export.artifacts import ArtifactMismatch
+from msdda.graphs import StepGraphCache, StepInputs, sample_graphed
 from msdda.kernels import (StepScalars, fused_expert_step, fused_expert_step_ref, philox_normal, prepare_fused_step,
                            raise_if_bad)
-from msdda.loading import (MAX_SAMPLE_SIZE, TIME_IDS, BaseModel, LoadError, LoraAdapter, check_base_parts,
-                           check_compatible, check_scheduler_config, check_unet_config, load_base,
-                           load_expert_weights, merged_network)
+from msdda.loading import (LORA_FILES, MAX_SAMPLE_SIZE, TIME_IDS, UNET_STEM, BaseModel, LoadError, LoraAdapter,
+                           check_base_parts, check_compatible, check_scheduler_config, check_unet_config, load_base,
+                           load_expert_weights, merged_network, unet_folder, weight_files)
+from msdda.precision import all_finite, default_dtype, vae_decode_dtype
 from msdda.sampling import Denoise, sample
 from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
 from msdda.validation import (DEFAULT_LIMITS, Limits, batch_size, batch_tensor, check_class_labels, check_device,
@@ -31,6 +34,8 @@ from msdda.validation import (DEFAULT_LIMITS, Limits, batch_size, batch_tensor, 
                               seed_list)
 
 __all__ = ["Engine", "GenerateOutput", "CheckedRequest", "Limits"]
+
+log = logging.getLogger("msdda")
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,8 @@ class Engine:
     def __init__(self, base: BaseModel, experts: Mapping[str, "torch.nn.Module | LoraAdapter"], *, backend="torch",
                  device="cpu",
                  dtype=None, scheduler: str | None = None, models: Sequence[ModelInfo] = (),
-                 backend_options: Mapping | None = None, limits: Limits = DEFAULT_LIMITS):
+                 backend_options: Mapping | None = None, limits: Limits = DEFAULT_LIMITS, cuda_graphs: bool = True,
+                 dtype_default: bool = False):
         for name in experts:
             _check_expert_name(name)
         if not isinstance(limits, Limits):
@@ -124,12 +130,21 @@ class Engine:
             if part is not None:
                 part.to(self.device)
         self._prompt_pipe = prompt_pipeline(base) if self.is_text else None
+        self.dtype_default = bool(dtype_default)   # True: from_pretrained chose the dtype (no dtype was given)
+        if base.vae is not None:   # decode in the precision diffusers' pipeline for this model decodes in
+            vae_dtype = vae_decode_dtype(base.vae.dtype, bool(base.vae.config.get("force_upcast", False)),
+                                         "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline")
+            if vae_dtype != base.vae.dtype:   # (Module.to: ModelMixin.to warns about fp32 modules, moot in fp32)
+                torch.nn.Module.to(base.vae, vae_dtype)
+        # Whole-step CUDA graphs (msdda.graphs): the torch backend on CUDA, unless cuda_graphs=False.
+        self.step_graphs = StepGraphCache() if cuda_graphs and backend == "torch" and self.device.type == "cuda" \
+            else None
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, base, experts: Mapping[str, str] | None = None, *, backend: str = "torch",
                         device="cpu", dtype=None, scheduler: str | None = None, limits: Limits = DEFAULT_LIMITS,
-                        variant: str | None = None, **backend_options) -> "Engine":
+                        variant: str | None = None, cuda_graphs: bool = True, **backend_options) -> "Engine":
         """Load a base (SD or SDXL pipeline, ``unet/`` folder or UNet folder) and experts {name: folder: a UNet,
         or a LoRA file in diffusers, kohya/A1111 or PEFT layout} from local disk.
 
@@ -144,26 +159,40 @@ class Engine:
         ``batch=`` for tensorrt) and, for onnxruntime/tensorrt, where their artifacts come from: ``cache_dir=``,
         ``onnx_paths={member: file}``, ``onnx_dir=`` (a folder written by ``msdda export``) and TensorRT's build
         settings (msdda.backend_artifacts). A given file must carry the loaded model's weights sha256, else
-        LoadError.
+        LoadError. ``dtype``: None chooses (``msdda.precision.default_dtype``): for the torch backend on CUDA
+        float16 when the weights allow it, else float32; ``engine.dtype`` and ``engine.dtype_default`` record the
+        choice. ``cuda_graphs``: capture each step as a CUDA graph (torch backend on CUDA; ``msdda.graphs``).
         """
         check_device(device)                      # before loading anything
         for name in experts or {}:
             _check_expert_name(name)
         variant = check_variant(variant)
+        chosen = dtype is None
+        if chosen and backend == "torch" and check_device(device).type == "cuda":   # (ORT/TensorRT: their own)
+            dtype, _ = default_dtype(device, unet_weight_files(base, (experts or {}).values(), variant))
         base_model = load_base(base, dtype, variant)
         loaded, infos = {}, [ModelInfo("base", str(base), base_model.weights_sha256)]
         for name, path in (experts or {}).items():
             loaded[name], sha = load_expert_weights(name, path, base_model, dtype, variant)
             infos.append(ModelInfo(name, str(path), sha))
+        if chosen and dtype == torch.float16 and not all_finite(network_tensors([base_model.unet, *loaded.values()])):
+            log.warning("msdda: float16 overflows some weights of these models; loading them in float32")
+            engine = cls.from_pretrained(base, experts, backend=backend, device=device, dtype=torch.float32,
+                                         scheduler=scheduler, limits=limits, variant=variant,
+                                         cuda_graphs=cuda_graphs, **backend_options)
+            engine.dtype_default = True
+            return engine
         return cls(base_model, loaded, backend=backend, device=device, dtype=dtype, scheduler=scheduler,
-                   models=infos, backend_options=backend_options, limits=limits)
+                   models=infos, backend_options=backend_options, limits=limits, cuda_graphs=cuda_graphs,
+                   dtype_default=chosen)
 
     @classmethod
     def from_pipe(cls, pipe, experts: Mapping | None = None, *, backend: str = "torch", device=None, dtype=None,
                   scheduler: str | None = None, limits: Limits = DEFAULT_LIMITS, **backend_options) -> "Engine":
         """Wrap an already-loaded diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` without
         copying its weights: the Engine runs ``pipe``'s own UNet, text encoders and VAE (device and dtype default
-        to the UNet's, so nothing is moved or cast).
+        to the UNet's, so nothing is moved or cast, except that a float16 SDXL VAE whose config says
+        ``force_upcast`` decodes in float32, as diffusers' own pipeline does).
 
         experts: {name: a folder (as in ``from_pretrained``), a UNet module of the pipeline's architecture, or a
         ``msdda.loading.LoraAdapter``}. The scheduler config is ``pipe.scheduler``'s.
@@ -474,7 +503,16 @@ class Engine:
 
         try:
             with torch.inference_mode():
-                x0 = sample(denoise, combine, x, timesteps, callback=callback)
+                x0 = None
+                if self.step_graphs is not None and plan.kind != "soup":   # one captured step, replayed
+                    inputs = StepInputs(x=x, cond=cond, timesteps=timesteps, scalars=scalars, guidance=g,
+                                        step_coeff=step_coeff, mix_coeff=mix_coeff,
+                                        seeds=seed_tensor if noise is None else None, noise=noise)
+                    x0 = sample_graphed(self.step_graphs, inputs, members=plan.members, kind=plan.kind,
+                                        capacity=self.limits.max_steps, coeff=plan.coeff, callback=callback,
+                                        denoise_for=lambda static_cond: self.denoiser(plan, static_cond, cfg))
+                if x0 is None:   # eager: no graphs here, or this configuration's capture failed
+                    x0 = sample(denoise, combine, x, timesteps, callback=callback)
             raise_if_bad(error_count, plan.coeff)
         except ValueError as exc:  # name the networks behind the coefficient columns
             names = ", ".join(self.members[m] for m in plan.members)
@@ -623,3 +661,28 @@ def _check_expert_name(name) -> None:
         check_expert_name(name)
     except ValueError as exc:
         raise LoadError(str(exc)) from None
+
+
+def unet_weight_files(base, experts, variant: str | None = None) -> list[Path]:
+    """The UNet weight files of a base and its full-weight experts (LoRA adapters load in the base's dtype); a
+    folder that is not a model is left to the loader, which reports it."""
+    files = []
+    for path in (base, *experts):
+        if any((Path(path) / name).is_file() for name in LORA_FILES):
+            continue
+        try:
+            files += [f for f in weight_files(unet_folder(path), UNET_STEM, variant) if f.suffix == ".safetensors"]
+        except LoadError:
+            pass
+    return files
+
+
+def network_tensors(networks) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``networks`` (modules), and every factor of the LoRA adapters among them."""
+    tensors = []
+    for net in networks:
+        if isinstance(net, LoraAdapter):
+            tensors += [t for f in net.factors.values() for t in (f.down, f.up)]
+        else:
+            tensors += [*net.parameters(), *net.buffers()]
+    return tensors

@@ -66,8 +66,21 @@ def test_generate_writes_images_grid_and_manifest(models, tmp_path):
     assert [m["name"] for m in manifest["models"]] == ["base", "a", "b"]
     assert all(len(m["sha256"]) == 64 for m in manifest["models"])
     assert manifest["msdda_version"] and manifest["backend"] == "torch"
+    assert manifest["dtype"] == "float32" and manifest["dtype_default"] is True   # no --dtype on the CPU: float32
     from msdda.loading import file_sha256
     assert manifest["sha256"] == {n: file_sha256(out / n) for n in ("00000.png", "00001.png", "00002.png", "grid.png")}
+
+
+def test_dtype_and_cuda_graphs_flags(models, tmp_path):
+    """--dtype bfloat16 runs the networks in bfloat16 and the manifest says it was chosen, not the default;
+    --no-cuda-graphs is accepted everywhere (graphs exist only for torch on CUDA)."""
+    out = tmp_path / "bf16"
+    assert cli.main(_args(models, out, "--dtype", "bfloat16", "--no-cuda-graphs", num_images=1)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dtype"] == "bfloat16" and manifest["dtype_default"] is False
+    args = cli.build_parser().parse_args(_args(models, out))
+    assert args.cuda_graphs is True and args.dtype == "auto"
+    assert cli.build_parser().parse_args(_args(models, out, "--no-cuda-graphs")).cuda_graphs is False
 
 
 def test_normalize_rescales_weights(models, tmp_path):

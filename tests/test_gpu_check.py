@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,3 +63,52 @@ def test_sections_run_on_cpu(gpu_check, tmp_path, capsys):
     gpu_check.write_record(record, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["checks"]["kernels"]["cases"][0]["kernel"] == "compose"
     assert "% of copy" in capsys.readouterr().out
+
+
+def test_e2e_section_runs_on_cpu(gpu_check, tmp_path):
+    """The e2e section at the tiny configuration on the CPU, CUDA graphs through their eager seam: every method
+    and split part timed, graph latents equal to eager ones bit for bit (streams on and off), msdda's one-expert
+    path equal to diffusers' StableDiffusionPipeline from the same x_T to float32 rounding, the backend's resident
+    parameter bytes the networks' own, the targets computed, the record written and printed."""
+    record = gpu_check.run_e2e_section(device="cpu", quick=True)
+    e2e = record["checks"]["e2e"]
+    assert "error" not in e2e, e2e.get("traceback")
+    assert e2e["ok"] and e2e["spec"] == "tiny" and e2e["dtype"] == "float32"
+    methods = {"msdda_graph_streams", "msdda_graph_no_streams", "msdda_eager", "one_expert_graph",
+               "diffusers_single", "db_loop"}
+    assert set(e2e["batches"]) == {"1", "2"}
+    for res in e2e["batches"].values():
+        assert set(res) == methods | {"split"}
+        assert all(res[m]["ms"] > 0 and res[m]["peak_bytes"] is None for m in methods)
+        split = res["split"]
+        for part in ("unet_eager_ms", "msdda_step_graph_streams_ms", "msdda_step_graph_no_streams_ms",
+                     "msdda_step_eager_ms", "db_step_ms", "encode_ms", "decode_ms"):
+            assert split[part] > 0, part
+        assert "unet_graph_ms" not in split            # a CUDA graph of one UNet needs a GPU
+    graph_checks = [c for c in e2e["checks"] if c["check"].startswith("graph vs eager")]
+    assert len(graph_checks) == 4 and all(c["bitwise"] and c["max_abs_diff"] == 0 and not c["failed"]
+                                          for c in graph_checks)
+    vs_diffusers = next(c for c in e2e["checks"] if "diffusers" in c["check"])
+    # float32 on both sides: the DDIM arithmetic differs only in rounding order (a few ulp per step)
+    assert vs_diffusers["rel_diff"] <= 64 * torch.finfo(torch.float32).eps, vs_diffusers
+    mem = e2e["memory"]
+    assert mem["backend_resident_ratio"] == 1.0 and mem["networks_bytes"] > 0
+    assert set(e2e["targets_met"]) == {"msdda_vs_diffusers_single_b1", "msdda_vs_one_expert_b1",
+                                       "db_loop_vs_msdda_b1", "msdda_vs_db_loop_blast", "param_memory_ratio"}
+    assert all(v > 0 for k, v in e2e["targets"].items() if k != "param_memory_ratio")
+    gpu_check.print_table(record)
+    gpu_check.write_record(record, tmp_path / "e2e.json")
+    assert json.loads((tmp_path / "e2e.json").read_text())["checks"]["e2e"]["K"] == 2
+
+
+def test_e2e_settings_and_sd15_config(gpu_check):
+    """The GPU run's settings are the issue's: SD1.5's UNet (860M parameters at these configs), fp16, 50 DDIM
+    steps, CFG 7.5, batch 1 and 8; counted on the meta device (no memory)."""
+    from diffusers import UNet2DConditionModel
+
+    s = gpu_check.e2e_settings(False, torch.device("cuda"))
+    assert (s.spec, s.batches, s.steps, s.guidance, s.dtype) == ("sd15", (1, 8), 50, 7.5, torch.float16)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**gpu_check.SD15["unet"])
+    assert 855e6 < sum(p.numel() for p in unet.parameters()) < 865e6
+    assert unet.config.cross_attention_dim == 768 and unet.config.sample_size == 64

@@ -154,20 +154,20 @@ def test_group_lora_holds_the_base_weights_once(sd, tmp_path):
     """K LoRA experts under group='lora': the backend's resident parameter and buffer bytes are at most 1.05x
     the base UNet's own plus the adapters' factors (no merged copy, no stacked copy), and the group network's
     layers are the base's own tensors."""
-    from msdda.backends.torch_backend import tensor_bytes
+    from msdda.backends.torch_backend import storage_bytes
     from msdda.loading import load_base, read_lora_adapter
 
     base, files = sd
     experts = {f"e{k}": write_lora_adapter(base, tmp_path / f"e{k}", seed=10 + k, rank=4) for k in range(3)}
     eng = msdda.Engine.from_pretrained(base, experts, group="lora")
     unet = eng.base.unet
-    base_bytes = tensor_bytes([*unet.parameters(), *unet.buffers()])
+    base_bytes = storage_bytes([*unet.parameters(), *unet.buffers()])
     model = load_base(base)
     factor_bytes = sum(read_lora_adapter(model, folder / DIFFUSERS_FILE).nbytes for folder in experts.values())
     resident = eng.backend.resident_bytes()
     assert base_bytes <= resident <= 1.05 * (base_bytes + factor_bytes)
     ptrs = {p.data_ptr() for p in unet.parameters()}
-    group_ptrs = {p.data_ptr() for p in eng.backend._lora_group.parameters()}
+    group_ptrs = {p.data_ptr() for p in eng.backend.lora_network.parameters()}
     assert group_ptrs == ptrs
     # the loop mode does hold K merged copies of the adapted layers: the bound is not trivially met
     loop = msdda.Engine.from_pretrained(base, experts)

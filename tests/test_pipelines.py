@@ -103,7 +103,7 @@ def test_weight_variants(sd, tmp_path):
 def test_from_pipe_wraps_a_loaded_pipeline_without_copying(sd):
     from diffusers import StableDiffusionPipeline
 
-    from msdda.backends.torch_backend import tensor_bytes
+    from msdda.backends.torch_backend import storage_bytes
     from msdda.loading import read_lora_adapter
 
     base, lora = sd
@@ -112,9 +112,9 @@ def test_from_pipe_wraps_a_loaded_pipeline_without_copying(sd):
     wrapped = msdda.Engine.from_pipe(pipe, experts={"l": lora}, group="lora", scheduler="ddim")
     assert wrapped.base.unet is pipe.unet and wrapped.base.text_encoder is pipe.text_encoder
     assert wrapped.base.vae is pipe.vae
-    assert {p.data_ptr() for p in wrapped.backend._lora_group.parameters()} == unet_ptrs
+    assert {p.data_ptr() for p in wrapped.backend.lora_network.parameters()} == unet_ptrs
     assert {p.data_ptr() for p in pipe.unet.parameters()} == unet_ptrs              # nothing moved or cast
-    own = tensor_bytes([*pipe.unet.parameters(), *pipe.unet.buffers()])
+    own = storage_bytes([*pipe.unet.parameters(), *pipe.unet.buffers()])
     factors = read_lora_adapter(wrapped.base, lora / "pytorch_lora_weights.safetensors").nbytes
     assert own < wrapped.backend.resident_bytes() <= 1.05 * (own + factors)
     plain = msdda.Engine.from_pipe(pipe)                                               # the default group="loop"

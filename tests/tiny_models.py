@@ -71,7 +71,7 @@ def perturbed_copy(src, dst, *, seed: int, scale: float = 0.02, subfolder: str =
     return dst
 
 
-def _write_tokenizer(path: Path) -> None:
+def write_tokenizer(path: Path) -> None:
     """A byte-level BPE tokenizer with a tiny vocabulary: every printable ASCII character, its end-of-word
     form, a few merges, and CLIP's special tokens."""
     path.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ def make_tiny_sd_pipeline(path, *, seed: int = 0, sample_size: int = 16):
                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8,
                         sample_size=2 * sample_size)
     tok_dir = path / "_tok"
-    _write_tokenizer(tok_dir)
+    write_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -30,7 +30,8 @@ from msdda.loading import LoraAdapter, shared_copy
 _SELECTED: ContextVar[tuple] = ContextVar("msdda_lora_selected")
 
 
-def _selection(members, device) -> tuple:
+def member_selection(members, device) -> tuple:
+    """What a forward of ``members`` selects: (factor rows [G] int64, keep [G] float or None) on ``device``."""
     rows = torch.tensor([max(m - 1, 0) for m in members], device=device)
     keep = None if 0 not in members else torch.tensor([float(m != 0) for m in members], device=device)
     return rows, keep
@@ -154,11 +155,13 @@ def _repeat(value, g: int):
 
 
 def forward_members(net: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor, kwargs: dict,
-                    members: tuple[int, ...]) -> torch.Tensor:
-    """One forward of the group network for ``members``: x [N, C, H, W] -> [len(members), N, C_out, H, W]."""
+                    members: tuple[int, ...], selected: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward of the group network for ``members``: x [N, C, H, W] -> [len(members), N, C_out, H, W].
+    selected: ``member_selection(members, x.device)``, if the caller keeps one (a CUDA graph capture cannot hold
+    the host-to-device copies that make it)."""
     g = len(members)
     stacked = {k: _repeat(v, g) for k, v in kwargs.items()}
-    token = _SELECTED.set(_selection(members, x.device))
+    token = _SELECTED.set(selected if selected is not None else member_selection(members, x.device))
     try:
         out = net(x.repeat(g, 1, 1, 1), timestep.repeat(g), **stacked)[0]
     finally:
