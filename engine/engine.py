@@ -6,6 +6,7 @@ calls from several threads.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,9 @@ from msdda.sampling import Denoise, sample
 from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
 from msdda.validation import (DEFAULT_LIMITS, Limits, batch_size, batch_tensor, check_class_labels, check_device,
                               check_eta, check_expert_name, check_generator, check_guidance_scale, check_image_size,
-                              check_noise, check_num_images_per_prompt, check_size_pair, check_steps, check_strategy,
-                              check_variant, negative_prompt_rows, per_sample, per_sample_weights, prompt_rows,
-                              seed_list)
+                              check_int, check_noise, check_num_images_per_prompt, check_size_pair, check_steps,
+                              check_strategy, check_variant, negative_prompt_rows, per_sample, per_sample_weights,
+                              prompt_rows, seed_list)
 
 __all__ = ["Engine", "GenerateOutput", "CheckedRequest", "Limits"]
 
@@ -75,9 +76,12 @@ class Engine:
                  device="cpu",
                  dtype=None, scheduler: str | None = None, models: Sequence[ModelInfo] = (),
                  backend_options: Mapping | None = None, limits: Limits = DEFAULT_LIMITS, cuda_graphs: bool = True,
-                 dtype_default: bool = False):
+                 dtype_default: bool = False, row_block: int | None = None):
         for name in experts:
             _check_expert_name(name)
+        # Batch invariance: every network call (UNets, text encoders, VAE) sees exactly row_block rows
+        # (``in_row_blocks``), so a sample's bits do not depend on the other samples of its call.
+        self.row_block = None if row_block is None else check_int("row_block", row_block, lo=1)
         if not isinstance(limits, Limits):
             raise ValueError(f"limits must be a msdda.validation.Limits, not {limits!r}")
         self.limits = limits
@@ -144,7 +148,8 @@ class Engine:
     @classmethod
     def from_pretrained(cls, base, experts: Mapping[str, str] | None = None, *, backend: str = "torch",
                         device="cpu", dtype=None, scheduler: str | None = None, limits: Limits = DEFAULT_LIMITS,
-                        variant: str | None = None, cuda_graphs: bool = True, **backend_options) -> "Engine":
+                        variant: str | None = None, cuda_graphs: bool = True, row_block: int | None = None,
+                        **backend_options) -> "Engine":
         """Load a base (SD or SDXL pipeline, ``unet/`` folder or UNet folder) and experts {name: folder: a UNet,
         or a LoRA file in diffusers, kohya/A1111 or PEFT layout} from local disk.
 
@@ -162,6 +167,7 @@ class Engine:
         LoadError. ``dtype``: None chooses (``msdda.precision.default_dtype``): for the torch backend on CUDA
         float16 when the weights allow it, else float32; ``engine.dtype`` and ``engine.dtype_default`` record the
         choice. ``cuda_graphs``: capture each step as a CUDA graph (torch backend on CUDA; ``msdda.graphs``).
+        ``row_block``: make the Engine batch-invariant (see ``Engine.row_block``; what ``msdda serve`` uses).
         """
         check_device(device)                      # before loading anything
         for name in experts or {}:
@@ -179,16 +185,17 @@ class Engine:
             log.warning("msdda: float16 overflows some weights of these models; loading them in float32")
             engine = cls.from_pretrained(base, experts, backend=backend, device=device, dtype=torch.float32,
                                          scheduler=scheduler, limits=limits, variant=variant,
-                                         cuda_graphs=cuda_graphs, **backend_options)
+                                         cuda_graphs=cuda_graphs, row_block=row_block, **backend_options)
             engine.dtype_default = True
             return engine
         return cls(base_model, loaded, backend=backend, device=device, dtype=dtype, scheduler=scheduler,
                    models=infos, backend_options=backend_options, limits=limits, cuda_graphs=cuda_graphs,
-                   dtype_default=chosen)
+                   dtype_default=chosen, row_block=row_block)
 
     @classmethod
     def from_pipe(cls, pipe, experts: Mapping | None = None, *, backend: str = "torch", device=None, dtype=None,
-                  scheduler: str | None = None, limits: Limits = DEFAULT_LIMITS, **backend_options) -> "Engine":
+                  scheduler: str | None = None, limits: Limits = DEFAULT_LIMITS, row_block: int | None = None,
+                  **backend_options) -> "Engine":
         """Wrap an already-loaded diffusers ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` without
         copying its weights: the Engine runs ``pipe``'s own UNet, text encoders and VAE (device and dtype default
         to the UNet's, so nothing is moved or cast, except that a float16 SDXL VAE whose config says
@@ -228,7 +235,8 @@ class Engine:
                 where = str(expert)
             infos.append(ModelInfo(expert_name, where, sha))
         return cls(base_model, loaded, backend=backend, device=device, dtype=dtype or unet.dtype,
-                   scheduler=scheduler, models=infos, backend_options=backend_options, limits=limits)
+                   scheduler=scheduler, models=infos, backend_options=backend_options, limits=limits,
+                   row_block=row_block)
 
     @property
     def experts(self) -> tuple[str, ...]:
@@ -251,6 +259,15 @@ class Engine:
                 negative_prompt_embeds=None, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None):
         """diffusers' own ``encode_prompt`` of the base's pipeline class on the base's encoders: (prompt embeds,
         negative embeds, pooled, negative pooled), each with ``repeat`` rows per prompt; None where n/a."""
+        if self.row_block is not None and prompts is not None and len(prompts) > 1 and prompt_embeds is None \
+                and negative_prompt_embeds is None \
+                and (negative is None or isinstance(negative, str) or len(negative) == len(prompts)):
+            # batch invariance: one prompt per encoder call (text encoding is cheap next to the sampling)
+            parts = [self._encode([p], repeat, cfg=cfg, negative=negative if negative is None or
+                                  isinstance(negative, str) else [negative[i]],
+                                  negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+                     for i, p in enumerate(prompts)]
+            return tuple(None if part[0] is None else torch.cat(part) for part in zip(*parts))
         pipe = self._prompt_pipe
         kwargs = dict(prompt=prompts, device=self.device, num_images_per_prompt=repeat,
                       do_classifier_free_guidance=cfg, negative_prompt=negative, prompt_embeds=prompt_embeds,
@@ -407,12 +424,11 @@ class Engine:
         [K, 2, B, C_out, H, W] (unconditional first). ``cond`` comes from :meth:`conditioning` with the same
         ``cfg``. Holds no state between calls, so wrappers may call it from any thread.
         """
-        backend = self.backend
         if plan.kind == "soup":
             call = self._soup_call(plan, cond, cfg)
         else:
-            members = plan.members
-            call = lambda x_in, t: backend.forward(x_in, t, cond, members)  # noqa: E731
+            forward = self._rows(functools.partial(self.backend.forward, members=plan.members))
+            call = lambda x_in, t: forward(x_in, t, cond)  # noqa: E731
 
         def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
             if not cfg:
@@ -570,6 +586,11 @@ class Engine:
             raise ValueError("latents contain NaN or Inf")
         return latents.to(self.device, self.dtype)
 
+    def _rows(self, call: Callable) -> Callable:
+        """``call`` (x [N, ...], *args, Conditioning? -> [K, N, ...]) in blocks of ``row_block`` rows, or as it
+        is when the Engine has no row block."""
+        return call if self.row_block is None else in_row_blocks(call, self.row_block)
+
     def _soup_call(self, plan: Plan, cond: Conditioning, cfg: bool):
         """One averaged network per distinct weight vector in the batch, each run on its own rows."""
         batch = plan.coeff.shape[0]
@@ -577,7 +598,7 @@ class Engine:
         for row in torch.unique(plan.coeff, dim=0):
             samples = (plan.coeff == row).all(dim=1).nonzero().flatten()
             rows = torch.cat([samples, samples + batch]) if cfg else samples    # the CFG halves of those samples
-            net = self.backend.soup({m: float(row[j]) for j, m in enumerate(plan.members)})
+            net = self._rows(self.backend.soup({m: float(row[j]) for j, m in enumerate(plan.members)}))
             sub = Conditioning(**{k: (None if v is None else v[rows.to(v.device)]) for k, v in vars(cond).items()})
             groups.append((rows.to(self.device), net, sub))
         if len(groups) == 1:
@@ -598,8 +619,9 @@ class Engine:
             return x0
         if self.base.vae is not None:
             vae = self.base.vae
+            decode = self._rows(lambda z: vae.decode(z, return_dict=False)[0].unsqueeze(0))
             with torch.inference_mode():
-                pixels = vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+                pixels = decode(x0.to(vae.dtype) / vae.config.scaling_factor)[0]
         else:
             pixels = x0
         pixels = ((pixels.float().clamp(-1, 1) + 1) / 2).cpu()
@@ -615,6 +637,42 @@ class Engine:
 
 
 # ---------------------------------------------------------------------- helpers
+def in_row_blocks(call: Callable, block: int) -> Callable:
+    """``call(x [N, ...], *args) -> [K, N, ...]`` evaluated on blocks of exactly ``block`` rows: x's rows and
+    those of every tensor in a Conditioning argument are cut into consecutive blocks, the last padded with copies
+    of its last row, and the outputs' padding dropped.
+
+    Why: CPU math libraries compute a row's last bits differently for different row counts (MKL's sgemm for 1,
+    2-3 and 4+ rows; oneDNN picks convolution kernels by batch size), but within one row count a row's result
+    depends only on that row: not on its position or on the other rows (checked on the zoo's UNet, and tested
+    through generate). So with every network call at one row count, a sample's image is the same bits whatever
+    else is in its batch, which lets a server batch requests from different users exactly. The price is the
+    padding: a call of n rows costs ceil(n / block) blocks.
+    """
+    def blocked(x: torch.Tensor, *args):
+        n = x.shape[0]
+        if n == block:
+            return call(x, *args)
+        outs = []
+        for start in range(0, n, block):
+            rows = slice(start, min(start + block, n))
+            part = [_padded_rows(x, rows, block)]
+            part += [Conditioning(**{k: None if v is None else _padded_rows(v, rows, block)
+                                     for k, v in vars(a).items()}) if isinstance(a, Conditioning) else a
+                     for a in args]
+            outs.append(call(*part)[:, :rows.stop - rows.start])
+        return torch.cat(outs, dim=1)
+
+    return blocked
+
+
+def _padded_rows(t: torch.Tensor, rows: slice, block: int) -> torch.Tensor:
+    part = t[rows]
+    if part.shape[0] < block:
+        part = torch.cat([part, part[-1:].expand(block - part.shape[0], *part.shape[1:])])
+    return part
+
+
 def prompt_pipeline(base: BaseModel):
     """A diffusers pipeline object over the base's own text encoders and tokenizers (nothing copied), used only
     for its ``encode_prompt``: StableDiffusionXLPipeline for SDXL bases (with the folder's
