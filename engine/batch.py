@@ -24,7 +24,7 @@ import re
 import time
 from pathlib import Path
 
-from msdda.ray_runtime import ModelSpec, add_model_args, model_spec, require_ray, start_ray, stop_ray
+from msdda.ray_runtime import ModelSpec, model_spec, require_ray, start_ray, stop_ray
 
 __all__ = ["JOB_FIELDS", "add_command", "read_jobs", "pending_rows", "run", "EngineWorker"]
 
@@ -227,10 +227,10 @@ def _write_parquet(path: Path, records: list[dict]) -> None:
 class EngineWorker:
     """A ``map_batches`` callable class: each actor of the pool loads the Engine once and makes its batches."""
 
-    def __init__(self, spec: ModelSpec, out_dir: str, exact: bool):
+    def __init__(self, spec: ModelSpec, out_dir: str):
         self.engine = spec.load()
         self.images = Path(out_dir) / "images"
-        self.exact = exact
+        self.exact = spec.row_block is not None
         self.backend = spec.backend
         self.models = json.dumps([{"name": m.name, "sha256": m.sha256} for m in self.engine.models])
 
@@ -242,7 +242,7 @@ class EngineWorker:
 
         rows = batch.to_pylist()
         start = time.perf_counter()
-        results = generate_many(self.engine, [row_call(r) for r in rows], exact=self.exact)
+        results = generate_many(self.engine, [row_call(r) for r in rows])
         seconds = time.perf_counter() - start
         records = []
         for row, result in zip(rows, results):
@@ -271,25 +271,27 @@ def add_command(sub) -> argparse.ArgumentParser:
                                    "rest. Uses a local Ray, or the cluster at $RAY_ADDRESS.")
     p.add_argument("--input", required=True, metavar="JOBS", help="jobs file: .jsonl or .parquet, one row per image")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    add_model_args(p)
+    from msdda.cli import add_model_args
+    from msdda.serve import add_batching_args
+
+    add_model_args(p, device_default=None)
     g = p.add_argument_group("Ray Data")
     g.add_argument("--concurrency", type=int, default=1, help="Engine actors in the pool (default 1)")
     g.add_argument("--batch-size", type=int, default=16, help="rows per map_batches call (default 16)")
     g.add_argument("--num-cpus", type=int, default=None,
                    help="CPUs per actor, also its torch threads (default: all cores / concurrency)")
     g.add_argument("--num-gpus", type=float, default=0, help="GPUs per actor (default 0)")
-    g.add_argument("--exact-batching", action=argparse.BooleanOptionalAction, default=True,
-                   help="every image bit-identical to Engine.generate of its row alone (default on; "
-                        "--no-exact-batching is faster on CPU)")
+    add_batching_args(g)
     return p
 
 
-def _check_run(out: Path, spec: ModelSpec, exact: bool) -> None:
+def _check_run(out: Path, spec: ModelSpec) -> None:
     """The folder holds this run's models and settings, or nothing yet (another run there is refused)."""
     from msdda.atomic import atomic_write_json
 
     run_info = {"base": spec.base, "experts": spec.experts, "backend": spec.backend, "scheduler": spec.scheduler,
-                "exact_batching": exact}
+                "variant": spec.variant, "dtype": spec.dtype, "exact_batching": spec.row_block is not None,
+                "row_block": spec.row_block}
     path = out / "run.json"
     if path.is_file():
         try:
@@ -314,7 +316,11 @@ def run(args) -> int:
     cpus = args.num_cpus if args.num_cpus is not None else max(1, (os.cpu_count() or 1) // args.concurrency)
     if cpus < 1:
         raise _bad(f"--num-cpus must be >= 1, got {cpus}")
-    spec = model_spec(args, threads=cpus, num_gpus=args.num_gpus)
+    from msdda.serve import engine_row_block
+    from msdda.validation import DEFAULT_LIMITS
+
+    spec = model_spec(args, threads=cpus, num_gpus=args.num_gpus, row_block=engine_row_block(args, args.batch_size),
+                      max_images=DEFAULT_LIMITS.max_images, max_steps=DEFAULT_LIMITS.max_steps)
     rows = read_jobs(args.input, spec)
     out = Path(args.out)
     try:
@@ -322,7 +328,7 @@ def run(args) -> int:
         (out / "manifest.parts").mkdir(exist_ok=True)
     except OSError as exc:
         raise _bad(f"cannot create output folder {out}: {exc.strerror}") from None
-    _check_run(out, spec, args.exact_batching)
+    _check_run(out, spec)
     for stale in (out / "images").glob(".*.tmp"):     # half-written temp files of a killed run (never renamed)
         stale.unlink(missing_ok=True)
     todo, done = pending_rows(rows, out)
@@ -340,7 +346,7 @@ def run(args) -> int:
             logging.getLogger("ray.data").setLevel(logging.ERROR)   # progress is printed below, one line a part
             ray.data.DataContext.get_current().enable_progress_bars = False
             ds = ray.data.from_items(todo).map_batches(
-                EngineWorker, fn_constructor_kwargs={"spec": spec, "out_dir": str(out), "exact": args.exact_batching},
+                EngineWorker, fn_constructor_kwargs={"spec": spec, "out_dir": str(out)},
                 batch_size=args.batch_size, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=args.concurrency), num_cpus=cpus, num_gpus=args.num_gpus)
             for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

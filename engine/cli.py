@@ -166,13 +166,23 @@ def resolve_models(args) -> tuple[str, dict[str, str]]:
     return args.base, experts
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def torch_dtype(name: str):
+    """--dtype's value as a torch dtype; None for "auto" (the Engine chooses)."""
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
+
+
+def add_model_args(p: argparse.ArgumentParser, *, device_default: str | None = "cpu") -> None:
+    """The model flags of generate, sweep, export, serve and batch (the embedded zoo when neither --base nor
+    --expert is given). ``device_default`` None: serve and batch pick cuda when given GPUs (``--num-gpus``)."""
     g = p.add_argument_group("models (default: the embedded digits zoo)")
     g.add_argument("--base", metavar="PATH", help="base model: a diffusers pipeline folder, a folder with unet/, or a UNet folder")
     g.add_argument("--expert", metavar="NAME=PATH", action="append",
                    help="an aligned expert: a UNet folder of the base's architecture or a LoRA adapter (repeatable)")
     g.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"), help="network runtime (default torch)")
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    g.add_argument("--device", default=device_default,
+                   help="torch device, e.g. cpu or cuda (default " + (device_default or "cuda when --num-gpus > 0, else cpu") + ")")
     g.add_argument("--scheduler", choices=("ddpm", "ddim"), help="sampler family (default: the base's own)")
     g.add_argument("--variant", metavar="NAME", help="load *.NAME.safetensors weights, e.g. fp16 (as diffusers' variant=)")
     g.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
@@ -227,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "again continues an interrupted run, or verifies a finished one and remakes "
                                      "only damaged or missing images; a folder holding another run or other "
                                      "files is refused, and so is a second run while one is writing.")
-    _add_model_args(gen)
+    add_model_args(gen)
     _add_sampling_args(gen)
     gen.add_argument("--weights", metavar="NAME=W,...", help="expert weights, e.g. legible=0.6,bold=0.4 (default: equal)")
     gen.add_argument("--num-images", type=int, default=16, help="number of images (default 16)")
@@ -239,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="For w in linspace(0, 1, --points): weights A=w, B=1-w. Writes "
                                        "OUT/w0.50/grid.png ... and OUT/summary.json; resumes and refuses like "
                                        "generate.")
-    _add_model_args(sweep)
+    add_model_args(sweep)
     _add_sampling_args(sweep)
     sweep.add_argument("--pair", required=False, metavar="A,B", help="the two experts to sweep between (default: the first two)")
     sweep.add_argument("--points", type=int, default=5, help=f"number of weights, 2..{MAX_SWEEP_POINTS} (default 5)")
@@ -302,12 +312,9 @@ def _engine(args, limits=None):
     from msdda import Engine
     from msdda.validation import DEFAULT_LIMITS
 
-    import torch
-
     base, experts = resolve_models(args)
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     return Engine.from_pretrained(base, experts, backend=args.backend, device=args.device, scheduler=args.scheduler,
-                                  limits=limits or DEFAULT_LIMITS, variant=args.variant, dtype=dtype,
+                                  limits=limits or DEFAULT_LIMITS, variant=args.variant, dtype=torch_dtype(args.dtype),
                                   cuda_graphs=args.cuda_graphs)
 
 

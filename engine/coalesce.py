@@ -5,17 +5,12 @@ call with per-sample weights, seeds and conditioning; the others form their own 
 fails is split in halves until the failing requests stand alone, so one bad request (an unknown expert, an
 infeasible composition) fails only itself and the rest still share calls.
 
-Exact batching. A sample's noise depends only on its own seed, but the CPU math libraries do not compute a row
-the same way at every batch size: MKL's sgemm (``nn.Linear``) gives a row different last bits for 1, 2-3 and
-4+ rows, oneDNN's convolutions pick kernels by batch size and thread count. So a merged call is, by default, run
-under ``SeparateRequestRows``: every linear and convolution is computed on each request's own rows, in the
-shapes that request's direct call has, while everything else (the Python-level UNet traversal, norms,
-activations, the fused step) still runs once for the whole batch. Each image is then bit-identical to
-``engine.generate`` of its request alone on the same machine and thread count, with one exception outside this
-module: the fused step's CPU torch path (no Triton) treats a call with a single sample differently from a call
-with several (``msdda.kernels.compose``), so a one-image request can differ from its direct call in the last
-bits there. ``exact=False`` skips the regrouping and merges plainly: faster, with images equal to the direct
-call only to float32 rounding.
+Exactness comes from the Engine, not from here. A sample's noise depends only on its own seed, but CPU math
+libraries compute a row's last bits differently at different row counts (MKL's sgemm, oneDNN's convolution
+kernels), so on a plain Engine a merged call equals the separate calls only to float32 rounding. An Engine built
+with ``row_block=Q`` runs every network call in blocks of exactly Q rows (``msdda.engine.in_row_blocks``): then
+each request's share of a merged call is bit-identical to ``engine.generate`` of that request alone on that
+Engine (same machine, same thread count), which is how ``msdda serve`` and ``msdda batch`` run by default.
 """
 from __future__ import annotations
 
@@ -25,9 +20,8 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-__all__ = ["Share", "SeparateRequestRows", "encode_png", "generate_many", "merge_key", "per_sample_fields"]
+__all__ = ["Share", "encode_png", "generate_many", "merge_key", "per_sample_fields"]
 
 #: Engine.generate arguments that hold for a whole call: requests must agree on them to share one
 CALL_FIELDS = ("steps", "eta", "guidance_scale", "strategy", "output_type", "normalize", "expert_betas", "beta",
@@ -83,12 +77,10 @@ def per_sample_fields(call: Mapping) -> dict | None:
     return out
 
 
-def merge_key(call: Mapping, *, exact: bool = True):
+def merge_key(call: Mapping):
     """Requests with equal keys can share one engine call; None means the request must run alone."""
     if per_sample_fields(call) is None or set(call) - _MERGEABLE:
         return None
-    if exact and call.get("strategy", "msdda") == "soup":
-        return None     # soup runs one averaged network per distinct weight vector, over rows from several requests
     parts = [json.dumps(call.get(name), sort_keys=True, default=repr) for name in CALL_FIELDS]
     # whether a per-sample field is given at all changes what the engine does (default weights, no labels ...)
     parts.append(tuple(call.get(name) is None for name in SAMPLE_FIELDS if name != "seed"))
@@ -105,72 +97,6 @@ def _merged_call(calls: Sequence[Mapping]) -> dict:
     return merged
 
 
-# ---------------------------------------------------------------------- exact batching
-def _layout_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` (dense) re-laid-out with ``like``'s dimension order in memory (e.g. channels-last), because the math
-    libraries choose their kernels by memory layout as well as by shape."""
-    if t.dim() < 2 or like.is_contiguous():
-        return t
-    order = sorted(range(like.dim()), key=lambda d: (-like.stride(d), d))   # outermost dimension first
-    inverse = [order.index(d) for d in range(like.dim())]
-    return t.permute(order).contiguous().permute(inverse)
-
-
-class SeparateRequestRows(TorchFunctionMode):
-    """Run every linear layer and convolution on each request's rows separately (see the module docstring).
-
-    ``counts``: samples per request, in the order their rows are concatenated in the merged call. An input whose
-    leading dimension is m * sum(counts) is taken as m blocks of the batch (the CFG halves, stacked experts), so
-    request r's rows are its samples in every block, in the order its own call would have them. Row groups only
-    regroup row-wise operations, so a tensor that is not laid out that way still gets correct values. Modes are
-    per thread: enter it in the thread that calls ``Engine.generate``.
-    """
-
-    SPLIT_ROWS = frozenset({torch.nn.functional.linear, torch.nn.functional.conv1d, torch.nn.functional.conv2d,
-                       torch.nn.functional.conv3d, torch.nn.functional.conv_transpose1d,
-                       torch.nn.functional.conv_transpose2d, torch.nn.functional.conv_transpose3d})
-
-    def __init__(self, counts: Sequence[int]):
-        super().__init__()
-        self.counts = tuple(int(n) for n in counts)
-        self.total = sum(self.counts)
-        self._rows: dict[tuple, tuple] = {}
-
-    def _row_groups(self, rows: int, device) -> tuple[list[torch.Tensor], torch.Tensor]:
-        key = (rows, str(device))
-        if key not in self._rows:
-            blocks = rows // self.total
-            groups, start = [], 0
-            for n in self.counts:
-                groups.append(torch.cat([torch.arange(b * self.total + start, b * self.total + start + n)
-                                         for b in range(blocks)]).to(device))
-                start += n
-            self._rows[key] = (groups, torch.cat(groups))
-        return self._rows[key]
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if len(self.counts) > 1 and args and isinstance(args[0], torch.Tensor):
-            if func in self.SPLIT_ROWS:
-                return self._per_request(func, args, kwargs, dim=0)
-            if func is torch.bmm:     # LoRA deltas: [members, rows, features] (rows of a@b depend on a's rows only)
-                return self._per_request(func, args, kwargs, dim=1)
-        return func(*args, **kwargs)
-
-    def _per_request(self, func, args, kwargs, dim: int):
-        x = args[0]
-        rows = x.shape[dim] if x.dim() >= 2 else 0
-        if rows < self.total or rows % self.total:
-            return func(*args, **kwargs)
-        groups, order = self._row_groups(rows, x.device)
-        outs = [func(_layout_like(x.index_select(dim, g), x), *args[1:], **kwargs) for g in groups]
-        shape = list(outs[0].shape)
-        shape[dim] = rows
-        out = _layout_like(outs[0].new_empty(shape), outs[0])
-        out.index_copy_(dim, order, torch.cat(outs, dim))
-        return out
-
-
 # ---------------------------------------------------------------------- running
 def _shares(out, counts: Sequence[int], output_type: str) -> list[Share]:
     shares, start = [], 0
@@ -185,7 +111,7 @@ def _shares(out, counts: Sequence[int], output_type: str) -> list[Share]:
     return shares
 
 
-def _run(engine, calls: Sequence[Mapping], exact: bool) -> list:
+def _run(engine, calls: Sequence[Mapping]) -> list:
     """One engine call for ``calls`` (all with one merge key), bisected on failure."""
     if len(calls) == 1:
         try:
@@ -196,31 +122,23 @@ def _run(engine, calls: Sequence[Mapping], exact: bool) -> list:
     merged = _merged_call(calls)
     counts = [len(per_sample_fields(c)["seed"]) for c in calls]
     try:
-        if exact:
-            with SeparateRequestRows(counts):
-                out = engine.generate(**merged)
-        else:
-            out = engine.generate(**merged)
+        out = engine.generate(**merged)
     except Exception:  # noqa: BLE001 -- someone in the group is bad: find out who, the others still share calls
         half = len(calls) // 2
-        return _run(engine, calls[:half], exact) + _run(engine, calls[half:], exact)
+        return _run(engine, calls[:half]) + _run(engine, calls[half:])
     return _shares(out, counts, merged.get("output_type", "pil"))
 
 
-def generate_many(engine, calls: Sequence[Mapping], *, exact: bool = True) -> list:
+def generate_many(engine, calls: Sequence[Mapping]) -> list:
     """Run ``Engine.generate(**call)`` for every call, sharing engine calls where the calls allow.
 
-    Returns, in order, one ``Share`` or the exception that call raised. With ``exact`` (the default) every
-    Share is bit-identical to ``engine.generate(**call)`` on its own (same machine, same thread count); a
-    backend that is not torch (ONNX Runtime, TensorRT) computes rows outside torch, so there ``exact`` runs each
-    call alone.
+    Returns, in order, one ``Share`` or the exception that call raised. On an Engine with a ``row_block`` every
+    Share is bit-identical to ``engine.generate(**call)`` on its own (see the module docstring).
     """
-    if exact and getattr(engine, "backend_name", "torch") != "torch":
-        return [r for call in calls for r in _run(engine, [call], exact)]
     groups: dict = {}
     order = []
     for i, call in enumerate(calls):
-        key = merge_key(call, exact=exact)
+        key = merge_key(call)
         key = ("alone", i) if key is None else key
         if key not in groups:
             groups[key] = []
@@ -229,6 +147,6 @@ def generate_many(engine, calls: Sequence[Mapping], *, exact: bool = True) -> li
     results: list = [None] * len(calls)
     for key in order:
         members = groups[key]
-        for i, result in zip(members, _run(engine, [calls[i] for i in members], exact)):
+        for i, result in zip(members, _run(engine, [calls[i] for i in members])):
             results[i] = result
     return results

@@ -1,28 +1,33 @@
-"""What ``msdda serve`` and ``msdda batch`` share: the model flags, the Engine description that Ray workers load,
-and starting (or joining) Ray.
+"""What ``msdda serve`` and ``msdda batch`` share: the Engine description that Ray workers load, and starting (or
+joining) Ray. Their model flags are ``msdda.cli.add_model_args``, as for every command.
 
 Ray is imported only inside functions: ``import msdda.cli`` stays light, and Ray is an optional extra
 (``pip install 'msdda[serve]'``).
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["ModelSpec", "add_model_args", "model_spec", "start_ray", "stop_ray", "require_ray"]
+__all__ = ["ModelSpec", "model_spec", "start_ray", "stop_ray", "require_ray"]
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything a Ray worker needs to load the same Engine: plain strings, so it pickles anywhere. On a
+    """Everything a Ray worker needs to load the same Engine: plain values, so it pickles anywhere. On a
     cluster the paths must be readable by every node (shared storage)."""
     base: str
     experts: dict = field(default_factory=dict)
     backend: str = "torch"
     device: str = "cpu"
     scheduler: str | None = None
+    variant: str | None = None
+    dtype: str = "auto"               # --dtype: a torch dtype name, or "auto" (the Engine chooses)
+    cuda_graphs: bool = True
     threads: int = 1                  # torch CPU threads in each worker (bitwise results depend on it)
+    row_block: int | None = None      # Engine(row_block=): batch-invariant network calls (exact batching)
+    max_images: int = 10_000          # the Engine's limits (for one merged call of many requests)
+    max_steps: int = 1_000
     default_steps: int = 50
     default_guidance_scale: float = 7.5
 
@@ -31,25 +36,20 @@ class ModelSpec:
         import torch
 
         from msdda import Engine
+        from msdda.cli import torch_dtype
+        from msdda.validation import Limits
 
         torch.set_num_threads(self.threads)
         return Engine.from_pretrained(self.base, self.experts, backend=self.backend, device=self.device,
-                                      scheduler=self.scheduler)
+                                      scheduler=self.scheduler, variant=self.variant, dtype=torch_dtype(self.dtype),
+                                      cuda_graphs=self.cuda_graphs, row_block=self.row_block,
+                                      limits=Limits(self.max_images, self.max_steps))
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The model flags of ``msdda generate`` (the embedded zoo when neither --base nor --expert is given)."""
-    g = p.add_argument_group("models (default: the embedded digits zoo)")
-    g.add_argument("--base", metavar="PATH", help="base model: a diffusers pipeline folder, a folder with unet/, or a UNet folder")
-    g.add_argument("--expert", metavar="NAME=PATH", action="append",
-                   help="an aligned expert: a UNet folder of the base's architecture or a LoRA adapter (repeatable)")
-    g.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"), help="network runtime (default torch)")
-    g.add_argument("--device", default=None, help="torch device (default: cuda when --num-gpus > 0, else cpu)")
-    g.add_argument("--scheduler", choices=("ddpm", "ddim"), help="sampler family (default: the base's own)")
-
-
-def model_spec(args, *, threads: int, num_gpus: float) -> ModelSpec:
-    """The Engine the flags describe, with the zoo's sampling defaults when the models are the zoo's."""
+def model_spec(args, *, threads: int, num_gpus: float, row_block: int | None, max_images: int,
+               max_steps: int) -> ModelSpec:
+    """The Engine the model flags (``msdda.cli.add_model_args``) describe, with the zoo's sampling defaults when
+    the models are the zoo's."""
     from msdda import zoo
     from msdda.cli import CliError, resolve_models
 
@@ -60,8 +60,9 @@ def model_spec(args, *, threads: int, num_gpus: float) -> ModelSpec:
     using_zoo = args.base is None
     device = args.device or ("cuda" if num_gpus > 0 else "cpu")
     return ModelSpec(base=str(base), experts={n: str(p) for n, p in experts.items()}, backend=args.backend,
-                     device=device, scheduler=args.scheduler, threads=threads,
-                     default_steps=zoo.DEFAULT_STEPS if using_zoo else 50,
+                     device=device, scheduler=args.scheduler, variant=args.variant, dtype=args.dtype,
+                     cuda_graphs=args.cuda_graphs, threads=threads, row_block=row_block, max_images=max_images,
+                     max_steps=max_steps, default_steps=zoo.DEFAULT_STEPS if using_zoo else 50,
                      default_guidance_scale=zoo.DEFAULT_GUIDANCE_SCALE if using_zoo else 7.5)
 
 

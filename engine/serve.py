@@ -11,7 +11,8 @@
 Concurrent requests are gathered by ``@serve.batch`` and run by ``msdda.coalesce.generate_many``: requests that
 agree on the per-call arguments share one ``Engine.generate`` call with per-sample weights, seeds and labels;
 the others run as their own calls; a failing request is split off so it fails alone. With exact batching (the
-default) every response is bit-identical to ``Engine.generate`` of that request alone.
+default) the replica's Engine is batch-invariant (``row_block``, see ``msdda.coalesce``), so every response is
+bit-identical to ``Engine.generate`` of that request alone on an Engine built the same way.
 
 Metrics go through ``ray.serve.metrics`` to Ray's Prometheus endpoint (``ray_msdda_*``).
 """
@@ -25,40 +26,41 @@ import math
 import time
 from dataclasses import dataclass
 
-from msdda.ray_runtime import ModelSpec, add_model_args, model_spec, require_ray, start_ray, stop_ray
+from msdda.ray_runtime import ModelSpec, model_spec, require_ray, start_ray, stop_ray
+from msdda.validation import Limits, check_num_images, check_steps
 
-__all__ = ["Limits", "ServeSettings", "add_command", "build_app", "check_limits", "parse_request", "run"]
+__all__ = ["ServeSettings", "add_command", "build_app", "check_limits", "parse_request", "run"]
 
 APP_NAME = "msdda"
 LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Serving-specific bounds on one request (the engine validates everything else)."""
-    max_images: int = 16
-    max_steps: int = 1000
+DEFAULT_ROW_BLOCK = 8      # --row-block: rows per network call under exact batching (see the README's table)
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    limits: Limits = Limits()
+    limits: Limits = Limits(max_images=16)   # per request (msdda.validation); the Engine's allow a whole batch
     max_batch_size: int = 16          # requests gathered into one batch
     batch_wait_s: float = 0.02
-    exact_batching: bool = True
+    row_block: int | None = DEFAULT_ROW_BLOCK   # the Engine's (None: plain batching, equal to float32 rounding)
+
+    @property
+    def engine_limits(self) -> Limits:
+        """The replica Engine's limits: room for a batch of requests at the per-request limits."""
+        return Limits(self.limits.max_images * self.max_batch_size, self.limits.max_steps)
 
 
 def check_limits(call: dict, limits: Limits) -> None:
-    """Raise ValueError when a request asks for more than this server allows."""
+    """Raise ValueError (msdda.validation's line) when one request asks for more than this server allows."""
     steps = call.get("steps")
-    if isinstance(steps, int) and steps > limits.max_steps:
-        raise ValueError(f"steps={steps} is above this server's limit of {limits.max_steps} (--max-steps)")
+    if isinstance(steps, int):
+        check_steps(steps, limits)
     sizes = [call.get("num_images", 1)] + [len(v) for v in (call.get(k) for k in ("class_labels", "prompt", "seed"))
                                            if isinstance(v, list)]
-    if max(sizes) > limits.max_images:
-        raise ValueError(f"{max(sizes)} images requested; this server allows at most {limits.max_images} per "
-                         "request (--max-images)")
+    if all(isinstance(n, int) for n in sizes):
+        check_num_images(max(sizes), limits)
 
 
 # ---------------------------------------------------------------------- request parsing
@@ -188,7 +190,8 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
                 "class_labels": [0, eng.num_classes - 2] if eng.num_classes and not eng.is_text else None,
                 "default_steps": spec.default_steps, "default_guidance_scale": spec.default_guidance_scale,
                 "limits": {"max_images": settings.limits.max_images, "max_steps": settings.limits.max_steps},
-                "max_batch_size": settings.max_batch_size, "exact_batching": settings.exact_batching,
+                "max_batch_size": settings.max_batch_size, "exact_batching": settings.row_block is not None
+                or settings.max_batch_size == 1, "row_block": settings.row_block,
                 "backend": spec.backend, "device": spec.device, "torch_threads": spec.threads,
             }
             self.requests = Counter("msdda_requests", description="HTTP requests answered, by route and status",
@@ -214,7 +217,7 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
         def _generate_many(self, calls: list) -> list:
             from msdda.coalesce import generate_many
 
-            results = generate_many(self.engine, calls, exact=settings.exact_batching)
+            results = generate_many(self.engine, calls)
             calls_seen = set()    # shares of one engine call are views of the same latents: observe it once
             for r in results:
                 if not isinstance(r, Exception) and r.latents.untyped_storage().data_ptr() not in calls_seen:
@@ -263,9 +266,12 @@ def add_command(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve generation over HTTP with Ray Serve (dynamic batching)",
                        description="Serve POST /v1/generate, GET /v1/models and GET /healthz with Ray Serve. "
                                    "Concurrent requests share engine calls; each response equals Engine.generate "
-                                   "of that request alone. Starts a local Ray, or joins $RAY_ADDRESS. "
+                                   "of that request alone (exact batching). Starts a local Ray, or joins "
+                                   "$RAY_ADDRESS. "
                                    "Ctrl-C or SIGTERM stops the server and the Ray it started.")
-    add_model_args(p)
+    from msdda.cli import add_model_args
+
+    add_model_args(p, device_default=None)
     g = p.add_argument_group("serving")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -278,13 +284,27 @@ def add_command(sub) -> argparse.ArgumentParser:
     g.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (default 0)")
     g.add_argument("--max-steps", type=int, default=1000, help="largest 'steps' a request may ask for (default 1000)")
     g.add_argument("--max-images", type=int, default=16, help="most images one request may ask for (default 16)")
-    g.add_argument("--exact-batching", action=argparse.BooleanOptionalAction, default=True,
-                   help="compute each request's rows of every linear/conv layer separately, so a response is "
-                        "bit-identical to Engine.generate of that request alone (default on; --no-exact-batching "
-                        "is faster on CPU, equal only to float32 rounding)")
+    add_batching_args(g)
     g.add_argument("--metrics-port", type=int, default=None,
                    help="port of Ray's Prometheus metrics endpoint (default: Ray picks one and it is printed)")
     return p
+
+
+def add_batching_args(g) -> None:
+    """--exact-batching / --row-block, shared with ``msdda batch``."""
+    g.add_argument("--exact-batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine batch-invariant (every network call on --row-block rows), so each image is "
+                        "bit-identical to Engine.generate of its request alone (default on; --no-exact-batching "
+                        "batches plainly: equal to float32 rounding)")
+    g.add_argument("--row-block", type=int, default=DEFAULT_ROW_BLOCK,
+                   help=f"rows per network call under exact batching (default {DEFAULT_ROW_BLOCK})")
+
+
+def engine_row_block(args, max_batch: int) -> int | None:
+    """The Engine's row_block for these flags: --row-block under exact batching, None when batching plainly or
+    when every engine call holds one request anyway (batches of one row group: already exact, no padding)."""
+    _positive("--row-block", args.row_block)
+    return args.row_block if args.exact_batching and max_batch > 1 else None
 
 
 def deployment_error(serve) -> str | None:
@@ -336,13 +356,15 @@ def run(args) -> int:
     _positive("--num-gpus", args.num_gpus, allow_zero=True)
     cpus = args.num_cpus if args.num_cpus is not None else max(1, (os.cpu_count() or 1) // args.replicas)
     _positive("--num-cpus", cpus)
-    spec = model_spec(args, threads=cpus, num_gpus=args.num_gpus)
+    row_block = engine_row_block(args, args.max_batch_size)
+    settings = ServeSettings(Limits(args.max_images, args.max_steps), args.max_batch_size,
+                             args.batch_wait_ms / 1000, row_block)
+    spec = model_spec(args, threads=cpus, num_gpus=args.num_gpus, row_block=row_block,
+                      max_images=settings.engine_limits.max_images, max_steps=args.max_steps)
     if spec.default_steps > args.max_steps:
         from msdda.cli import CliError
 
         raise CliError(f"--max-steps {args.max_steps} is below the models' default of {spec.default_steps} steps")
-    settings = ServeSettings(Limits(args.max_images, args.max_steps), args.max_batch_size,
-                             args.batch_wait_ms / 1000, args.exact_batching)
     _check_port_free(args.host, args.port)
     require_ray()
     stop = threading.Event()

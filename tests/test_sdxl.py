@@ -136,10 +136,10 @@ def test_sdxl_onnx_runtime_and_export(sdxl, tmp_path):
     """The ONNX graph of an SDXL UNet takes text_embeds and time_ids; ONNX Runtime's forward equals torch's
     within a multiple of torch's own float32-vs-float64 error on the same inputs."""
     from msdda.backends import Conditioning
-    from msdda.export import export_pipeline
+    from msdda.exporting import export_models
 
     base, _, _ = sdxl
-    manifest = export_pipeline(base, {}, tmp_path / "onnx")
+    manifest = export_models(base, {}, tmp_path / "onnx")
     assert manifest["cond"] == "text_time"
     assert manifest["inputs"]["text_embeds"] == ["N", 32] and manifest["inputs"]["time_ids"] == ["N", 6]
     import onnx

@@ -198,7 +198,7 @@ def make_tiny_sdxl_pipeline(path, *, seed: int = 0, sample_size: int = 16, force
                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8,
                         sample_size=2 * sample_size)
     tok_dir = path / "_tok"
-    _write_tokenizer(tok_dir)
+    write_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir)
     text_config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -41,6 +41,8 @@ def unet_kwargs(cond: Conditioning) -> dict:
         kwargs["encoder_hidden_states"] = cond.encoder_hidden_states
     if cond.class_labels is not None:
         kwargs["class_labels"] = cond.class_labels
+    if cond.text_embeds is not None or cond.time_ids is not None:
+        kwargs["added_cond_kwargs"] = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
     return kwargs
 
 
