@@ -8,7 +8,8 @@ then the clients share the M requests (mixed weights over the zoo's experts, cla
 request the same steps) and each checks its answer: HTTP 200, every image a PNG of the model's size. It
 stops the server with SIGTERM before the next setting. Settings:
 
-- ``exact``: dynamic batching, each response bit-identical to a direct Engine.generate (the default server);
+- ``exact``: dynamic batching on a batch-invariant Engine (``--row-block``), each response bit-identical to a
+  direct Engine.generate on an Engine built the same way (the default server);
 - ``fast``:  dynamic batching with --no-exact-batching (equal to a direct call to float32 rounding);
 - ``single``: --max-batch-size 1, i.e. no batching: the baseline.
 
@@ -182,6 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the server's --num-cpus (torch threads)")
     p.add_argument("--max-batch-size", type=int, default=16, help="--max-batch-size of the batching settings")
     p.add_argument("--batch-wait-ms", type=float, default=20.0)
+    p.add_argument("--row-block", type=int, default=None, help="--row-block of the exact setting (default: the server's)")
     p.add_argument("--budget-s", type=float, default=3600.0, help="per setting: stop sending after this long")
     p.add_argument("--request-timeout-s", type=float, default=600.0)
     p.add_argument("--startup-s", type=float, default=300.0)
@@ -205,15 +207,21 @@ def main(argv=None) -> int:
         extra = list(SETTINGS[name])
         if name != "single":
             extra += ["--max-batch-size", str(args.max_batch_size)]
+        if name == "exact" and args.row_block is not None:
+            extra += ["--row-block", str(args.row_block)]
         extra += ["--batch-wait-ms", str(args.batch_wait_ms), "--max-steps", str(max(args.steps, 50))]
         print(f"serve_load: {name}: starting msdda serve {' '.join(extra)}", flush=True)
         proc, url, log = start_server(extra, args.threads, logs / f"{name}.log", args.startup_s)
         try:
             post(url, requests[0], args.request_timeout_s)                    # warm-up, not counted
+            with urllib.request.urlopen(url + "/v1/models", timeout=60) as resp:
+                info = json.loads(resp.read())
             stats = run_load(url, requests, args.clients, args.budget_s, args.request_timeout_s, (16, 16))
         finally:
             stop_server(proc, log)
         stats["server_flags"] = extra
+        stats["server"] = {k: info.get(k) for k in ("max_batch_size", "exact_batching", "row_block", "torch_threads",
+                                                    "backend", "device")}
         result["settings"][name] = stats
         print(f"serve_load: {name}: {stats['ok']}/{stats['sent']} ok, lost {stats['lost']}, failed {stats['failed']}, "
               f"invalid {stats['invalid_images']}; {stats['images_per_s']:.2f} images/s, "

@@ -283,18 +283,23 @@ def _limits(args):
         raise CliError(f"--{str(exc).replace('_', '-')}") from None
 
 
-def _uses_zoo(args) -> bool:
-    return args.base is None and not args.expert
+def default_sampling(args) -> tuple[int, float]:
+    """(steps, guidance scale) when a command is not given them: the zoo's defaults for the zoo, else 50 and 7.5
+    (diffusers' StableDiffusionPipeline defaults)."""
+    from msdda import zoo
+
+    if args.base is None and not args.expert:
+        return zoo.DEFAULT_STEPS, zoo.DEFAULT_GUIDANCE_SCALE
+    return 50, 7.5
 
 
 def _sampling(args, limits, num_images: int) -> dict:
     """The sampling arguments shared by generate and sweep, checked before any model is loaded."""
     from msdda import validation as v
-    from msdda import zoo
 
-    steps = args.steps if args.steps is not None else (zoo.DEFAULT_STEPS if _uses_zoo(args) else 50)
-    gscale = args.guidance_scale if args.guidance_scale is not None else \
-        (zoo.DEFAULT_GUIDANCE_SCALE if _uses_zoo(args) else 7.5)
+    default_steps, default_guidance = default_sampling(args)
+    steps = args.steps if args.steps is not None else default_steps
+    gscale = args.guidance_scale if args.guidance_scale is not None else default_guidance
     checked = dict(steps=v.check_steps(steps, limits), guidance_scale=v.check_guidance_scale(gscale),
                    eta=v.check_eta(args.eta), strategy=args.strategy, normalize=args.normalize,
                    expert_betas=parse_betas(args.expert_betas))

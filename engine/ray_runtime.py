@@ -50,20 +50,19 @@ def model_spec(args, *, threads: int, num_gpus: float, row_block: int | None, ma
                max_steps: int) -> ModelSpec:
     """The Engine the model flags (``msdda.cli.add_model_args``) describe, with the zoo's sampling defaults when
     the models are the zoo's."""
-    from msdda import zoo
-    from msdda.cli import CliError, resolve_models
+    from msdda.cli import CliError, default_sampling, resolve_models
 
     base, experts = resolve_models(args)
     for name, path in [("--base", base), *((f"--expert {n}", p) for n, p in experts.items())]:
         if not os.environ.get("RAY_ADDRESS") and not os.path.exists(path):
             raise CliError(f"{name}: {path} does not exist")
-    using_zoo = args.base is None
+    default_steps, default_guidance = default_sampling(args)
     device = args.device or ("cuda" if num_gpus > 0 else "cpu")
     return ModelSpec(base=str(base), experts={n: str(p) for n, p in experts.items()}, backend=args.backend,
                      device=device, scheduler=args.scheduler, variant=args.variant, dtype=args.dtype,
                      cuda_graphs=args.cuda_graphs, threads=threads, row_block=row_block, max_images=max_images,
-                     max_steps=max_steps, default_steps=zoo.DEFAULT_STEPS if using_zoo else 50,
-                     default_guidance_scale=zoo.DEFAULT_GUIDANCE_SCALE if using_zoo else 7.5)
+                     max_steps=max_steps, default_steps=default_steps,
+                     default_guidance_scale=default_guidance)
 
 
 def require_ray():

@@ -1,7 +1,6 @@
 """Runtime: Engine.generate over tiny diffusers models, every strategy, both backends, concurrency."""
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch
 import msdda
 from msdda.loading import LoadError
 from tiny_models import make_tiny_sd_pipeline, make_tiny_unet2d, perturbed_copy
+from threads import run_at_once
 from tolerance import assert_differ, assert_within, generate_float64, rounding_bound, twin_bound
 
 STEPS = 4
@@ -201,24 +201,7 @@ def _check_threads_match_sequential(pixel_engine):
     jobs = [dict(weights={"a": w, "b": 1 - w}, seed=[s], strategy=st)
             for w, s, st in ((0.1, 1, "msdda"), (0.5, 2, "mpa"), (0.7, 3, "msdda"), (0.9, 4, "soup"))]
     sequential = [_gen(pixel_engine, **j) for j in jobs]
-    results = [None] * len(jobs)
-    barrier = threading.Barrier(len(jobs))
-
-    errors = []
-
-    def work(i):
-        barrier.wait()
-        try:
-            results[i] = _gen(pixel_engine, **jobs[i])
-        except BaseException as exc:  # surfaced below, with its message
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, repr(errors[0])
+    results = run_at_once(lambda job: _gen(pixel_engine, **job), [(j,) for j in jobs])
     for got, want in zip(results, sequential):
         _same(got, want)
 

@@ -263,7 +263,7 @@ def test_property_matches_reference(K, B, C, S, mode, cfg, clip, use_triton, see
 def test_concurrent_calls_match_sequential(impl):
     """Backends may be driven from several threads at once (ARCHITECTURE.md 5); the step must not care (the Triton
     interpreter is not thread-safe by itself, so interpreted launches are serialised)."""
-    import threading
+    from threads import run_at_once
 
     K, B, C, S = 2, 1, 2, (4, 4)
     jobs = [(make_raw(K, B, C, S, VarMode.LEARNED_RANGE, 2.0, seed=i), torch.randn(B, C, *S)) for i in range(4)]
@@ -271,22 +271,6 @@ def test_concurrent_calls_match_sequential(impl):
     coeff = torch.tensor([0.6, 0.4])
     run = lambda raw, x_t: fused_expert_step(raw, x_t, coeff, sc, guidance_scale=2.0, seed=3)  # noqa: E731
     want = [run(*j) for j in jobs]
-    got, errors = [None] * 4, []
-    barrier = threading.Barrier(4)
-
-    def work(i):
-        barrier.wait()
-        try:
-            for _ in range(3):
-                got[i] = run(*jobs[i])
-        except BaseException as e:  # noqa: BLE001 - surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, repr(errors[0])
+    got = run_at_once(run, jobs, repeats=3)
     for g, w in zip(got, want):
         assert torch.equal(g, w)

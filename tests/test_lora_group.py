@@ -6,7 +6,6 @@ bound for lora vs loop is the loop path's own float32 error, measured against it
 networks loaded in float64), x TWIN_MULTIPLE (tests/tolerance.py)."""
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch
 import msdda
 from msdda.backends import Conditioning
 from tiny_models import make_tiny_sd_pipeline, make_tiny_unet2d, perturbed_copy, write_lora_adapter
+from threads import run_at_once
 from tolerance import assert_differ, assert_within, generate_float64, twin_bound
 
 SUBSETS = [(0, 1, 2), (1, 2), (2,), (0, 2), (2, 1)]
@@ -88,22 +88,13 @@ def test_concurrent_calls_keep_their_own_members(sd_lora):
     with torch.inference_mode():
         refs = {m: lora.backend.forward(x, 500, cond, m) for m in SUBSETS}
     assert not torch.equal(refs[(1, 2)], refs[(2, 1)]) and not torch.equal(refs[(1, 2)], refs[(0, 2)])
-    errors, barrier = [], threading.Barrier(len(SUBSETS))
 
-    def worker(members):
-        barrier.wait()
+    def forward(members):
         with torch.inference_mode():
-            for _ in range(4):
-                out = lora.backend.forward(x, 500, cond, members)
-                if out.shape != refs[members].shape or not torch.equal(out, refs[members]):
-                    errors.append(members)
+            return [lora.backend.forward(x, 500, cond, members) for _ in range(4)]
 
-    threads = [threading.Thread(target=worker, args=(m,)) for m in SUBSETS]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    for members, outs in zip(SUBSETS, run_at_once(forward, [(m,) for m in SUBSETS])):
+        assert all(torch.equal(out, refs[members]) for out in outs), members
 
 
 def test_conv_only_adapter_on_a_pixel_unet(tmp_path):

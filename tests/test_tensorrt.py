@@ -598,7 +598,7 @@ def test_soup_engines_belong_to_the_call_not_the_backend(fake_trt, graphs, nets,
 
 
 def test_concurrent_soups_and_forwards_match_sequential(fake_trt, graphs, nets, tmp_path):
-    import threading
+    from threads import run_at_once
 
     from msdda.backends import Conditioning
     from msdda.backends.tensorrt_backend import TensorRTBackend
@@ -614,22 +614,7 @@ def test_concurrent_soups_and_forwards_match_sequential(fake_trt, graphs, nets, 
         return be.soup({0: 1 - w, 1: w})(x, 500, cond)
 
     sequential = [run(*j) for j in jobs]
-    results, errors = [None] * len(jobs), []
-    barrier = threading.Barrier(len(jobs))
-
-    def work(i):
-        barrier.wait()
-        try:
-            results[i] = run(*jobs[i])
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, repr(errors[0])
+    results = run_at_once(run, jobs)
     for got, want in zip(results, sequential):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert set(be._sets) == {2}

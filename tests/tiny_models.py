@@ -105,18 +105,25 @@ def tiny_sd_unet_config(sample_size: int = 16) -> dict:
     )
 
 
+def tiny_vae(sample_size: int):
+    """A tiny AutoencoderKL (4 latent channels, scale factor 2) for latents of sample_size^2."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8,
+                         sample_size=2 * sample_size)
+
+
 def make_tiny_sd_pipeline(path, *, seed: int = 0, sample_size: int = 16):
     """Write a tiny StableDiffusionPipeline folder (latent 4 x sample_size^2, 77-token text, DDIM)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
     _seeded(seed)
     unet = UNet2DConditionModel(**tiny_sd_unet_config(sample_size))
-    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8,
-                        sample_size=2 * sample_size)
+    vae = tiny_vae(sample_size)
     tok_dir = path / "_tok"
     write_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
@@ -187,16 +194,13 @@ def make_tiny_sdxl_pipeline(path, *, seed: int = 0, sample_size: int = 16, force
     32 wide), two byte-level tokenizers, a tiny VAE (scale factor 2) and a DDIM scheduler."""
     import shutil
 
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = Path(path)
     _seeded(seed)
     unet = UNet2DConditionModel(**tiny_sdxl_unet_config(sample_size))
-    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8,
-                        sample_size=2 * sample_size)
+    vae = tiny_vae(sample_size)
     tok_dir = path / "_tok"
     write_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
