@@ -36,7 +36,7 @@ LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
-DEFAULT_ROW_BLOCK = 8      # --row-block: rows per network call under exact batching (see the README's table)
+DEFAULT_ROW_BLOCK = 16     # --row-block: rows per network call under exact batching (README: "Exact batching")
 
 
 @dataclass(frozen=True)
