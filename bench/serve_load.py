@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--settings", default="exact,fast,single", help="comma-separated subset of " + ",".join(SETTINGS))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the server's --num-cpus (torch threads)")
     p.add_argument("--max-batch-size", type=int, default=16, help="--max-batch-size of the batching settings")
-    p.add_argument("--batch-wait-ms", type=float, default=20.0)
+    p.add_argument("--batch-wait-ms", type=float, default=None, help="the servers' --batch-wait-ms (default: theirs)")
     p.add_argument("--row-block", type=int, default=None, help="--row-block of the exact setting (default: the server's)")
     p.add_argument("--budget-s", type=float, default=3600.0, help="per setting: stop sending after this long")
     p.add_argument("--request-timeout-s", type=float, default=600.0)
@@ -209,7 +209,9 @@ def main(argv=None) -> int:
             extra += ["--max-batch-size", str(args.max_batch_size)]
         if name == "exact" and args.row_block is not None:
             extra += ["--row-block", str(args.row_block)]
-        extra += ["--batch-wait-ms", str(args.batch_wait_ms), "--max-steps", str(max(args.steps, 50))]
+        if args.batch_wait_ms is not None:
+            extra += ["--batch-wait-ms", str(args.batch_wait_ms)]
+        extra += ["--max-steps", str(max(args.steps, 50))]
         print(f"serve_load: {name}: starting msdda serve {' '.join(extra)}", flush=True)
         proc, url, log = start_server(extra, args.threads, logs / f"{name}.log", args.startup_s)
         try:

@@ -140,9 +140,10 @@ class Engine:
                                          "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline")
             if vae_dtype != base.vae.dtype:   # (Module.to: ModelMixin.to warns about fp32 modules, moot in fp32)
                 torch.nn.Module.to(base.vae, vae_dtype)
-        # Whole-step CUDA graphs (msdda.graphs): the torch backend on CUDA, unless cuda_graphs=False.
+        # Whole-step CUDA graphs (msdda.graphs): the torch backend on CUDA, unless cuda_graphs=False, or a float64
+        # Engine (a verification twin, which steps with the float64 definition above, never the kernels).
         self.step_graphs = StepGraphCache() if cuda_graphs and backend == "torch" and self.device.type == "cuda" \
-            else None
+            and self.dtype != torch.float64 else None
 
     # ------------------------------------------------------------------ construction
     @classmethod

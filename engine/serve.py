@@ -43,7 +43,7 @@ DEFAULT_ROW_BLOCK = 16     # --row-block: rows per network call under exact batc
 class ServeSettings:
     limits: Limits = Limits(max_images=16)   # per request (msdda.validation); the Engine's allow a whole batch
     max_batch_size: int = 16          # requests gathered into one batch
-    batch_wait_s: float = 0.02
+    batch_wait_s: float = 0.2
     row_block: int | None = DEFAULT_ROW_BLOCK   # the Engine's (None: plain batching, equal to float32 rounding)
 
     @property
@@ -276,8 +276,9 @@ def add_command(sub) -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     g.add_argument("--max-batch-size", type=int, default=16, help="most requests gathered into one batch (default 16)")
-    g.add_argument("--batch-wait-ms", type=float, default=20.0,
-                   help="how long a batch waits for more requests after its first (default 20 ms)")
+    g.add_argument("--batch-wait-ms", type=float, default=200.0,
+                   help="how long a batch waits for more requests after its first (default 200 ms: with 16 clients "
+                        "on a 2-core CPU, 20 ms gathered 2.2 requests per batch on average, 200 ms all 16)")
     g.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
     g.add_argument("--num-cpus", type=int, default=None,
                    help="CPUs per replica, also its torch threads (default: all cores / replicas)")

@@ -115,6 +115,19 @@ def test_bad_jobs_file_is_one_line_and_exit_2(tmp_path, capsys, content, message
     assert err.startswith("msdda: error: ") and "\n" not in err and message in err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--row-block", "0"], "--row-block must be positive"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--dtype", "float8"], "invalid choice"),
+])
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"class": 1, "seed": 1}\n')
+    assert cli.main(_batch_args(jobs, tmp_path / "out") + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("msdda: error: ") and "\n" not in err and message in err
+
+
 # ---------------------------------------------------------------------- runs
 def test_parquet_jobs_images_and_manifest(ray_address, zoo_engine, tmp_path, capsys):
     """A Parquet jobs file; the manifest holds the job's fields, the models' and the file's sha256 and timing;

@@ -198,6 +198,21 @@ def test_parse_request_errors_are_one_line():
         assert fragment in str(info.value) and "\n" not in str(info.value), body
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--row-block", "0"], "--row-block must be positive"),
+    (["--max-batch-size", "0"], "--max-batch-size must be positive"),
+    (["--max-images", "-1"], "--max-images must be positive"),
+    (["--port", "70000"], "--port must be in 1..65535"),
+    (["--dtype", "float8"], "invalid choice"),
+])
+def test_bad_flags_are_one_line_and_exit_2_before_ray_starts(capsys, flags, message):
+    from msdda import cli
+
+    assert cli.main(["serve", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("msdda: error: ") and "\n" not in err and message in err
+
+
 # ---------------------------------------------------------------------- the server
 def test_health_and_models(server):
     assert server.request("GET", "/healthz") == (200, {"status": "ok"})
