@@ -183,7 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the server's --num-cpus (torch threads)")
     p.add_argument("--max-batch-size", type=int, default=16, help="--max-batch-size of the batching settings")
     p.add_argument("--batch-wait-ms", type=float, default=None, help="the servers' --batch-wait-ms (default: theirs)")
-    p.add_argument("--row-block", type=int, default=None, help="--row-block of the exact setting (default: the server's)")
+    p.add_argument("--row-block", type=int, default=None,
+                   help="--row-block of the exact setting (default: the server's)")
     p.add_argument("--budget-s", type=float, default=3600.0, help="per setting: stop sending after this long")
     p.add_argument("--request-timeout-s", type=float, default=600.0)
     p.add_argument("--startup-s", type=float, default=300.0)

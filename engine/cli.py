@@ -181,8 +181,8 @@ def add_model_args(p: argparse.ArgumentParser, *, device_default: str | None = "
     g.add_argument("--expert", metavar="NAME=PATH", action="append",
                    help="an aligned expert: a UNet folder of the base's architecture or a LoRA adapter (repeatable)")
     g.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"), help="network runtime (default torch)")
-    g.add_argument("--device", default=device_default,
-                   help="torch device, e.g. cpu or cuda (default " + (device_default or "cuda when --num-gpus > 0, else cpu") + ")")
+    default_text = device_default or "cuda when --num-gpus > 0, else cpu"
+    g.add_argument("--device", default=device_default, help=f"torch device, e.g. cpu or cuda (default {default_text})")
     g.add_argument("--scheduler", choices=("ddpm", "ddim"), help="sampler family (default: the base's own)")
     g.add_argument("--variant", metavar="NAME", help="load *.NAME.safetensors weights, e.g. fp16 (as diffusers' variant=)")
     g.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",

@@ -13,7 +13,6 @@ decoded in the precision diffusers' own pipeline uses.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch

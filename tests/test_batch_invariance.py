@@ -55,7 +55,8 @@ def test_text_prompts_and_decoding_are_batch_invariant(tmp_path):
                "b": perturbed_copy(base, tmp_path / "b", seed=6, scale=0.2)}
     eng = msdda.Engine.from_pretrained(base, experts, row_block=2)
     kw = dict(steps=2, guidance_scale=3.0, negative_prompt="blurry", output_type="np")
-    prompts, weights, seeds = ["a cat", "a red cube", "a dog"], [{"a": 0.3, "b": 0.7}, {"a": 1.0}, {"b": 1.0}], [7, 8, 9]
+    prompts, seeds = ["a cat", "a red cube", "a dog"], [7, 8, 9]
+    weights = [{"a": 0.3, "b": 0.7}, {"a": 1.0}, {"b": 1.0}]
     merged = eng.generate(prompt=prompts, weights=weights, seed=seeds, **kw).images
     for i in range(3):
         alone = eng.generate(prompt=[prompts[i]], weights=[weights[i]], seed=[seeds[i]], **kw).images

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from msdda import cli
-from tiny_models import make_tiny_unet2d, perturbed_copy
+from tiny_models import damaged_copy, make_tiny_unet2d, perturbed_copy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -553,14 +553,7 @@ def test_missing_and_incompatible_models_exit_2(models, tmp_path, capsys):
     ("unet/config.json", {"sample_size": -8}, "sample_size must be an integer"),
 ])
 def test_damaged_configs_are_one_line_load_errors(models, tmp_path, capsys, where, content, message):
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(models[0], broken)
-    path = broken / where
-    if isinstance(content, dict):
-        content = json.dumps({**json.loads(path.read_text()), **content})
-    path.write_text(content)
+    broken = damaged_copy(models[0], tmp_path / "broken", where, content)
     t0 = time.monotonic()
     assert cli.main(["generate", "--base", str(broken), "--class", "1", "--out", str(tmp_path / "o")]) == 2
     line = _one_error_line(capsys, message)

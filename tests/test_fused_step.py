@@ -1,7 +1,6 @@
 """fused_expert_step: one launch from raw network outputs, against the float64 definition (and the torch path)."""
 import dataclasses
 import math
-import os
 from unittest import mock
 
 import pytest

@@ -59,7 +59,8 @@ def test_all_finite():
     assert all_finite(net.parameters())
     with torch.no_grad():
         net.weight[0, 0] = 7e4
-    assert all_finite(net.parameters()) and not all_finite(net.half().parameters())    # 7e4 > float16's largest finite value
+    # 7e4 is beyond float16's largest finite value
+    assert all_finite(net.parameters()) and not all_finite(net.half().parameters())
 
 
 @pytest.fixture(scope="module")

@@ -220,7 +220,8 @@ def test_health_and_models(server):
     assert status == 200
     assert info["experts"] == ["legible", "bold", "compressible"] and info["conditioning"] == "class"
     assert info["class_labels"] == [0, 9] and info["default_steps"] == 50 and "msdda" in info["strategies"]
-    assert info["torch_threads"] == SERVER_THREADS and info["exact_batching"] is True and info["row_block"] == DEFAULT_ROW_BLOCK
+    assert info["torch_threads"] == SERVER_THREADS and info["exact_batching"] is True
+    assert info["row_block"] == DEFAULT_ROW_BLOCK
     assert info["limits"] == {"max_images": 4, "max_steps": 60}
     assert [m["name"] for m in info["models"]] == ["base", "legible", "bold", "compressible"]
 

@@ -2,7 +2,6 @@
 ValueErrors before anything is allocated; what is accepted is accepted by both."""
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 import msdda
 from msdda import validation as v
 from msdda.loading import LoadError
-from tiny_models import make_tiny_unet2d, perturbed_copy
+from tiny_models import damaged_copy, make_tiny_unet2d, perturbed_copy
 
 
 @pytest.fixture(scope="module")
@@ -186,14 +185,7 @@ def test_check_strategy():
     ("scheduler/scheduler_config.json", {"trained_betas": "abc"}, "trained_betas must be a list"),
 ])
 def test_damaged_configs_are_load_errors(models, tmp_path, where, content, message):
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(models[0], broken)
-    path = broken / where
-    if isinstance(content, dict):
-        content = json.dumps({**json.loads(path.read_text()), **content})
-    path.write_text(content)
+    broken = damaged_copy(models[0], tmp_path / "broken", where, content)
     with pytest.raises(LoadError, match=message) as info:
         msdda.Engine.from_pretrained(broken)
     assert str(path) in str(info.value) and "\n" not in str(info.value)

@@ -236,3 +236,18 @@ def kohya_lora_keys(state: dict) -> dict:
         else:
             out[f"{name}.lora_up.weight"] = tensor * 2
     return out
+
+
+def damaged_copy(src, dst, where: str, content) -> Path:
+    """A copy of the model folder ``src`` at ``dst`` with the JSON file ``where`` damaged: ``content`` a dict
+    (merged into the file's object) or text (replacing the file)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = Path(dst) / where
+    if isinstance(content, dict):
+        content = json.dumps({**json.loads(path.read_text()), **content})
+    path.write_text(content)
+    return Path(dst)
+
