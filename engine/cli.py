@@ -283,12 +283,17 @@ def _limits(args):
         raise CliError(f"--{str(exc).replace('_', '-')}") from None
 
 
+def uses_zoo(args) -> bool:
+    """Whether the model flags name no models (the embedded zoo)."""
+    return args.base is None and not args.expert
+
+
 def default_sampling(args) -> tuple[int, float]:
     """(steps, guidance scale) when a command is not given them: the zoo's defaults for the zoo, else 50 and 7.5
     (diffusers' StableDiffusionPipeline defaults)."""
     from msdda import zoo
 
-    if args.base is None and not args.expert:
+    if uses_zoo(args):
         return zoo.DEFAULT_STEPS, zoo.DEFAULT_GUIDANCE_SCALE
     return 50, 7.5
 
@@ -539,7 +544,7 @@ def cmd_sweep(args) -> int:
 
 def _zoo_rewards(args, paths) -> dict:
     """Mean zoo rewards of the written images, when the models are the zoo's (else nothing)."""
-    if not _uses_zoo(args) or args.class_label is None:
+    if not uses_zoo(args) or args.class_label is None:
         return {}
     import numpy as np
     import torch

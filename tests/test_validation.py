@@ -188,7 +188,7 @@ def test_damaged_configs_are_load_errors(models, tmp_path, where, content, messa
     broken = damaged_copy(models[0], tmp_path / "broken", where, content)
     with pytest.raises(LoadError, match=message) as info:
         msdda.Engine.from_pretrained(broken)
-    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert str(broken / where) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_make_schedule_bounds():
