@@ -227,10 +227,10 @@ def _write_parquet(path: Path, records: list[dict]) -> None:
 class EngineWorker:
     """A ``map_batches`` callable class: each actor of the pool loads the Engine once and makes its batches."""
 
-    def __init__(self, spec: ModelSpec, out_dir: str):
+    def __init__(self, spec: ModelSpec, out_dir: str, exact: bool):
         self.engine = spec.load()
         self.images = Path(out_dir) / "images"
-        self.exact = spec.row_block is not None
+        self.exact = exact
         self.backend = spec.backend
         self.models = json.dumps([{"name": m.name, "sha256": m.sha256} for m in self.engine.models])
 
@@ -285,12 +285,12 @@ def add_command(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _check_run(out: Path, spec: ModelSpec) -> None:
+def _check_run(out: Path, spec: ModelSpec, exact: bool) -> None:
     """The folder holds this run's models and settings, or nothing yet (another run there is refused)."""
     from msdda.atomic import atomic_write_json
 
     run_info = {"base": spec.base, "experts": spec.experts, "backend": spec.backend, "scheduler": spec.scheduler,
-                "variant": spec.variant, "dtype": spec.dtype, "exact_batching": spec.row_block is not None,
+                "variant": spec.variant, "dtype": spec.dtype, "exact_batching": exact,
                 "row_block": spec.row_block}
     path = out / "run.json"
     if path.is_file():
@@ -316,11 +316,10 @@ def run(args) -> int:
     cpus = args.num_cpus if args.num_cpus is not None else max(1, (os.cpu_count() or 1) // args.concurrency)
     if cpus < 1:
         raise _bad(f"--num-cpus must be >= 1, got {cpus}")
-    from msdda.serve import engine_row_block
-    from msdda.validation import DEFAULT_LIMITS
+    from msdda.serve import batches_exactly, engine_row_block
 
-    spec = model_spec(args, threads=cpus, num_gpus=args.num_gpus, row_block=engine_row_block(args, args.batch_size),
-                      max_images=DEFAULT_LIMITS.max_images, max_steps=DEFAULT_LIMITS.max_steps)
+    spec = model_spec(args, threads=cpus, num_gpus=args.num_gpus, row_block=engine_row_block(args, args.batch_size))
+    exact = batches_exactly(spec.row_block, args.batch_size)
     rows = read_jobs(args.input, spec)
     out = Path(args.out)
     try:
@@ -328,7 +327,7 @@ def run(args) -> int:
         (out / "manifest.parts").mkdir(exist_ok=True)
     except OSError as exc:
         raise _bad(f"cannot create output folder {out}: {exc.strerror}") from None
-    _check_run(out, spec)
+    _check_run(out, spec, exact)
     for stale in (out / "images").glob(".*.tmp"):     # half-written temp files of a killed run (never renamed)
         stale.unlink(missing_ok=True)
     todo, done = pending_rows(rows, out)
@@ -346,7 +345,7 @@ def run(args) -> int:
             logging.getLogger("ray.data").setLevel(logging.ERROR)   # progress is printed below, one line a part
             ray.data.DataContext.get_current().enable_progress_bars = False
             ds = ray.data.from_items(todo).map_batches(
-                EngineWorker, fn_constructor_kwargs={"spec": spec, "out_dir": str(out)},
+                EngineWorker, fn_constructor_kwargs={"spec": spec, "out_dir": str(out), "exact": exact},
                 batch_size=args.batch_size, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=args.concurrency), num_cpus=cpus, num_gpus=args.num_gpus)
             for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

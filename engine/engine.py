@@ -22,9 +22,9 @@ from msdda.export.artifacts import ArtifactMismatch
 from msdda.graphs import StepGraphCache, StepInputs, sample_graphed
 from msdda.kernels import (StepScalars, fused_expert_step, fused_expert_step_ref, philox_normal, prepare_fused_step,
                            raise_if_bad)
-from msdda.loading import (LORA_FILES, MAX_SAMPLE_SIZE, TIME_IDS, UNET_STEM, BaseModel, LoadError, LoraAdapter,
-                           check_base_parts, check_compatible, check_scheduler_config, check_unet_config, load_base,
-                           load_expert_weights, merged_network, unet_folder, weight_files)
+from msdda.loading import (MAX_SAMPLE_SIZE, TIME_IDS, BaseModel, LoadError, LoraAdapter, check_base_parts,
+                           check_compatible, check_scheduler_config, check_unet_config, load_base,
+                           load_expert_weights, merged_network, unet_weight_files)
 from msdda.precision import all_finite, default_dtype, vae_decode_dtype
 from msdda.sampling import Denoise, sample
 from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
@@ -720,20 +720,6 @@ def _check_expert_name(name) -> None:
         check_expert_name(name)
     except ValueError as exc:
         raise LoadError(str(exc)) from None
-
-
-def unet_weight_files(base, experts, variant: str | None = None) -> list[Path]:
-    """The UNet weight files of a base and its full-weight experts (LoRA adapters load in the base's dtype); a
-    folder that is not a model is left to the loader, which reports it."""
-    files = []
-    for path in (base, *experts):
-        if any((Path(path) / name).is_file() for name in LORA_FILES):
-            continue
-        try:
-            files += [f for f in weight_files(unet_folder(path), UNET_STEM, variant) if f.suffix == ".safetensors"]
-        except LoadError:
-            pass
-    return files
 
 
 def network_tensors(networks) -> list[torch.Tensor]:

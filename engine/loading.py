@@ -368,6 +368,19 @@ def _lora_file(path: Path) -> Path | None:
     return None
 
 
+def unet_weight_files(base, experts, variant: str | None = None) -> list[Path]:
+    """The UNet weight files of a base and its full-weight experts (a LoRA adapter loads in the base's dtype): what
+    the precision default reads. A folder that is not a model is left to the loader, which reports it."""
+    files = []
+    for path in (base, *experts):
+        try:
+            if _lora_file(_require_dir(path)) is None:
+                files += [f for f in weight_files(unet_folder(path), UNET_STEM, variant) if f.suffix == ".safetensors"]
+        except LoadError:
+            pass
+    return files
+
+
 def load_expert_weights(name: str, path, base: BaseModel, dtype=None, variant: str | None = None
                         ) -> tuple["torch.nn.Module | LoraAdapter", str]:
     """Load expert ``name`` and check it against the base. Returns (a full UNet, or a :class:`LoraAdapter` of

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from msdda.validation import DEFAULT_LIMITS, Limits
+
 __all__ = ["ModelSpec", "model_spec", "start_ray", "stop_ray", "require_ray"]
 
 
@@ -26,8 +28,7 @@ class ModelSpec:
     cuda_graphs: bool = True
     threads: int = 1                  # torch CPU threads in each worker (bitwise results depend on it)
     row_block: int | None = None      # Engine(row_block=): batch-invariant network calls (exact batching)
-    max_images: int = 10_000          # the Engine's limits (for one merged call of many requests)
-    max_steps: int = 1_000
+    limits: Limits = DEFAULT_LIMITS   # the Engine's (room for one merged call of many requests)
     default_steps: int = 50
     default_guidance_scale: float = 7.5
 
@@ -37,17 +38,16 @@ class ModelSpec:
 
         from msdda import Engine
         from msdda.cli import torch_dtype
-        from msdda.validation import Limits
 
         torch.set_num_threads(self.threads)
         return Engine.from_pretrained(self.base, self.experts, backend=self.backend, device=self.device,
                                       scheduler=self.scheduler, variant=self.variant, dtype=torch_dtype(self.dtype),
                                       cuda_graphs=self.cuda_graphs, row_block=self.row_block,
-                                      limits=Limits(self.max_images, self.max_steps))
+                                      limits=self.limits)
 
 
-def model_spec(args, *, threads: int, num_gpus: float, row_block: int | None, max_images: int,
-               max_steps: int) -> ModelSpec:
+def model_spec(args, *, threads: int, num_gpus: float, row_block: int | None,
+               limits: Limits = DEFAULT_LIMITS) -> ModelSpec:
     """The Engine the model flags (``msdda.cli.add_model_args``) describe, with the zoo's sampling defaults when
     the models are the zoo's."""
     from msdda.cli import CliError, default_sampling, resolve_models
@@ -60,8 +60,8 @@ def model_spec(args, *, threads: int, num_gpus: float, row_block: int | None, ma
     device = args.device or ("cuda" if num_gpus > 0 else "cpu")
     return ModelSpec(base=str(base), experts={n: str(p) for n, p in experts.items()}, backend=args.backend,
                      device=device, scheduler=args.scheduler, variant=args.variant, dtype=args.dtype,
-                     cuda_graphs=args.cuda_graphs, threads=threads, row_block=row_block, max_images=max_images,
-                     max_steps=max_steps, default_steps=default_steps,
+                     cuda_graphs=args.cuda_graphs, threads=threads, row_block=row_block, limits=limits,
+                     default_steps=default_steps,
                      default_guidance_scale=default_guidance)
 
 

@@ -190,8 +190,8 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
                 "class_labels": [0, eng.num_classes - 2] if eng.num_classes and not eng.is_text else None,
                 "default_steps": spec.default_steps, "default_guidance_scale": spec.default_guidance_scale,
                 "limits": {"max_images": settings.limits.max_images, "max_steps": settings.limits.max_steps},
-                "max_batch_size": settings.max_batch_size, "exact_batching": settings.row_block is not None
-                or settings.max_batch_size == 1, "row_block": settings.row_block,
+                "max_batch_size": settings.max_batch_size, "exact_batching":
+                batches_exactly(settings.row_block, settings.max_batch_size), "row_block": settings.row_block,
                 "backend": spec.backend, "device": spec.device, "torch_threads": spec.threads,
             }
             self.requests = Counter("msdda_requests", description="HTTP requests answered, by route and status",
@@ -308,6 +308,12 @@ def engine_row_block(args, max_batch: int) -> int | None:
     return args.row_block if args.exact_batching and max_batch > 1 else None
 
 
+def batches_exactly(row_block: int | None, max_batch: int) -> bool:
+    """Whether every image equals Engine.generate of its request alone: the Engine is batch-invariant, or each
+    engine call holds one request."""
+    return row_block is not None or max_batch == 1
+
+
 def deployment_error(serve) -> str | None:
     """The message of the last exception Serve recorded for the deployment (e.g. the replica's LoadError)."""
     import re
@@ -361,7 +367,7 @@ def run(args) -> int:
     settings = ServeSettings(Limits(args.max_images, args.max_steps), args.max_batch_size,
                              args.batch_wait_ms / 1000, row_block)
     spec = model_spec(args, threads=cpus, num_gpus=args.num_gpus, row_block=row_block,
-                      max_images=settings.engine_limits.max_images, max_steps=args.max_steps)
+                      limits=settings.engine_limits)
     if spec.default_steps > args.max_steps:
         from msdda.cli import CliError
 

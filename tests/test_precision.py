@@ -70,6 +70,25 @@ def sd(tmp_path_factory):
     return base, {"a": perturbed_copy(base, root / "a", seed=5, scale=0.2)}
 
 
+def test_the_default_dtype_reads_the_unet_files_of_full_networks_only(sd, tmp_path):
+    """What ``default_dtype`` is given: the base's and every full expert's UNet weights; LoRA folders (diffusers
+    and kohya layouts) and folders that are not models contribute nothing (the loader reports those)."""
+    import shutil
+
+    from msdda.loading import unet_weight_files
+    from tiny_models import write_lora_adapter
+
+    base, experts = sd
+    lora = write_lora_adapter(base, tmp_path / "lora", seed=1)
+    kohya = tmp_path / "kohya"
+    kohya.mkdir()
+    shutil.copy(lora / "pytorch_lora_weights.safetensors", kohya / "style.safetensors")
+    files = unet_weight_files(base, [experts["a"], lora, kohya, tmp_path / "missing"])
+    assert files == [base / "unet/diffusion_pytorch_model.safetensors",
+                     experts["a"] / "unet/diffusion_pytorch_model.safetensors"]
+    assert unet_weight_files(base, [], variant="fp16") == []          # no such variant: the loader says so
+
+
 KW = dict(prompt=["a cat", "two dogs"], num_images=2, steps=3, weights={"a": 1.0}, expert_betas={"a": 0.6},
           seed=[1, 2], guidance_scale=7.5)
 
