@@ -23,7 +23,7 @@ import torch
 
 from msdda.export.artifacts import ArtifactMismatch, check_weights_tag
 
-from . import Conditioning
+from .conditioning import Conditioning
 
 
 def session_options(threads: int | None, spin: bool = True):

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from . import Conditioning
+from .conditioning import Conditioning
 
 __all__ = ["TensorRTBackend", "GraphedSampler"]
 

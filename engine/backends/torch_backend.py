@@ -11,7 +11,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from msdda.loading import LoraAdapter, merged_network
 
-from . import Conditioning
+from .conditioning import Conditioning
 from .lora import forward_members, lora_group_network, member_selection, soup_parameters
 
 
