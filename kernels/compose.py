@@ -147,18 +147,7 @@ def _noise_f32(a: ComposeArgs, N: int):
 
 def _compose_torch_general(a: ComposeArgs, z):
     """float32 torch mirror of the kernel, zero-variance limit included: (x [B, N] float32, ok [B, N])."""
-    m = a.mean.to(torch.float32)
-    v = a.var.to(torch.float32)
-    c = a.coeff.t()[:, :, None]  # [K, Bc, 1]
-    zero = v == 0
-    w = torch.where(zero, 0.0, c / torch.where(zero, 1.0, v))
-    prec = (w.sum(0) + torch.zeros_like(m[0]))
-    wsum = (w * m).sum(0)
-    czero = torch.where(zero, c, 0.0).sum(0) + torch.zeros_like(m[0])
-    mzero = torch.where(zero, c * m, 0.0).sum(0)
-    has0 = zero.any(0) & torch.ones_like(m[0], dtype=torch.bool)
-    mu = torch.where(has0, mzero / czero, wsum / prec)
-    ok = (torch.isfinite(m) & torch.isfinite(v) & (v >= 0)).all(0) & torch.where(has0, czero > 0, prec > 0)
+    mu, prec, has0, ok = product_moments_ref(a.mean, a.var, a.coeff, dtype=torch.float32)
     if z is None:
         x = mu
     else:

@@ -38,15 +38,16 @@ def format_coeff(coeff: torch.Tensor, samples=None) -> str:
     return "; ".join(parts)
 
 
-def product_moments_ref(mean, var, coeff):
-    """float64 moments of the product of Gaussians.
+def product_moments_ref(mean, var, coeff, dtype=torch.float64):
+    """Moments of the product of Gaussians, computed in ``dtype`` (float64: the definition; float32: the torch
+    path's careful fallback, the kernel's precision).
 
     mean [K, B, N], var [Kv, Bv, Nv], coeff [Bc, K] -> (mu [B, N], P [B, N], has_zero [B, N], ok [B, N]) where
     has_zero marks the zero-variance limit (then mu is that limit and P is meaningless) and ok is False where the
     step is undefined (P <= 0, a zero-variance set with sum c <= 0, negative or non-finite var or mean)."""
-    m = mean.double()
-    v = var.double()
-    c = coeff.double().t()[:, :, None]  # [K, Bc, 1]
+    m = mean.to(dtype)
+    v = var.to(dtype)
+    c = coeff.to(dtype).t()[:, :, None]  # [K, Bc, 1]
     zero = v == 0
     w = torch.where(zero, 0.0, c / torch.where(zero, 1.0, v))
     prec = w.sum(0) + torch.zeros_like(m[0])

@@ -34,7 +34,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["philox_normal", "philox_uniform", "philox4x32_10"]
+__all__ = ["philox_normal", "philox_draw", "philox4x32"]
 
 _M32 = np.uint64(0xFFFFFFFF)
 _32 = np.uint64(32)
@@ -47,7 +47,7 @@ _TWO_PI = np.float32(6.283185307179586)
 _U_MIN = np.float32(1.0e-7)  # Box-Muller keeps log() finite: u1 = max(1e-7, u1)
 
 
-def _philox_np(c0, c1, c2, c3, k0, k1, n_rounds: int = 10):
+def philox4x32(c0, c1, c2, c3, k0, k1, n_rounds: int = 10):
     """Philox4x32 (Salmon et al. 2011) exactly as ``triton.language.random.philox_impl``, on numpy uint32 arrays
     (broadcastable). The 32x32 -> 64-bit products are exact in uint64; uint32 arithmetic wraps by definition."""
     c0, c1, c2, c3 = np.broadcast_arrays(*(np.asarray(c, dtype=np.uint32) for c in (c0, c1, c2, c3)))
@@ -63,13 +63,6 @@ def _philox_np(c0, c1, c2, c3, k0, k1, n_rounds: int = 10):
         k0 = k0 + _KEY_A_32  # Weyl key schedule, mod 2**32
         k1 = k1 + _KEY_B_32
     return c0, c1, c2, c3
-
-
-def philox4x32_10(c0, c1, c2, c3, k0, k1, n_rounds: int = 10):
-    """Philox4x32-10 on torch int64 tensors holding uint32 values (broadcastable): the four output words as int64
-    tensors in [0, 2**32)."""
-    arrs = [(t.detach().cpu().numpy() & 0xFFFFFFFF).astype(np.uint32) for t in (c0, c1, c2, c3, k0, k1)]
-    return tuple(torch.from_numpy(w.astype(np.int64)) for w in _philox_np(*arrs, n_rounds=n_rounds))
 
 
 def _uint_to_uniform(w: np.ndarray) -> np.ndarray:
@@ -93,9 +86,10 @@ def _box_muller(wa: np.ndarray, wb: np.ndarray):
     return r * np.cos(th), r * np.sin(th)
 
 
-def _draw(seeds: torch.Tensor, offset: int, shape, normal: bool) -> torch.Tensor:
+def philox_draw(seeds: torch.Tensor, offset: int, shape, *, normal: bool = True) -> torch.Tensor:
     """[B, *shape] float32: element e of sample b is draw e % 4 of counter (e // 4, offset, 0, 0), key seed_b, as
-    ``tl.randn4x`` (normal) or ``tl.rand4x`` (uniform) return them."""
+    ``tl.randn4x`` (normal) or ``tl.rand4x`` (uniform: the numbers behind the normals, which the tests compare
+    with Triton's bit for bit) return them."""
     if seeds.dim() != 1 or seeds.dtype != torch.int64:
         raise ValueError(f"philox: seeds must be an int64 tensor [B], got {seeds.dtype} {tuple(seeds.shape)}")
     if not 0 <= int(offset) < 2**32:
@@ -120,7 +114,7 @@ def _draw(seeds: torch.Tensor, offset: int, shape, normal: bool) -> torch.Tensor
         for lo in range(0, counters, step):
             hi = min(counters, lo + step)
             c = np.arange(lo, hi, dtype=np.uint32)[None, :]
-            w = _philox_np(c, o, np.uint32(0), np.uint32(0), keys_lo[r0:r1], keys_hi[r0:r1])
+            w = philox4x32(c, o, np.uint32(0), np.uint32(0), keys_lo[r0:r1], keys_hi[r0:r1])
             if normal:
                 (z0, z1), (z2, z3) = _box_muller(w[0], w[1]), _box_muller(w[2], w[3])
             else:
@@ -131,12 +125,6 @@ def _draw(seeds: torch.Tensor, offset: int, shape, normal: bool) -> torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(flat)).reshape(len(s), *shape).to(seeds.device)
 
 
-def philox_uniform(seeds: torch.Tensor, offset: int, shape) -> torch.Tensor:
-    """Uniform number e % 4 of ``tl.rand4x(seed_b, e // 4 + offset * 2**32)`` for every sample b and flat element
-    e: float32 in [0, 1), [B, *shape] on seeds' device (the uniforms behind ``philox_normal``)."""
-    return _draw(seeds, offset, shape, normal=False)
-
-
 def philox_normal(seeds: torch.Tensor, offset: int, shape) -> torch.Tensor:
     """Normal number e % 4 of ``tl.randn4x(seed_b, e // 4 + offset * 2**32)`` for every sample b and flat element
     e: float32 [B, *shape] (the module docstring spells it out).
@@ -145,4 +133,4 @@ def philox_normal(seeds: torch.Tensor, offset: int, shape) -> torch.Tensor:
     offset: step offset o in [0, 2**32) (the runtime uses 0 for x_T and 1 + i for step i).
     shape: the per-sample shape; e runs over its row-major flat index.
     Computed on the CPU (see the module docstring for why) and returned on seeds' device."""
-    return _draw(seeds, offset, shape, normal=True)
+    return philox_draw(seeds, offset, shape, normal=True)

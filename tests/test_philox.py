@@ -8,13 +8,24 @@ ulp.
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import triton
 import triton.language as tl
 
 from msdda.kernels import compose_gaussians, philox_normal
-from msdda.kernels.philox import philox4x32_10, philox_uniform
+from msdda.kernels.philox import philox4x32, philox_draw
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on torch int64 tensors holding uint32 values: the four output words as int64 tensors."""
+    arrs = [(t.detach().cpu().numpy() & 0xFFFFFFFF).astype(np.uint32) for t in (c0, c1, c2, c3, k0, k1)]
+    return tuple(torch.from_numpy(w.astype(np.int64)) for w in philox4x32(*arrs))
+
+
+def philox_uniform(seeds, offset, shape):
+    return philox_draw(seeds, offset, shape, normal=False)
 
 GPU = os.environ.get("MSDDA_TEST_GPU") == "1"
 DEV = "cuda" if GPU else "cpu"
