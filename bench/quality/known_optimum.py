@@ -56,7 +56,7 @@ FLOOR_SEED_SHIFT = 1 << 30          # the second optimal chain's seeds: other Ph
 
 @dataclass(frozen=True)
 class Settings:
-    samples: int = 2048             # trajectories per method and weight
+    samples: int = 1024             # trajectories per method and weight
     steps: int = 50                 # DDPM steps (the zoo's default)
     grid: int = 16                  # K = 2 weights w_1 = i / grid (dyadic: exact in float32 and float64)
     k3_grid: int = 4                # K = 3: the simplex lattice with denominator k3_grid
@@ -70,7 +70,7 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = Settings(samples=192, steps=12, grid=4, k3_grid=2, code_block=4, sw_directions=64)
+QUICK = Settings(samples=128, steps=10, grid=4, k3_grid=2, code_block=4, sw_directions=64)
 
 # (name, curvatures a_k, what it is)
 CASES = (
