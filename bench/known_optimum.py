@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # the repository root: bench/ is not installed
 
-from bench.quality.known_optimum import FULL, QUICK, run  # noqa: E402
+from bench.quality.known_optimum import FULL, QUICK, markdown, run  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "known_optimum.json"
 
@@ -55,8 +55,7 @@ def main(argv=None) -> int:
         print(f"bench/known_optimum.py: --out must name a .json file, not {str(out)!r}", file=sys.stderr)
         return 2
     report = run(settings, out, figure=not args.no_figure)
-    for name, s in report["summary"].items():
-        print(f"{name}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
+    print(markdown(report))
     print(f"wrote {out} ({report['elapsed_s']} s)")
     return 0
 

@@ -47,8 +47,8 @@ from .analytic_problem import (SAMPLE_SHAPE, Problem, StepGaussian, base_step, e
                                make_engine, make_problem, optimum_step, step_timesteps)
 from .samplers import code_sample, rgg_sample
 
-__all__ = ["Settings", "FULL", "QUICK", "CASES", "weight_grid", "run", "plot", "Trace", "trace_strategy",
-           "optimal_chain", "sliced_w2"]
+__all__ = ["Settings", "FULL", "QUICK", "CASES", "weight_grid", "run", "plot", "markdown", "Trace",
+           "trace_strategy", "optimal_chain", "sliced_w2"]
 
 Z95 = 1.959963984540054
 FLOOR_SEED_SHIFT = 1 << 30          # the second optimal chain's seeds: other Philox keys than the runs'
@@ -377,6 +377,49 @@ def run(settings: Settings, out: Path, *, cases=CASES, log=print, figure: bool =
     if figure:
         plot(report, out.with_suffix(".png"))
     return report
+
+
+# ------------------------------------------------------------------------------------------------ the tables
+def _pm(entry: dict | None, digits: int = 2) -> str:
+    return "n/a" if entry is None else f"{entry['mean']:.{digits}f} ± {entry['ci95']:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    """Two tables: the relations per case (over all weights), and every method at one mixed weight per case."""
+    lines = ["| case | curvatures | weight points | msdda max KL per state (float64) | msdda max KL per state (float32) "
+             "| max abs(msdda objective - optimum's) | mpa KL summed over steps, mixed weights (min - max) "
+             "| mpa objective - optimum's, worst | max abs(x_0 msdda - x_0 mpa), mixed weights |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, case in report["cases"].items():
+        s = report["summary"][name]
+        f32 = s.get("msdda_float32_kl_max")
+        lines.append(
+            f"| {name} | {', '.join(f'{a:g}' for a in case['curvatures'])} | {len(case['points'])} "
+            f"| {s['msdda_kl_max']:.1e} | {'n/a' if f32 is None else f'{f32:.1e}'} "
+            f"| {s['msdda_objective_max_abs_diff']:.1e} | {s['mpa_kl_sum_min_mixed']:.3g} - {s['mpa_kl_sum_max']:.3g} "
+            f"| {s['mpa_objective_minus_optimum_worst']:.3g} | {s['msdda_vs_mpa_final_max_abs_diff_mixed']:.2g} |")
+    for name, case in report["cases"].items():
+        k = len(case["objectives"])
+        target = 1.0 / k
+        point = min(case["points"], key=lambda p: sum((w - target) ** 2 for w in p["weights"].values()))
+        w = ", ".join(f"{n} {v:g}" for n, v in point["weights"].items())
+        fl = point["floor"]
+        lines += ["", f"**{name}** at w = ({w}): the exact optimum's objective {_pm(point['optimum']['objective'])}; "
+                      f"sampling floor (a second optimal chain, other seeds): sliced W2 {fl['sw2']:.3f}, "
+                      f"mean distance {fl['mean_dist']:.3f}.", "",
+                  "| method | KL to the optimum, summed over steps | objective | objective - optimum's (paired) "
+                  "| final: sliced W2 | final: mean distance | final: covariance distance | final: sum w_k r_k(x_0) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        order = ["msdda", "msdda_float32", "mpa", "base"] + [f"expert:{n}" for n in case["objectives"]] + \
+            ["code", "rgg"]
+        for m in [m for m in order if m in point["methods"]]:
+            e = point["methods"][m]
+            kl = "n/a" if e["kl_to_optimum"] is None else f"{e['kl_to_optimum']['sum_mean']:.3g}"
+            f = e["final"]
+            lines.append(f"| {m} | {kl} | {_pm(e['objective'])} | {_pm(e.get('objective_minus_optimum'))} "
+                         f"| {f['sw2']:.3f} | {f['mean_dist']:.3f} | {f['cov_dist']:.3f} "
+                         f"| {_pm(f['terminal_reward'])} |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------ the figure
