@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # the repository root: bench/ is not installed
 
-from bench.quality.known_optimum import FULL, QUICK, markdown, run  # noqa: E402
+from bench.quality.known_optimum import CASES, FULL, QUICK, markdown, merge, run  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "known_optimum.json"
 
@@ -34,6 +34,10 @@ def parse(argv=None) -> argparse.Namespace:
                     help="torch CPU threads (default 1: the tensors are tiny, and on a shared machine more "
                          "threads mostly wait for each other)")
     ap.add_argument("--no-figure", action="store_true", help="write the JSON only")
+    ap.add_argument("--cases", default=None,
+                    help=f"comma-separated subset of {','.join(n for n, _, _ in CASES)} (default: all)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="PART.json",
+                    help="instead of running: merge runs of disjoint --cases subsets into --out")
     return ap.parse_args(argv)
 
 
@@ -54,7 +58,25 @@ def main(argv=None) -> int:
     if out.suffix != ".json":
         print(f"bench/known_optimum.py: --out must name a .json file, not {str(out)!r}", file=sys.stderr)
         return 2
-    report = run(settings, out, figure=not args.no_figure)
+    if args.merge:
+        try:
+            report = merge([Path(p) for p in args.merge], out, figure=not args.no_figure)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"bench/known_optimum.py: cannot merge: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
+        print(markdown(report))
+        print(f"wrote {out} (merged from {len(args.merge)} parts)")
+        return 0
+    cases = CASES
+    if args.cases:
+        wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
+        unknown = [c for c in wanted if c not in {n for n, _, _ in CASES}]
+        if unknown or not wanted:
+            print(f"bench/known_optimum.py: unknown case {unknown[0] if unknown else args.cases!r}; choose from "
+                  f"{','.join(n for n, _, _ in CASES)}", file=sys.stderr)
+            return 2
+        cases = tuple(c for c in CASES if c[0] in wanted)
+    report = run(settings, out, cases=cases, figure=not args.no_figure)
     print(markdown(report))
     print(f"wrote {out} ({report['elapsed_s']} s)")
     return 0

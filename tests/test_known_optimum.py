@@ -187,5 +187,19 @@ def test_bad_input_exits_2_with_one_line(capsys):
     assert entry.main(["--quick", "--out", "results.txt"]) == 2
     assert entry.main(["--samples", "1"]) == 2
     assert entry.main(["--threads", "0"]) == 2
+    assert entry.main(["--cases", "distinct,nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("bench/known_optimum.py: ") for line in err)
+    assert len(err) == 4 and all(line.startswith("bench/known_optimum.py: ") for line in err)
+
+
+def test_merged_parts_equal_one_run(quick, tmp_path):
+    """Cases run in separate processes (--cases) merge into the report one run of them all writes."""
+    parts = []
+    for names in (["distinct"], ["equal", "k3"]):
+        part = dict(quick, cases={n: quick["cases"][n] for n in names}, elapsed_s=1.0)
+        parts.append(tmp_path / f"{names[0]}.json")
+        parts[-1].write_text(json.dumps(part))
+    merged = ko.merge(parts, tmp_path / "merged.json", figure=False)
+    assert merged["cases"] == quick["cases"] and merged["summary"] == quick["summary"]
+    with pytest.raises(ValueError, match="two parts"):
+        ko.merge([parts[0], parts[0]], tmp_path / "twice.json", figure=False)

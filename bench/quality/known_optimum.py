@@ -47,7 +47,7 @@ from .analytic_problem import (SAMPLE_SHAPE, Problem, StepGaussian, base_step, e
                                make_engine, make_problem, optimum_step, step_timesteps)
 from .samplers import code_sample, rgg_sample
 
-__all__ = ["Settings", "FULL", "QUICK", "CASES", "weight_grid", "run", "plot", "markdown", "Trace",
+__all__ = ["Settings", "FULL", "QUICK", "CASES", "weight_grid", "run", "merge", "plot", "markdown", "Trace",
            "trace_strategy", "optimal_chain", "sliced_w2"]
 
 Z95 = 1.959963984540054
@@ -373,6 +373,33 @@ def run(settings: Settings, out: Path, *, cases=CASES, log=print, figure: bool =
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, report)
+    if figure:
+        plot(report, out.with_suffix(".png"))
+    return report
+
+
+def merge(parts: Sequence[Path], out: Path, *, figure: bool = True) -> dict:
+    """One report from runs of disjoint subsets of the cases with the same settings (each case is independent
+    and seeded on its own, so this equals one run of them all, elapsed time aside: the sum of the parts')."""
+    import json
+
+    reports = [json.loads(Path(p).read_text()) for p in parts]
+    first = reports[0]
+    if any(r["settings"] != first["settings"] for r in reports):
+        raise ValueError("the parts were run with different settings")
+    cases = {}
+    for r in reports:
+        if set(r["cases"]) & set(cases):
+            raise ValueError(f"case(s) {sorted(set(r['cases']) & set(cases))} appear in two parts")
+        cases.update(r["cases"])
+    order = [name for name, _, _ in CASES if name in cases] + [n for n in cases if n not in dict.fromkeys(
+        name for name, _, _ in CASES)]
+    cases = {name: cases[name] for name in order}
+    report = dict(first, cases=cases, summary=summarize(cases),
+                  elapsed_s=round(sum(r["elapsed_s"] for r in reports), 1),
+                  parts=[{"cases": list(r["cases"]), "elapsed_s": r["elapsed_s"]} for r in reports])
+    out = Path(out)
     atomic_write_json(out, report)
     if figure:
         plot(report, out.with_suffix(".png"))
