@@ -9,4 +9,10 @@
     report.py     statistics, hypervolume intervals, the oracle comparison, markdown
     plots.py      Pareto plots (matplotlib) and image grids
     evaluate.py   ``evaluate()``: the whole run
+
+The known-optimum benchmark (``python bench/known_optimum.py``; docs/known-optimum.md):
+
+    analytic_problem.py  a Gaussian-mixture diffusion problem with quadratic step rewards: the exact base step,
+                         the tilted (optimal) steps, and the experts as torch modules inside an msdda.Engine
+    known_optimum.py     every method against the exact optimum: per-step KL, objective, final samples, figure
 """
