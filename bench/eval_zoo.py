@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/eval_zoo.py --out DIR           # the real evaluation -> DIR/zoo_eval.{json,md}, DIR/*.png
     .venv/bin/python bench/eval_zoo.py --quick --out DIR   # smoke run (8 samples, w in {0, 0.5, 1}, 10 steps)
-    .venv/bin/python bench/eval_zoo.py --threads 2 --backend onnxruntime --out bench/results/zoo_eval   # the README's
+    .venv/bin/python bench/eval_zoo.py --threads 2 --backend onnxruntime --out bench/results/zoo_eval   # tracked
 
 --out is a folder (default ./zoo_eval, or ./zoo_eval_quick with --quick). Resumable: rerun the same command after
 an interruption and finished points are read back from DIR/cache/. Needs the bench extra (matplotlib):

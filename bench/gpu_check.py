@@ -5,7 +5,7 @@
                               [--only kernels,launch,e2e,torch,ort_cuda,tensorrt,aot] [--e2e-batches 1,8]
                               [--e2e-steps 50] [--out FILE]
 
-Runbook (a session lent an NVIDIA GPU; the README's "What is verified only on a GPU" has the same lines). The GPU
+Runbook (a session lent an NVIDIA GPU; docs/export-and-gpu.md says what only a GPU checks). The GPU
 machines have torch, Triton, transformers, CMake and nvcc but no diffusers and no network, so diffusers travels as
 wheels. On the CPU machine, in the repository root (.whl/ is git-ignored, so name it in the run's carry):
 

@@ -1,4 +1,4 @@
-"""The headline numbers of a zoo evaluation results file, as markdown (what the README quotes).
+"""The headline numbers of a zoo evaluation results file, as markdown (as docs/zoo-and-evaluation.md has them).
 
     .venv/bin/python bench/zoo_eval_summary.py [bench/results/zoo_eval/zoo_eval.json]
 """

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+pytestmark = [pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed"),
+              pytest.mark.slow]   # a CMake build of the C library
 
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,7 @@ def _one_line(exc_info) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the cache
+@pytest.mark.slow
 def test_artifacts_carry_their_weights_sha256(models, tmp_path):
     _, _, weights = models
     eng = _engine(models, cache_dir=tmp_path)
@@ -77,6 +78,7 @@ def test_artifacts_carry_their_weights_sha256(models, tmp_path):
         assert meta["msdda.exporter"] == f"msdda {msdda.__version__}" and meta["msdda.cond"] == "class"
 
 
+@pytest.mark.slow
 def test_swapped_cache_files_with_a_matching_manifest_are_rebuilt(models, tmp_path):
     """Two experts' cached graphs swapped and the cache manifest updated to match: every size and sha256 the
     manifest records is right, only the files' own weights tags tell. The next Engine rebuilds both."""
@@ -100,6 +102,7 @@ def test_swapped_cache_files_with_a_matching_manifest_are_rebuilt(models, tmp_pa
         torch.testing.assert_close(_latents(second, strategy), latents, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_cache_entry_without_the_weights_tag_is_reexported(models, tmp_path):
     _, _, weights = models
     first = _engine(models, cache_dir=tmp_path)
@@ -112,6 +115,7 @@ def test_cache_entry_without_the_weights_tag_is_reexported(models, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ onnx_paths
+@pytest.mark.slow
 def test_onnx_paths_naming_another_experts_file_is_refused(models, tmp_path):
     _, _, weights = models
     first = _engine(models, cache_dir=tmp_path / "cache")
@@ -123,6 +127,7 @@ def test_onnx_paths_naming_another_experts_file_is_refused(models, tmp_path):
     assert "'a'" in msg and str(wrong) in msg and weights["a"] in msg and weights["b"] in msg
 
 
+@pytest.mark.slow
 def test_onnx_paths_file_without_the_weights_tag_is_refused(models, tmp_path):
     first = _engine(models, cache_dir=tmp_path / "cache")
     bare = tmp_path / "bare.onnx"
@@ -132,6 +137,7 @@ def test_onnx_paths_file_without_the_weights_tag_is_refused(models, tmp_path):
     assert "'a'" in _one_line(info)
 
 
+@pytest.mark.slow
 def test_onnx_paths_with_the_right_file_is_used(models, tmp_path):
     first = _engine(models, cache_dir=tmp_path / "cache")
     mine = tmp_path / "mine.onnx"
@@ -141,6 +147,7 @@ def test_onnx_paths_with_the_right_file_is_used(models, tmp_path):
     torch.testing.assert_close(_latents(second, "expert:a"), _latents(first, "expert:a"), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_the_backend_itself_checks_what_it_loads(models, tmp_path):
     """The ONNX Runtime backend compares each session's own metadata with the member's sha256, so even an
     OnnxSet built without ``onnx_set``'s checks cannot make it load a file made from other weights."""
@@ -155,6 +162,7 @@ def test_the_backend_itself_checks_what_it_loads(models, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ export folders
+@pytest.mark.slow
 def test_export_folder_is_loaded_and_checked(models, tmp_path):
     from msdda.exporting import export_models
 
@@ -183,6 +191,7 @@ def test_not_an_export_folder(models, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ soups
+@pytest.mark.slow
 def test_soups_are_built_by_export_and_tagged(models, tmp_path):
     """A soup's graph is built through the cache once per weight vector, tagged with its members' hashes and
     coefficients; the backend keeps no soup session."""

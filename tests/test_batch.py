@@ -129,6 +129,7 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
 
 
 # ---------------------------------------------------------------------- runs
+@pytest.mark.slow
 def test_parquet_jobs_images_and_manifest(ray_address, zoo_engine, tmp_path, capsys):
     """A Parquet jobs file; the manifest holds the job's fields, the models' and the file's sha256 and timing;
     a row the engine refuses is recorded with its reason (exit 2, one line) and the others are made."""
@@ -155,6 +156,7 @@ def test_parquet_jobs_images_and_manifest(ray_address, zoo_engine, tmp_path, cap
     assert (out / "images" / "img-01.png").read_bytes() == _direct_png(zoo_engine, rows[1])
 
 
+@pytest.mark.slow
 def test_resume_after_kill_loses_and_duplicates_nothing(ray_address, zoo_engine, tmp_path, capsys):
     rows = _rows(8)
     jobs = _write_jsonl(tmp_path / "jobs.jsonl", rows)

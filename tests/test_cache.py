@@ -262,6 +262,7 @@ def test_two_processes_build_once(tmp_path):
     assert ArtifactCache(tmp_path / "c").check(_key()) is None
 
 
+@pytest.mark.slow
 def test_concurrent_onnx_export_gives_one_valid_artifact(tmp_path):
     import onnx
 

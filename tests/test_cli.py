@@ -645,6 +645,7 @@ def test_help_is_complete():
 
 
 # ---------------------------------------------------------------------- export
+@pytest.mark.slow
 def test_export_writes_verified_onnx_and_manifest(models, tmp_path):
     base, a, b = models
     out = tmp_path / "engines"

@@ -188,6 +188,7 @@ def test_four_threads_match_sequential(pixel_engine):
     _check_threads_match_sequential(pixel_engine)
 
 
+@pytest.mark.slow
 def test_four_threads_match_sequential_onnxruntime(pixel_models, tmp_path):
     pytest.importorskip("onnxruntime")
     base, experts = pixel_models
@@ -245,6 +246,7 @@ def test_text_pipeline_equal_variances_msdda_is_mpa(sd_models):
 
 # ORT vs torch: the same networks, but ORT's float32 kernels (fused, blocked differently) round differently; the
 # bound is torch's float32 error on the same generation (its float64 twin) x TWIN_MULTIPLE.
+@pytest.mark.slow
 def test_onnxruntime_backend_matches_torch(pixel_models, pixel_engine64, tmp_path):
     pytest.importorskip("onnxruntime")
     base, experts = pixel_models
@@ -257,6 +259,7 @@ def test_onnxruntime_backend_matches_torch(pixel_models, pixel_engine64, tmp_pat
         assert_within(b, a, twin_bound(a, _gen(pixel_engine64, **kw)), f"ORT vs torch, {strategy}")
 
 
+@pytest.mark.slow
 def test_onnxruntime_backend_text_pipeline(sd_models, tmp_path):
     pytest.importorskip("onnxruntime")
     base, experts = sd_models

@@ -231,6 +231,7 @@ PAIR = ("legible", "bold")
 QUIET = dict(progress=False, log=lambda m: None)
 
 
+@pytest.mark.slow
 def test_end_to_end_every_strategy_then_resume(tiny_zoo, tmp_path):
     out = tmp_path / "results"
     res = evaluate(out=out, settings=SMALL, zoo_root=tiny_zoo, combos=[PAIR], **QUIET)
@@ -273,6 +274,7 @@ def test_end_to_end_every_strategy_then_resume(tiny_zoo, tmp_path):
     assert m1["mean"] == m3["mean"]                     # the same computation in the same process: to the bit
 
 
+@pytest.mark.slow
 def test_triple_reuses_pair_points_and_changed_settings_recompute(tiny_zoo, tmp_path):
     out = tmp_path / "e"
     kw = dict(zoo_root=tiny_zoo, combos=[PAIR, OBJECTIVES], strategies=["msdda", "code"], timing=False,
@@ -294,6 +296,7 @@ def test_command_line_reports_missing_models_in_one_line(tmp_path, capsys):
     assert not any("Traceback" in line for line in err)
 
 
+@pytest.mark.slow
 def test_onnxruntime_backend_matches_torch_and_records_backends(tiny_zoo, tmp_path):
     """--backend onnxruntime: the same samples as torch up to float rounding (so the two may share a cache);
     RGG still runs on torch (it needs autograd) and each point says which backend produced it."""

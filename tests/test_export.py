@@ -23,6 +23,8 @@ from tiny_models import make_tiny_sd_pipeline, make_tiny_unet2d, perturbed_copy
 from tolerance import (TWIN_MULTIPLE, assert_error_below, assert_within, eps, float_error, lower_precision_bound,
                        twin_bound)
 
+pytestmark = pytest.mark.slow   # every test exports ONNX graphs and verifies them in ONNX Runtime
+
 
 @pytest.fixture(scope="module")
 def pixel(tmp_path_factory):

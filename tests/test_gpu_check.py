@@ -65,6 +65,7 @@ def test_sections_run_on_cpu(gpu_check, tmp_path, capsys):
     assert "% of copy" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_e2e_section_runs_on_cpu(gpu_check, tmp_path):
     """The e2e section at the tiny configuration on the CPU, CUDA graphs through their eager seam: every method
     and split part timed, graph latents equal to eager ones bit for bit (streams on and off), msdda's one-expert

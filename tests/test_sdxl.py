@@ -16,6 +16,8 @@ import torch
 import msdda
 from tiny_models import make_tiny_sdxl_pipeline, perturbed_copy, write_lora_adapter
 
+pytestmark = pytest.mark.slow   # tiny SDXL pipelines, compared with diffusers
+
 STEPS = 3
 GUIDANCE = 5.0
 @pytest.fixture(scope="module")

@@ -214,6 +214,7 @@ def test_bad_flags_are_one_line_and_exit_2_before_ray_starts(capsys, flags, mess
 
 
 # ---------------------------------------------------------------------- the server
+@pytest.mark.slow
 def test_health_and_models(server):
     assert server.request("GET", "/healthz") == (200, {"status": "ok"})
     status, info = server.request("GET", "/v1/models")
@@ -226,6 +227,7 @@ def test_health_and_models(server):
     assert [m["name"] for m in info["models"]] == ["base", "legible", "bold", "compressible"]
 
 
+@pytest.mark.slow
 def test_bad_requests_get_422_and_the_server_stays_up(server):
     bad = [
         (None, b'{"class_labels": 3,', "malformed JSON"),
@@ -247,6 +249,7 @@ def test_bad_requests_get_422_and_the_server_stays_up(server):
     assert status == 200 and len(answer["images"]) == 1 and answer["seeds"] == [4]
 
 
+@pytest.mark.slow
 def test_mixed_concurrent_requests_are_batched_and_identical_to_direct_generate(server, zoo_engine):
     """Different weights, labels, seeds, image counts and step counts at once; requests that agree on steps share
     an engine call, an infeasible composition and an unknown expert in the same batch fail alone, and every
@@ -280,6 +283,7 @@ def test_mixed_concurrent_requests_are_batched_and_identical_to_direct_generate(
     assert any(a[1]["batch_size"] > n for a, n in zip(answers, own)), "no request shared an engine call"
 
 
+@pytest.mark.slow
 def test_latent_output(server, zoo_engine):
     body = {"class_labels": 6, "weights": {"legible": 0.3, "bold": 0.7}, "seed": 8, "steps": 2, "output": "latent"}
     status, answer = server.request("POST", "/v1/generate", body)
@@ -289,6 +293,7 @@ def test_latent_output(server, zoo_engine):
     assert torch.equal(torch.tensor(answer["latents"], dtype=torch.float32), direct.latents)
 
 
+@pytest.mark.slow
 def test_prometheus_metrics(server):
     """Request counts by status, latency and batch-size histograms and error counts reach Ray's endpoint."""
     url = re.search(r"metrics: (http://\S+/metrics)", server.banner).group(1)
@@ -306,6 +311,7 @@ def test_prometheus_metrics(server):
     assert not missing, missing
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_server_and_its_ray(server):
     assert _processes_tagged(server.tag)             # the server and its Ray are running
     server.proc.send_signal(signal.SIGTERM)

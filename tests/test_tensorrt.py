@@ -18,6 +18,8 @@ from msdda.export.tensorrt import (ShapeProfile, TensorRTUnavailable, derive_pro
 from tiny_models import make_tiny_unet2d, perturbed_copy
 from tolerance import assert_differ, assert_within, float_error, lower_precision_bound
 
+pytestmark = pytest.mark.slow   # the module builds ONNX graphs of its test UNets
+
 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):

@@ -141,6 +141,7 @@ def _weights(path):
     return load_file(str(path / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_tiny_recipes_with_resume(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     # uninterrupted: 4 base steps
