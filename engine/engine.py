@@ -18,6 +18,7 @@ import torch
 from msdda import schedule as sch
 from msdda.backend_artifacts import backend_source
 from msdda.backends import Conditioning, make_backend
+from msdda.errors import one_line
 from msdda.export.artifacts import ArtifactMismatch
 from msdda.graphs import StepGraphCache, StepInputs, sample_graphed
 from msdda.kernels import (StepScalars, fused_expert_step, fused_expert_step_ref, philox_normal, prepare_fused_step,
@@ -375,7 +376,7 @@ class Engine:
             hidden, negative_hidden, pooled, negative_pooled = self._encode(
                 prompts, repeat, cfg=cfg, negative=negatives, **embeds, **negative_embeds)
         except (TypeError, ValueError) as exc:       # diffusers' own argument checks
-            raise ValueError(" ".join(str(exc).split())) from None
+            raise ValueError(one_line(exc)) from None
         if hidden.shape[0] != batch:
             raise ValueError(f"prompt_embeds give {hidden.shape[0]} rows for {batch} images")
         if cfg and negative_hidden.shape != hidden.shape:

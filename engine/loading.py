@@ -31,6 +31,7 @@ from typing import Mapping
 
 import torch
 
+from msdda.errors import one_line
 from msdda.hashing import file_sha256
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -84,7 +85,7 @@ def unet_kind(config: dict) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
+    return one_line(exc, 200)    # leaves room in the 300-character line for the path it is quoted with
 
 
 def _require_dir(path) -> Path:

@@ -26,6 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from msdda.errors import one_line, short_value
 from msdda.ray_runtime import ModelSpec, model_spec, require_ray, start_ray, stop_ray
 from msdda.validation import Limits, check_num_images, check_steps
 
@@ -138,10 +139,6 @@ def parse_request(body: bytes, spec: ModelSpec, limits: Limits) -> dict:
 def _short(value) -> str:
     text = json.dumps(value, default=repr)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def response_body(share, spec_models, call: dict) -> dict:
