@@ -19,7 +19,7 @@ from msdda.export import (OUTPUT_NAME, ExportError, check_export_options, export
 from msdda.export.artifacts import EXPORT_KIND, exporter_id
 from msdda.export.onnx import SDXL_TIME_IDS, TEXT_CONDS, cleanup_tool, pooled_text_width
 from msdda.loading import LoadError, load_base, load_expert
-from msdda.runfolder import MANIFEST, RunFolder, RunFolderError
+from msdda.runfolder import MANIFEST, RunFolder, RunFolderError, check_target
 from msdda.validation import check_expert_name
 
 __all__ = ["export_models", "owns_export_file"]
@@ -65,6 +65,10 @@ def export_models(base, experts: Mapping[str, str] | None, out_dir, *, opset: in
         raise ExportError(str(exc)) from None
     if base is None:
         raise ExportError("exporting needs a base model folder")
+    try:
+        check_target(out_dir)                   # refuse a foreign folder before loading any model
+    except RunFolderError as exc:
+        raise ExportError(str(exc)) from None
     base_model, nets, tok_len = _load_models(base, experts)
     spec = unet_export_spec(base_model.unet, text_len=text_len or tok_len)
     try:
