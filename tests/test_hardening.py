@@ -264,3 +264,66 @@ def test_short_value_bounds_any_value():
         deep = [deep]
     assert len(short_value(deep)) <= 60 and len(short_value(list(range(10**6)))) <= 60
     assert len(one_line(_Wrapper(RecursionError()))) <= MAX_ERROR_CHARS
+
+
+# ---------------------------------------------------------------------- API types: one-line ValueErrors
+@pytest.fixture(scope="module")
+def engine(models):
+    from msdda import Engine
+
+    base, a = models
+    return Engine.from_pretrained(str(base), {"a": str(a)})
+
+
+def _latent_cases():
+    import numpy as np
+    import torch
+
+    shape = (1, 1, 8, 8)
+    return [
+        (torch.tensor(0.5), "0-d tensor"),
+        (torch.empty(shape, device="meta"), "meta device"),
+        (torch.zeros(shape, dtype=torch.complex64), "real floating-point"),
+        (torch.zeros(shape, dtype=torch.bool), "real floating-point"),
+        (torch.zeros(shape, dtype=torch.int64), "real floating-point"),
+        (torch.zeros(shape).to_sparse(), "dense"),
+        ("latents", "must be a torch tensor"),
+        ([[0.0]], "must be a torch tensor"),
+        (np.array(["a"], dtype=object), "tensor of numbers"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_bad_latents_and_noise_are_one_line_value_errors(engine, index):
+    value, message = _latent_cases()[index]
+    for kwargs in ({"latents": value}, {"noise": value}):
+        with pytest.raises(ValueError, match=message) as info:
+            engine.generate(class_labels=1, steps=2, **kwargs)
+        assert "\n" not in str(info.value) and len(str(info.value)) <= MAX_ERROR_CHARS
+
+
+@pytest.mark.parametrize("base, experts, message", [
+    (123, None, "base must be a folder path"),
+    (None, None, "base must be a folder path"),
+    ("x", {"a": 5}, "expert 'a' must be a folder path"),
+    ("x", ["a"], "experts must be a mapping"),
+])
+def test_from_pretrained_type_errors_are_value_errors(base, experts, message):
+    from msdda import Engine
+
+    with pytest.raises(ValueError, match=message):
+        Engine.from_pretrained(base, experts)
+
+
+def test_negative_prompt_on_a_class_model_is_refused_everywhere(engine, models, tmp_path, capsys):
+    with pytest.raises(ValueError, match="negative_prompt is for text-conditioned bases"):
+        engine.generate(class_labels=1, steps=2, negative_prompt="blurry")
+    from msdda.coalesce import generate_many
+
+    [result] = generate_many(engine, [{"class_labels": 1, "steps": 2, "negative_prompt": "blurry",
+                                       "output_type": "latent"}])                 # the server's path
+    assert isinstance(result, ValueError) and "negative_prompt is for text-conditioned" in str(result)
+    base, a = models
+    assert cli.main(["generate", "--base", str(base), "--class", "1", "--negative-prompt", "x", "--steps", "2",
+                     "--out", str(tmp_path / "o")]) == 2
+    _one_error_line(capsys, "--negative-prompt is for text-conditioned bases")
