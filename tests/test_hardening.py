@@ -327,3 +327,61 @@ def test_negative_prompt_on_a_class_model_is_refused_everywhere(engine, models, 
     assert cli.main(["generate", "--base", str(base), "--class", "1", "--negative-prompt", "x", "--steps", "2",
                      "--out", str(tmp_path / "o")]) == 2
     _one_error_line(capsys, "--negative-prompt is for text-conditioned bases")
+
+
+# ---------------------------------------------------------------------- LoRA messages
+@pytest.fixture(scope="module")
+def lora_base(tmp_path_factory):
+    from tiny_models import make_tiny_sd_pipeline, write_lora_adapter
+
+    root = tmp_path_factory.mktemp("lora")
+    base = make_tiny_sd_pipeline(root / "base")
+    return base, write_lora_adapter(base, root / "good", seed=1, rank=4) / "pytorch_lora_weights.safetensors"
+
+
+def _edited_lora(good, folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(good)
+    key = sorted(k for k in state if k.endswith("lora.down.weight"))[0]
+    edit(state, key, key.replace("lora.down", "lora.up"))
+    folder.mkdir()
+    save_file(state, folder / "pytorch_lora_weights.safetensors")
+    return folder
+
+
+def _set(state, key, value):
+    state[key] = value
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s, d, u: _set(s, d, s[d].to(torch_dtype("int32"))), "has dtype I32; LoRA weights must be floating point"),
+    (lambda s, d, u: _set(s, d, s[d][:0]), "rank-0 (empty) factor"),
+    (lambda s, d, u: (_set(s, d, s[d][:0]), _set(s, u, s[u][:, :0])), "rank-0 (empty) factor"),
+    (lambda s, d, u: _set(s, u, s[u].repeat(1, 2, *([1] * (s[u].dim() - 2)))),
+     "rank 4 in its down factor (lora_A) but rank 8 in its up factor (lora_B)"),
+    (lambda s, d, u: s[d].view(-1).__setitem__(0, float("nan")), "holds NaN or Inf"),
+    (lambda s, d, u: s[u].view(-1).__setitem__(3, float("inf")), "holds NaN or Inf"),
+])
+def test_lora_refusals_are_one_line_naming_the_file(lora_base, tmp_path, capsys, edit, message):
+    from msdda.loading import LoadError
+
+    base, good = lora_base
+    folder = _edited_lora(good, tmp_path / "bad", edit)
+    from msdda import Engine
+
+    with pytest.raises(LoadError) as info:
+        Engine.from_pretrained(str(base), {"x": str(folder)})
+    text = str(info.value)
+    assert message in text and str(folder) in text and "\n" not in text and len(text) <= MAX_ERROR_CHARS, text
+    capsys.readouterr()
+    assert cli.main(["generate", "--base", str(base), "--expert", f"x={folder}", "--prompt", "a", "--steps", "2",
+                     "--num-images", "1", "--out", str(tmp_path / "o")]) == 2
+    _one_error_line(capsys, message[:20])            # and nothing of diffusers' own printed before it
+    assert not (tmp_path / "o").exists()
+
+
+def torch_dtype(name):
+    import torch
+
+    return getattr(torch, name)
