@@ -9,7 +9,6 @@ too large (``OverflowError``). An exception Ray re-raised in the driver is repor
 """
 from __future__ import annotations
 
-import json
 import reprlib
 
 __all__ = ["MAX_ERROR_CHARS", "one_line", "short_value", "is_out_of_memory"]
@@ -68,9 +67,10 @@ def one_line(exc: BaseException | str, limit: int = MAX_ERROR_CHARS, *, oom_hint
 
 
 def short_value(value, limit: int = MAX_QUOTE_CHARS) -> str:
-    """A refused value for an error message: its JSON (or repr) text, cut to ``limit`` characters."""
+    """A refused value for an error message: its repr, cut to ``limit`` characters (reprlib for containers, so a
+    huge or deeply nested value is never rendered whole)."""
     if isinstance(value, str):
-        text = json.dumps(value[:limit + 1])
+        text = repr(value[:limit + 1])
     else:   # reprlib bounds the work too: a huge or deeply nested list is never rendered whole
         short = reprlib.Repr()
         short.maxlevel, short.maxlist, short.maxdict = 3, 8, 8

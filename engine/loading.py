@@ -31,6 +31,7 @@ from typing import Mapping
 
 import torch
 
+from msdda.atomic import MAX_JSON_BYTES, read_regular
 from msdda.errors import one_line
 from msdda.hashing import file_sha256
 
@@ -116,9 +117,9 @@ def unet_folder(path) -> Path:
 
 def read_json(path: Path) -> dict:
     """A JSON object from ``path`` (every config a model folder holds is one); anything else is a LoadError."""
-    try:
-        obj = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    try:     # the file rule: a FIFO or device named config.json is refused, never waited on
+        obj = json.loads(read_regular(path, max_bytes=MAX_JSON_BYTES))
+    except (OSError, ValueError, RecursionError) as exc:    # UnsafeFileError, UnicodeDecodeError, JSONDecodeError
         raise LoadError(f"{path}: unreadable JSON ({_one_line(exc)})") from None
     if not isinstance(obj, dict):
         raise LoadError(f"{path}: expected a JSON object, found {type(obj).__name__}")

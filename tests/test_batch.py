@@ -102,7 +102,7 @@ HOSTILE_ROWS = [   # (JSONL line, what its refusal says); none of them may reach
     ('{"id": "a", "class": 1}', "no seed"),
     ('{"id": "a", "class": 2, "seed": 2}', "appears twice"),              # a's id was taken by the row above
     ('{"id": "../x", "class": 1, "seed": 1}', "not a usable file name"),
-    ('{"class": 1, "seed": 1, "wieghts": {}}', 'unknown field "wieghts"'),
+    ('{"class": 1, "seed": 1, "wieghts": {}}', "unknown field 'wieghts'"),
     ('{"class": 1, "seed": "one"}', "seed must be an integer"),
     ('{"class": 1, "seed": 1, "weights": {"legible": "x"}}', "weights must be an object"),
     ("{not json", "is not JSON"),
