@@ -385,3 +385,27 @@ def torch_dtype(name):
     import torch
 
     return getattr(torch, name)
+
+
+@pytest.mark.parametrize("damage", ["no_config", "bad_json", "fifo_config"])
+def test_batch_base_that_cannot_load_fails_before_ray(tmp_path, capsys, damage):
+    base = tmp_path / "base"
+    (base / "unet").mkdir(parents=True)
+    if damage == "bad_json":
+        (base / "unet" / "config.json").write_text("{not json")
+    elif damage == "fifo_config":
+        os.mkfifo(base / "unet" / "config.json")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"class": 1, "seed": 1}\n')
+    done = []
+    worker = threading.Thread(target=lambda: done.append(cli.main(["batch", "--input", str(jobs), "--out",
+                                                                   str(tmp_path / "out"), "--base", str(base)])),
+                              daemon=True)
+    worker.start()
+    worker.join(120)
+    assert done == [2]
+    captured = capsys.readouterr()
+    assert "Ray" not in captured.out
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("msdda: error: --base") and len(lines[0]) <= MAX_ERROR_CHARS
+    assert not (tmp_path / "out").exists()
