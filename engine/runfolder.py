@@ -8,8 +8,9 @@ A run folder holds the run's own files (the command says which names are its own
 1. the folder is created if missing (remembering what was created), and an exclusive non-blocking
    ``fcntl.flock`` is taken on ``.msdda.lock`` inside it for the whole run: a second run on the folder is
    refused at once, and the kernel drops the lock if the process dies;
-2. under the lock, a folder without our manifest must hold nothing but the lock file and our own stale temp
-   files (left by kill -9 during an atomic write), else it is refused untouched; a folder with our manifest
+2. under the lock, a folder without our manifest must hold nothing but the lock file and our manifest's stale
+   temp files (left by kill -9 while the manifest, always written first, was being written), else it is
+   refused untouched; a folder with our manifest
    must describe the same run (only the parameters are compared, never what a finished run adds). Our stale
    temp files are then deleted;
 3. a fresh folder gets its manifest (``complete: false``) before any other file, which marks it as ours;

@@ -260,3 +260,33 @@ def test_resume_after_kill_loses_and_duplicates_nothing(ray_address, zoo_engine,
     assert cli.main(_batch_args(jobs, out)) == 0
     assert f"{len(rows)} already done, 0 to make" in capsys.readouterr().out
     assert pq.read_table(out / "manifest.parquet").to_pylist() == manifest
+
+
+def test_mixed_good_and_hostile_rows_finish_and_rerun_is_a_no_op(ray_address, zoo_engine, tmp_path, capsys):
+    """Good rows are made, hostile ones (an int64-overflowing seed, deep or unhashable weights, an engine refusal)
+    recorded as refused with one line each; the same command again makes and rewrites nothing."""
+    good = _rows(2)
+    lines = [json.dumps(good[0]), '{"id": "big", "class": 1, "seed": 18446744073709551616}',
+             '{"id": "deep", "class": 1, "seed": 1, "weights": "' + "[" * 50000 + "]" * 50000 + '"}',
+             '{"id": "pairs", "class": 1, "seed": 1, "weights": [[["legible"], 1]]}',
+             '{"id": "typo", "class": 1, "seed": 1, "steps": 2, "weights": {"legibel": 1}}', json.dumps(good[1])]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(_batch_args(jobs, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("msdda: error: 4 of 6 rows failed") and len(err[0]) <= 300
+    manifest = {r["id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+    assert set(manifest) == {"img-00", "img-01", "big", "deep", "pairs", "typo"}
+    for row in good:
+        assert manifest[row["id"]]["error"] is None
+        assert (out / "images" / f"{row['id']}.png").read_bytes() == _direct_png(zoo_engine, row)
+    for rid, words in [("big", "does not fit in 64 bits"), ("deep", "nested too deeply"),
+                       ("pairs", "weights must be an object"), ("typo", "unknown expert 'legibel'")]:
+        assert manifest[rid]["image"] is None and words in manifest[rid]["error"], manifest[rid]
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
+    assert cli.main(_batch_args(jobs, out)) == 2
+    assert "2 already done" in capsys.readouterr().out
+    after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
+    changed = [str(p) for p in after if after[p] != before.get(p)]
+    assert changed == [] or changed == [str(out / "manifest.parquet")], changed
