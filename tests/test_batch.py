@@ -288,5 +288,6 @@ def test_mixed_good_and_hostile_rows_finish_and_rerun_is_a_no_op(ray_address, zo
     assert cli.main(_batch_args(jobs, out)) == 2
     assert "2 already done" in capsys.readouterr().out
     after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
-    changed = [str(p) for p in after if after[p] != before.get(p)]
-    assert changed == [] or changed == [str(out / "manifest.parquet")], changed
+    changed = {p.name for p in after if after[p] != before.get(p)}
+    # the engine-refused row is tried again (a refusal may have been transient): only the manifest changes
+    assert changed <= {"manifest.parquet", "manifest.parts"}, changed
