@@ -9,7 +9,8 @@ appends to ``DIR/manifest.parts/`` as they arrive and folds into ``DIR/manifest.
 
 Hostile rows: a row that cannot be made (a wrong type, an unknown field, an id that is no file name or appears
 twice, a seed outside [0, 2**63), JSON nested too deeply...) is refused before Ray starts and recorded in the
-manifest with its one-line reason (``error``), as a row the engine refuses is; the others are still made. Refused
+manifest with its one-line reason (``error``, ``refused: true``), as a row the engine refuses (a ValueError) is;
+the others are still made. A refused row is not tried again while its job fields are unchanged. Refused
 rows without a usable id are recorded as ``row N``. The command then exits 2 with one line.
 
 The output folder follows msdda's folder rule (``msdda.runfolder``): created by msdda or recognised by its
@@ -33,7 +34,7 @@ import re
 import time
 from pathlib import Path
 
-from msdda.errors import one_line, short_value
+from msdda.errors import is_out_of_memory, one_line, short_value
 from msdda.ray_runtime import ModelSpec, model_spec, require_ray, start_ray, stop_ray
 from msdda.runfolder import RunFolder
 from msdda.validation import check_seed
@@ -66,8 +67,9 @@ def _manifest_schema():
         ("engine_call_samples", pa.int64()),  # samples in the Engine.generate call that made it
         ("batch_seconds", pa.float64()),     # wall time of the actor batch it was part of
         ("finished_at", pa.float64()),       # unix time the image was written
-        ("error", pa.string()),              # the one-line reason when the engine refused the row
-    ])
+        ("error", pa.string()),              # the one-line reason when the row was refused or failed
+        ("refused", pa.bool_()),             # refused as input (not a transient failure): a rerun skips it while
+    ])                                       # its job fields are unchanged
 
 
 # ---------------------------------------------------------------------- jobs
@@ -147,7 +149,7 @@ def _normalize_row(raw: dict, index: int, spec: ModelSpec) -> dict:
 
 def refused_record(row_id: str, error: str) -> dict:
     """The manifest record of a row refused before the engine saw it: its id and its one-line reason."""
-    return {**{k: None for k in _manifest_schema().names}, "id": row_id, "error": error}
+    return {**{k: None for k in _manifest_schema().names}, "id": row_id, "error": error, "refused": True}
 
 
 def read_jobs(path, spec: ModelSpec) -> tuple[list[dict], list[dict]]:
@@ -267,15 +269,18 @@ def _image_ok(path: Path, sha256: str | None) -> bool:
 
 
 def pending_rows(rows: list[dict], out: Path) -> tuple[list[dict], dict]:
-    """(rows still to make, {id: record} of rows already done and verified)."""
+    """(rows still to make, {id: record} of rows already done: made and verified, or refused by the engine as
+    input with the same job fields, which would be refused again)."""
     latest = {}
     for rec in _read_records(out):
         latest[rec["id"]] = rec
     done, todo = {}, []
     for row in rows:
         rec = latest.get(row["id"])
-        if rec is not None and rec.get("error") is None and all(rec.get(k) == row[k] for k in JOB_FIELDS) \
-                and _image_ok(out / "images" / f"{row['id']}.png", rec.get("file_sha256")):
+        same = rec is not None and all(rec.get(k) == row[k] for k in JOB_FIELDS)
+        if same and rec.get("error") is None and _image_ok(out / "images" / f"{row['id']}.png", rec.get("file_sha256")):
+            done[row["id"]] = rec
+        elif same and rec.get("error") is not None and rec.get("refused") is True:
             done[row["id"]] = rec
         else:
             todo.append(row)
@@ -325,9 +330,11 @@ class EngineWorker:
         for row, result in zip(rows, results):
             rec = {**{k: row[k] for k in JOB_FIELDS}, "models": self.models, "backend": self.backend,
                    "exact_batching": self.exact, "batch_seconds": seconds, "image": None, "file_sha256": None,
-                   "engine_call_samples": None, "error": None}
+                   "engine_call_samples": None, "error": None, "refused": False}
             if isinstance(result, Exception):
                 rec["error"] = one_line(result)
+                # a ValueError is the engine refusing the row's values: the same row would be refused again
+                rec["refused"] = isinstance(result, ValueError) and not is_out_of_memory(result)
             else:
                 png = encode_png(result.images[0])
                 atomic_write_bytes(self.images / f"{row['id']}.png", png)   # the image first, then its record
@@ -428,8 +435,10 @@ def _make_rows(args, spec: ModelSpec, exact: bool, rows: list[dict], refused: li
                parts: Path, cpus: int, folder: RunFolder) -> list[dict]:
     """Make every pending row with Ray Data, then write the manifest (refused rows included). Returns it."""
     todo, done = pending_rows(rows, out)
-    print(f"msdda batch: {len(rows) + len(refused)} rows, {len(done)} already done, {len(todo)} to make"
-          + (f", {len(refused)} refused" if refused else ""), flush=True)
+    made = sum(r["error"] is None for r in done.values())
+    refused_before = len(done) - made
+    print(f"msdda batch: {len(rows) + len(refused)} rows, {made} already done, {len(todo)} to make"
+          + (f", {len(refused) + refused_before} refused" if refused or refused_before else ""), flush=True)
     new = []
     if todo:
         require_ray()
@@ -451,7 +460,7 @@ def _make_rows(args, spec: ModelSpec, exact: bool, rows: list[dict], refused: li
                 records = part.to_pylist()
                 _write_parquet(parts / f"part-{time.time_ns()}-{os.getpid()}.parquet", records)
                 new.extend(records)
-                print(f"msdda batch: {len(done) + sum(r['error'] is None for r in new)}/{len(rows)} images", flush=True)
+                print(f"msdda batch: {made + sum(r['error'] is None for r in new)}/{len(rows)} images", flush=True)
         finally:
             if started:
                 stop_ray()
