@@ -6,9 +6,11 @@ behind, and :func:`temp_file_target` tells an owner which of its files such a le
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -75,3 +77,71 @@ def atomic_save_image(path, image) -> Path:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------- the files msdda may read
+#: the largest JSON file msdda reads (manifests, configs, jobs files are far smaller)
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
+class UnsafeFileError(ValueError):
+    """A path msdda was to read or lock is not a regular file (a FIFO, device, socket, folder, or a symbolic
+    link where none may be), or is larger than allowed. One line."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path, flags: int = os.O_RDONLY, *, max_bytes: int | None = None, follow: bool = True,
+                 mode: int = 0o644) -> int:
+    """Open ``path`` as a file descriptor, only if it is a regular file (of at most ``max_bytes``). The open
+    itself cannot block: O_NONBLOCK makes opening a FIFO return at once, and the fstat then refuses it, so
+    a named pipe, device or socket is refused in one line (UnsafeFileError), never waited on. ``follow=False``:
+    a symbolic link is refused too (files inside msdda's own folders). OSError (missing, permission) passes
+    through."""
+    path = Path(path)
+    extra = os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags | extra, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow:
+            raise UnsafeFileError(f"{path} is a symbolic link; msdda does not follow links in its folders") from None
+        if exc.errno == errno.ENXIO:             # a FIFO opened for writing with no reader
+            raise UnsafeFileError(f"{path} is a named pipe, not a regular file; refusing to open it") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFileError(f"{path} is {_kind(st.st_mode)}, not a regular file; refusing to open it")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise UnsafeFileError(f"{path} is {st.st_size} bytes, more than the {max_bytes} msdda reads for it")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path, *, max_bytes: int = MAX_JSON_BYTES, follow: bool = True) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes`` (see :func:`open_regular`)."""
+    fd = open_regular(path, max_bytes=max_bytes, follow=follow)
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:                    # grew while being read
+        raise UnsafeFileError(f"{path} is more than the {max_bytes} bytes msdda reads for it")
+    return data
+
+
+def read_json(path, *, max_bytes: int = MAX_JSON_BYTES, follow: bool = True):
+    """A JSON file through :func:`read_regular`. Raises ValueError (UnicodeDecodeError, JSONDecodeError, or
+    RecursionError re-raised as ValueError for JSON nested too deeply) for bad content."""
+    data = read_regular(path, max_bytes=max_bytes, follow=follow)
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None

@@ -7,6 +7,16 @@ rows through ``msdda.coalesce.generate_many`` (rows that agree on steps/guidance
 call), writes ``DIR/images/<id>.png`` atomically and returns the rows' manifest records, which the driver
 appends to ``DIR/manifest.parts/`` as they arrive and folds into ``DIR/manifest.parquet`` at the end.
 
+Hostile rows: a row that cannot be made (a wrong type, an unknown field, an id that is no file name or appears
+twice, a seed outside [0, 2**63), JSON nested too deeply...) is refused before Ray starts and recorded in the
+manifest with its one-line reason (``error``, ``refused: true``), as a row the engine refuses (a ValueError) is;
+the others are still made. A refused row is not tried again while its job fields are unchanged. Refused
+rows without a usable id are recorded as ``row N``. The command then exits 2 with one line.
+
+The output folder follows msdda's folder rule (``msdda.runfolder``): created by msdda or recognised by its
+``run.json``, locked for the run (a second run on it is refused), ``images/`` and ``manifest.parts/`` real
+subfolders (never symbolic links), and no file in it touched that msdda did not write.
+
 Resume: a row is done when its image exists, decodes, and has the sha256 its manifest record gives for the same
 job fields; every other row (missing, damaged, changed, failed) is made again. An image is written before its
 record, so a kill at any point loses nothing and duplicates nothing: an image without a record is simply made
@@ -24,13 +34,23 @@ import re
 import time
 from pathlib import Path
 
+from msdda.errors import is_out_of_memory, one_line, short_value
 from msdda.ray_runtime import ModelSpec, model_spec, require_ray, start_ray, stop_ray
+from msdda.runfolder import RunFolder
+from msdda.validation import check_seed
 
 __all__ = ["JOB_FIELDS", "add_command", "read_jobs", "pending_rows", "run", "EngineWorker"]
 
 #: a job row's fields, in manifest order (weights as JSON text)
 JOB_FIELDS = ("id", "prompt", "class", "weights", "seed", "steps", "guidance_scale", "eta", "strategy")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RUN_INFO = "run.json"          # the folder's msdda manifest: the models and settings of the batch
+INT64 = (-2 ** 63, 2 ** 63 - 1)
+MAX_JOBS_BYTES = 1 << 30      # the largest jobs file read (the file rule: a regular file of bounded size)
+MAX_MANIFEST_BYTES = 1 << 32
+MAX_IMAGE_BYTES = 1 << 28
+# what one row's failure may raise while it is checked: each is that row's one line, never the whole file's
+ROW_ERRORS = (ValueError, TypeError, RecursionError, OverflowError)
 
 
 def _manifest_schema():
@@ -47,8 +67,9 @@ def _manifest_schema():
         ("engine_call_samples", pa.int64()),  # samples in the Engine.generate call that made it
         ("batch_seconds", pa.float64()),     # wall time of the actor batch it was part of
         ("finished_at", pa.float64()),       # unix time the image was written
-        ("error", pa.string()),              # the one-line reason when the engine refused the row
-    ])
+        ("error", pa.string()),              # the one-line reason when the row was refused or failed
+        ("refused", pa.bool_()),             # refused as input (not a transient failure): a rerun skips it while
+    ])                                       # its job fields are unchanged
 
 
 # ---------------------------------------------------------------------- jobs
@@ -66,16 +87,20 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_finite(v) -> bool:
+    return _is_number(v) and math.isfinite(v)
+
+
 def _normalize_row(raw: dict, index: int, spec: ModelSpec) -> dict:
     """A job row with every field present (defaults filled in), weights as canonical JSON text."""
     where = f"row {index}"
     unknown = sorted(set(raw) - set(JOB_FIELDS))
     if unknown:
-        raise _bad(f"{where}: unknown field {unknown[0]!r}; fields are: {', '.join(JOB_FIELDS)}")
+        raise _bad(f"{where}: unknown field {short_value(unknown[0])}; fields are: {', '.join(JOB_FIELDS)}")
     row = {k: raw.get(k) for k in JOB_FIELDS}
     row["id"] = f"{index:06d}" if row["id"] is None else row["id"]
     if not isinstance(row["id"], str) or not _ID.fullmatch(row["id"]):
-        raise _bad(f"{where}: id {row['id']!r} is not a usable file name (letters, digits, '.', '_', '-'; "
+        raise _bad(f"{where}: id {short_value(row['id'])} is not a usable file name (letters, digits, '.', '_', '-'; "
                    "at most 128 characters, not starting with '.' or '-')")
     where = f"row {index} (id {row['id']!r})"
     weights = row["weights"]
@@ -83,26 +108,36 @@ def _normalize_row(raw: dict, index: int, spec: ModelSpec) -> dict:
         try:
             weights = json.loads(weights)
         except json.JSONDecodeError:
-            raise _bad(f"{where}: weights {weights!r} is not JSON") from None
+            raise _bad(f"{where}: weights {short_value(weights)} is not JSON") from None
+        except RecursionError:
+            raise _bad(f"{where}: weights is JSON nested too deeply") from None
     if isinstance(weights, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in weights):
+        if not all(isinstance(p[0], str) for p in weights):
+            raise _bad(f"{where}: weights must be an object {{expert: number}}, got {short_value(weights)}")
         weights = dict(weights)                     # a Parquet map column reads as [(key, value), ...]
     if weights is not None:
         if not isinstance(weights, dict) or not all(isinstance(k, str) and (v is None or _is_number(v))
                                                     for k, v in weights.items()):
-            raise _bad(f"{where}: weights must be an object {{expert: number}}, got {weights!r}")
+            raise _bad(f"{where}: weights must be an object {{expert: number}}, got {short_value(weights)}")
         weights = {k: v for k, v in weights.items() if v is not None}   # a Parquet struct column fills gaps with null
     row["weights"] = None if weights is None else json.dumps(weights, sort_keys=True)
     checks = [("seed", _is_int, "an integer"), ("class", _is_int, "an integer"), ("steps", _is_int, "an integer"),
               ("prompt", lambda v: isinstance(v, str), "a string"), ("strategy", lambda v: isinstance(v, str), "a string"),
-              ("guidance_scale", _is_number, "a number"), ("eta", _is_number, "a number")]
+              ("guidance_scale", _is_finite, "a finite number"), ("eta", _is_finite, "a finite number")]
     for name, ok, what in checks:
         value = row[name]
         if isinstance(value, float) and name in ("seed", "class", "steps") and value.is_integer():
             value = row[name] = int(value)          # Parquet/pandas may widen an int column with nulls to float
         if value is not None and not ok(value):
-            raise _bad(f"{where}: {name} must be {what}, got {value!r}")
+            raise _bad(f"{where}: {name} must be {what}, got {short_value(value)}")
+        if _is_int(value) and not INT64[0] <= value <= INT64[1]:
+            raise _bad(f"{where}: {name} {short_value(value)} does not fit in 64 bits")
     if row["seed"] is None:
         raise _bad(f"{where}: no seed (every row names its seed, so its image is reproducible)")
+    try:
+        check_seed(row["seed"])     # [0, 2**63): the engine's rule, checked before Ray starts
+    except ValueError as exc:
+        raise _bad(f"{where}: {exc}") from None
     if row["prompt"] is not None and row["class"] is not None:
         raise _bad(f"{where}: give prompt or class, not both")
     row["steps"] = spec.default_steps if row["steps"] is None else row["steps"]
@@ -112,43 +147,73 @@ def _normalize_row(raw: dict, index: int, spec: ModelSpec) -> dict:
     return row
 
 
-def read_jobs(path, spec: ModelSpec) -> list[dict]:
-    """Rows of a JSONL or Parquet jobs file, checked for shape (ids unique and usable as file names, known
-    fields, types); whether the values suit the models is for the engine to say, row by row."""
+def refused_record(row_id: str, error: str) -> dict:
+    """The manifest record of a row refused before the engine saw it: its id and its one-line reason."""
+    return {**{k: None for k in _manifest_schema().names}, "id": row_id, "error": error, "refused": True}
+
+
+def read_jobs(path, spec: ModelSpec) -> tuple[list[dict], list[dict]]:
+    """(rows, refused) of a JSONL or Parquet jobs file. Each row is checked for shape (ids unique and usable as
+    file names, known fields, types, seeds in range); a row that fails is a refused manifest record with one line
+    and the rest go on. Whether the values suit the models is for the engine to say, row by row. Only a file that
+    cannot be read at all is refused whole."""
+    from msdda.atomic import UnsafeFileError, read_regular
+
     path = Path(path)
-    if not path.is_file():
-        raise _bad(f"--input: {path} is not a file")
     suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".jsonl", ".ndjson", ".json"):
+        raise _bad(f"--input: {path} must be .jsonl (JSON Lines) or .parquet")
+    try:
+        data = read_regular(path, max_bytes=MAX_JOBS_BYTES)
+    except UnsafeFileError as exc:
+        raise _bad(f"--input: {exc}") from None
+    except OSError as exc:
+        raise _bad(f"--input: cannot read {path}: {exc.strerror}") from None
+    raw_rows = []       # a dict per row, or the one-line reason the row is no object
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            raw_rows = pq.read_table(path).to_pylist()
+            raw_rows = pq.read_table(io.BytesIO(data)).to_pylist()
         except Exception as exc:  # noqa: BLE001 -- any unreadable file is one line for the user
-            raise _bad(f"--input: cannot read {path} as Parquet: {' '.join(str(exc).split())}") from None
-    elif suffix in (".jsonl", ".ndjson", ".json"):
-        raw_rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+            raise _bad(f"--input: cannot read {path} as Parquet: {one_line(exc, 200)}") from None
+    else:
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise _bad(f"--input: {path} is not UTF-8 text") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise _bad(f"--input: {path} line {n} is not JSON ({exc.msg})") from None
-            if not isinstance(item, dict):
-                raise _bad(f"--input: {path} line {n} is not a JSON object")
-            raw_rows.append(item)
-    else:
-        raise _bad(f"--input: {path} must be .jsonl (JSON Lines) or .parquet")
+                item = f"line {n} is not JSON ({exc.msg})"
+            except RecursionError:
+                item = f"line {n} is JSON nested too deeply"
+            raw_rows.append(item if isinstance(item, (dict, str)) else f"line {n} is not a JSON object")
     if not raw_rows:
         raise _bad(f"--input: {path} has no rows")
-    rows = [_normalize_row(r, i, spec) for i, r in enumerate(raw_rows)]
-    seen = set()
-    for r in rows:
-        if r["id"] in seen:
-            raise _bad(f"--input: id {r['id']!r} appears twice; ids name the image files and must be unique")
-        seen.add(r["id"])
-    return rows
+    rows, refused, seen = [], [], {}
+    for index, raw in enumerate(raw_rows):
+        raw_id = raw.get("id") if isinstance(raw, dict) else None
+        usable_id = raw_id if isinstance(raw_id, str) and _ID.fullmatch(raw_id) else None
+        try:
+            if isinstance(raw, str):
+                raise _bad(f"row {index}: {raw}")
+            row = _normalize_row(raw, index, spec)
+            if row["id"] in seen:
+                raise _bad(f"row {index}: id {row['id']!r} appears twice (first in row {seen[row['id']]}); ids "
+                           "name the image files and must be unique")
+        except ROW_ERRORS as exc:
+            # a refused row keeps its id unless another row holds it ("row N" is never a valid id: no clash)
+            record_id = usable_id if usable_id is not None and usable_id not in seen else f"row {index}"
+            refused.append(refused_record(record_id, one_line(exc)))
+        else:
+            rows.append(row)
+        if usable_id is not None:
+            seen.setdefault(usable_id, index)
+    return rows, refused
 
 
 def row_call(row: dict) -> dict:
@@ -169,21 +234,28 @@ def _read_records(out: Path) -> list[dict]:
     """Manifest records from the final manifest and any parts a killed run left, oldest first."""
     import pyarrow.parquet as pq
 
-    files = ([out / "manifest.parquet"] if (out / "manifest.parquet").is_file() else []) + \
-        sorted((out / "manifest.parts").glob("part-*.parquet"))
+    from msdda.atomic import read_regular
+
+    files = [out / "manifest.parquet"] + sorted((out / "manifest.parts").glob("part-*.parquet"))
     records = []
     for f in files:
-        try:
-            records.extend(pq.read_table(f).to_pylist())
+        try:    # a link, FIFO or damaged file is no record: those rows are checked (and made) again
+            records.extend(pq.read_table(io.BytesIO(read_regular(f, max_bytes=MAX_MANIFEST_BYTES,
+                                                                  follow=False))).to_pylist())
         except Exception:  # noqa: BLE001 -- a damaged manifest file only means those rows are checked again
             continue
     return records
 
 
 def _image_ok(path: Path, sha256: str | None) -> bool:
-    if sha256 is None or not path.is_file():
+    from msdda.atomic import read_regular
+
+    if sha256 is None:
         return False
-    data = path.read_bytes()
+    try:
+        data = read_regular(path, max_bytes=MAX_IMAGE_BYTES, follow=False)
+    except (OSError, ValueError):
+        return False
     if hashlib.sha256(data).hexdigest() != sha256:
         return False
     from PIL import Image
@@ -197,15 +269,18 @@ def _image_ok(path: Path, sha256: str | None) -> bool:
 
 
 def pending_rows(rows: list[dict], out: Path) -> tuple[list[dict], dict]:
-    """(rows still to make, {id: record} of rows already done and verified)."""
+    """(rows still to make, {id: record} of rows already done: made and verified, or refused by the engine as
+    input with the same job fields, which would be refused again)."""
     latest = {}
     for rec in _read_records(out):
         latest[rec["id"]] = rec
     done, todo = {}, []
     for row in rows:
         rec = latest.get(row["id"])
-        if rec is not None and rec.get("error") is None and all(rec.get(k) == row[k] for k in JOB_FIELDS) \
-                and _image_ok(out / "images" / f"{row['id']}.png", rec.get("file_sha256")):
+        same = rec is not None and all(rec.get(k) == row[k] for k in JOB_FIELDS)
+        if same and rec.get("error") is None and _image_ok(out / "images" / f"{row['id']}.png", rec.get("file_sha256")):
+            done[row["id"]] = rec
+        elif same and rec.get("error") is not None and rec.get("refused") is True:
             done[row["id"]] = rec
         else:
             todo.append(row)
@@ -213,13 +288,20 @@ def pending_rows(rows: list[dict], out: Path) -> tuple[list[dict], dict]:
 
 
 def _write_parquet(path: Path, records: list[dict]) -> None:
+    """Write ``records`` atomically, unless the file already holds exactly these bytes (a rerun that made
+    nothing rewrites nothing)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from msdda.atomic import atomic_write_bytes
+    from msdda.atomic import atomic_write_bytes, read_regular
 
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(records, schema=_manifest_schema()), buf)
+    try:
+        if read_regular(path, max_bytes=MAX_MANIFEST_BYTES, follow=False) == buf.getvalue():
+            return
+    except (OSError, ValueError):
+        pass
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -248,9 +330,11 @@ class EngineWorker:
         for row, result in zip(rows, results):
             rec = {**{k: row[k] for k in JOB_FIELDS}, "models": self.models, "backend": self.backend,
                    "exact_batching": self.exact, "batch_seconds": seconds, "image": None, "file_sha256": None,
-                   "engine_call_samples": None, "error": None}
+                   "engine_call_samples": None, "error": None, "refused": False}
             if isinstance(result, Exception):
-                rec["error"] = " ".join(str(result).split()) or type(result).__name__
+                rec["error"] = one_line(result)
+                # a ValueError is the engine refusing the row's values: the same row would be refused again
+                rec["refused"] = isinstance(result, ValueError) and not is_out_of_memory(result)
             else:
                 png = encode_png(result.images[0])
                 atomic_write_bytes(self.images / f"{row['id']}.png", png)   # the image first, then its record
@@ -285,25 +369,36 @@ def add_command(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _check_run(out: Path, spec: ModelSpec, exact: bool) -> None:
-    """The folder holds this run's models and settings, or nothing yet (another run there is refused)."""
-    from msdda.atomic import atomic_write_json
+def run_info(spec: ModelSpec, exact: bool) -> dict:
+    """The batch folder's manifest (``run.json``): the models and settings every image of it is made with. A
+    folder holding another batch's is refused (msdda.runfolder compares them)."""
+    return {"command": "batch", "base": spec.base, "experts": spec.experts, "backend": spec.backend,
+            "scheduler": spec.scheduler, "variant": spec.variant, "dtype": spec.dtype, "exact_batching": exact,
+            "row_block": spec.row_block}
 
-    run_info = {"base": spec.base, "experts": spec.experts, "backend": spec.backend, "scheduler": spec.scheduler,
-                "variant": spec.variant, "dtype": spec.dtype, "exact_batching": exact,
-                "row_block": spec.row_block}
-    path = out / "run.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            raise _bad(f"{path} is corrupt; remove it or use another --out") from None
-        if old != run_info:
-            changed = sorted(k for k in set(old) | set(run_info) if old.get(k) != run_info.get(k))
-            raise _bad(f"{out} holds a batch of other models or settings (differs in: {', '.join(changed)}); "
-                       "use another --out")
-    else:
-        atomic_write_json(path, run_info)
+
+def owns_batch_file(name: str) -> bool:
+    """The entries of a batch folder: run.json, manifest.parquet and the two subfolders."""
+    return name in (RUN_INFO, "manifest.parquet", "images", "manifest.parts")
+
+
+def owns_image(name: str) -> bool:
+    return name.endswith(".png") and _ID.fullmatch(name[:-4]) is not None
+
+
+def owns_part(name: str) -> bool:
+    return re.fullmatch(r"part-\d+-\d+\.parquet", name) is not None
+
+
+def _check_base_config(base: str) -> None:
+    """The base's UNet config, read and checked as the loader will (cheap: no weights), before Ray starts."""
+    from msdda.loading import LoadError, check_unet_config, read_json, unet_folder
+
+    try:
+        folder = unet_folder(base)
+        check_unet_config(read_json(folder / "config.json"), folder)
+    except LoadError as exc:
+        raise _bad(f"--base: {exc}") from None
 
 
 def run(args) -> int:
@@ -320,21 +415,34 @@ def run(args) -> int:
 
     spec = model_spec(args, threads=cpus, num_gpus=args.num_gpus, row_block=engine_row_block(args, args.batch_size))
     exact = batches_exactly(spec.row_block, args.batch_size)
-    rows = read_jobs(args.input, spec)
+    rows, refused = read_jobs(args.input, spec)
+    if rows and not os.environ.get("RAY_ADDRESS"):
+        _check_base_config(spec.base)      # a base that cannot load fails here in one line, not inside Ray
     out = Path(args.out)
-    try:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        (out / "manifest.parts").mkdir(exist_ok=True)
-    except OSError as exc:
-        raise _bad(f"cannot create output folder {out}: {exc.strerror}") from None
-    _check_run(out, spec, exact)
-    for stale in (out / "images").glob(".*.tmp"):     # half-written temp files of a killed run (never renamed)
-        stale.unlink(missing_ok=True)
+    with RunFolder(out, run_info(spec, exact), owns_batch_file, manifest=RUN_INFO) as folder:
+        images = folder.subfolder("images", owns_image)
+        parts = folder.subfolder("manifest.parts", owns_part)
+        manifest = _make_rows(args, spec, exact, rows, refused, out, images, parts, cpus, folder)
+    failed = [r for r in manifest if r["error"] is not None]
+    print(f"msdda batch: wrote {len(manifest) - len(failed)} images and {out / 'manifest.parquet'}", flush=True)
+    if failed:
+        raise _bad(f"{len(failed)} of {len(manifest)} rows failed (first: id {failed[0]['id']!r}: "
+                   f"{failed[0]['error']}); their manifest rows say why")
+    return 0
+
+
+def _make_rows(args, spec: ModelSpec, exact: bool, rows: list[dict], refused: list[dict], out: Path, images: Path,
+               parts: Path, cpus: int, folder: RunFolder) -> list[dict]:
+    """Make every pending row with Ray Data, then write the manifest (refused rows included). Returns it."""
     todo, done = pending_rows(rows, out)
-    print(f"msdda batch: {len(rows)} rows, {len(done)} already done, {len(todo)} to make", flush=True)
+    made = sum(r["error"] is None for r in done.values())
+    refused_before = len(done) - made
+    print(f"msdda batch: {len(rows) + len(refused)} rows, {made} already done, {len(todo)} to make"
+          + (f", {len(refused) + refused_before} refused" if refused or refused_before else ""), flush=True)
     new = []
     if todo:
         require_ray()
+        folder.note_finished(RUN_INFO)     # images may appear from here on: the folder stays, resumable
         started, where = start_ray(num_cpus=max(os.cpu_count() or 1, cpus * args.concurrency))
         try:
             import logging
@@ -350,20 +458,17 @@ def run(args) -> int:
                 compute=ray.data.ActorPoolStrategy(size=args.concurrency), num_cpus=cpus, num_gpus=args.num_gpus)
             for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 records = part.to_pylist()
-                _write_parquet(out / "manifest.parts" / f"part-{time.time_ns()}-{os.getpid()}.parquet", records)
+                _write_parquet(parts / f"part-{time.time_ns()}-{os.getpid()}.parquet", records)
                 new.extend(records)
-                print(f"msdda batch: {len(done) + sum(r['error'] is None for r in new)}/{len(rows)} images", flush=True)
+                print(f"msdda batch: {made + sum(r['error'] is None for r in new)}/{len(rows)} images", flush=True)
         finally:
             if started:
                 stop_ray()
     by_id = {**done, **{r["id"]: r for r in new}}
-    manifest = [by_id[r["id"]] for r in rows if r["id"] in by_id]
+    manifest = [by_id[r["id"]] for r in rows if r["id"] in by_id] + refused
     _write_parquet(out / "manifest.parquet", manifest)
-    for part in (out / "manifest.parts").glob("part-*.parquet"):
-        part.unlink(missing_ok=True)
-    failed = [r for r in manifest if r["error"] is not None]
-    print(f"msdda batch: wrote {len(manifest) - len(failed)} images and {out / 'manifest.parquet'}", flush=True)
-    if failed:
-        raise _bad(f"{len(failed)} of {len(rows)} rows failed (first: id {failed[0]['id']!r}: {failed[0]['error']}); "
-                   "their manifest rows say why")
-    return 0
+    folder.note_finished("manifest.parquet")
+    for part in parts.glob("part-*.parquet"):
+        if owns_part(part.name):
+            part.unlink(missing_ok=True)
+    return manifest

@@ -402,7 +402,10 @@ def _recorded_sha256(previous: dict | None) -> dict:
     """The sha256 of each file a finished run recorded (empty for a fresh or unfinished run)."""
     if not previous or previous.get("complete") is not True or not isinstance(previous.get("sha256"), dict):
         return {}
-    return previous["sha256"]
+    # A hash edited to null (or to anything but hex text) is no record: the file is verified by decoding and
+    # its hash recorded again, so the folder is fully verifiable after the rerun.
+    return {k: v for k, v in previous["sha256"].items()
+            if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)}
 
 
 def generate_into(engine, run, request: dict, *, seed: int, num_images: int, batch_size: int, desc: str) -> list[str]:
@@ -576,15 +579,25 @@ def cmd_export(args) -> int:
 COMMANDS = {"generate": cmd_generate, "sweep": cmd_sweep, "export": cmd_export, "serve": serve.run, "batch": batch.run}
 
 
+ERROR_PREFIX = "msdda: error: "
+# Errors that mean "this input cannot be done" (exit 2); anything else is msdda's own failure (exit 1), but is
+# still one line unless --verbose.
+INPUT_ERRORS = (ValueError, OSError, MemoryError, RecursionError, OverflowError)
+
+
 def error_line(exc: BaseException) -> str:
-    """The one stderr line for an error: ``msdda: error: ...`` (an OS error names its path)."""
-    if isinstance(exc, MemoryError):
-        text = "out of memory (lower --num-images or --batch-size)"
-    elif isinstance(exc, OSError) and exc.strerror:
-        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    else:
-        text = str(exc) or type(exc).__name__
-    return f"msdda: error: {' '.join(text.split())}"
+    """The one stderr line for an error: ``msdda: error: ...``, at most MAX_ERROR_CHARS characters
+    (msdda.errors.one_line: an OS error names its path, out of memory says so)."""
+    from msdda.errors import MAX_ERROR_CHARS, one_line
+
+    return ERROR_PREFIX + one_line(exc, MAX_ERROR_CHARS - len(ERROR_PREFIX),
+                                   oom_hint="lower --num-images or --batch-size")
+
+
+def exit_status(exc: BaseException) -> int:
+    from msdda.errors import is_out_of_memory
+
+    return EXIT_BAD_INPUT if isinstance(exc, INPUT_ERRORS) or is_out_of_memory(exc) else 1
 
 
 @contextlib.contextmanager
@@ -617,12 +630,16 @@ def main(argv=None) -> int:
     with library_output(getattr(args, "verbose", False) or _verbose_from_env()), _sigterm_interrupts():
         try:
             return COMMANDS[args.command](args)
-        except (ValueError, OSError, MemoryError) as exc:   # LoadError, ExportError, CliError, RunFolderError...
-            print(error_line(exc), file=sys.stderr)
-            return EXIT_BAD_INPUT
         except KeyboardInterrupt:
             print("msdda: interrupted; run the same command again to continue", file=sys.stderr)
             return 130
+        except Exception as exc:  # noqa: BLE001 -- LoadError, CliError, RunFolderError, OOM, Ray's wrappers...
+            if getattr(args, "verbose", False) or _verbose_from_env():
+                import traceback
+
+                traceback.print_exc()
+            print(error_line(exc), file=sys.stderr)
+            return exit_status(exc)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ import torch
 from msdda import schedule as sch
 from msdda.backend_artifacts import backend_source
 from msdda.backends import Conditioning, make_backend
+from msdda.errors import one_line
 from msdda.export.artifacts import ArtifactMismatch
 from msdda.graphs import StepGraphCache, StepInputs, sample_graphed
 from msdda.kernels import (StepScalars, fused_expert_step, fused_expert_step_ref, philox_normal, prepare_fused_step,
@@ -32,7 +34,7 @@ from msdda.validation import (DEFAULT_LIMITS, Limits, batch_size, batch_tensor, 
                               check_eta, check_expert_name, check_generator, check_guidance_scale, check_image_size,
                               check_int, check_noise, check_num_images_per_prompt, check_size_pair, check_steps,
                               check_strategy, check_variant, negative_prompt_rows, per_sample, per_sample_weights,
-                              prompt_rows, seed_list)
+                              prompt_rows, real_tensor, seed_list)
 
 __all__ = ["Engine", "GenerateOutput", "CheckedRequest", "Limits"]
 
@@ -170,6 +172,11 @@ class Engine:
         choice. ``cuda_graphs``: capture each step as a CUDA graph (torch backend on CUDA; ``msdda.graphs``).
         ``row_block``: make the Engine batch-invariant (see ``Engine.row_block``; what ``msdda serve`` uses).
         """
+        if experts is not None and not isinstance(experts, Mapping):
+            raise ValueError(f"experts must be a mapping {{name: folder}}, got {type(experts).__name__}")
+        for what, path in (("base", base), *((f"expert {n!r}", p) for n, p in (experts or {}).items())):
+            if not isinstance(path, (str, os.PathLike)):
+                raise ValueError(f"{what} must be a folder path (str or os.PathLike), got {type(path).__name__}")
         check_device(device)                      # before loading anything
         for name in experts or {}:
             _check_expert_name(name)
@@ -375,7 +382,7 @@ class Engine:
             hidden, negative_hidden, pooled, negative_pooled = self._encode(
                 prompts, repeat, cfg=cfg, negative=negatives, **embeds, **negative_embeds)
         except (TypeError, ValueError) as exc:       # diffusers' own argument checks
-            raise ValueError(" ".join(str(exc).split())) from None
+            raise ValueError(one_line(exc)) from None
         if hidden.shape[0] != batch:
             raise ValueError(f"prompt_embeds give {hidden.shape[0]} rows for {batch} images")
         if cfg and negative_hidden.shape != hidden.shape:
@@ -475,6 +482,9 @@ class Engine:
                                  generator=generator)
         batch, steps, eta, guidance_scale, seeds, per_sample_w, plan = (
             req.batch, req.steps, req.eta, req.guidance_scale, req.seeds, req.weights, req.plan)
+        if not self.is_text and (negative_prompt is not None or negative_prompt_embeds is not None):
+            # the CLI, the server and the API refuse it alike: a class or unconditional base has no negative prompt
+            raise ValueError("negative_prompt is for text-conditioned bases")
 
         cfg = self.uses_guidance(guidance_scale)
         cond = self.conditioning(batch, cfg=cfg, prompt=prompt, prompt_embeds=prompt_embeds,
@@ -548,6 +558,8 @@ class Engine:
         if output_type not in ("pil", "pt", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt', 'np' or 'latent', not {output_type!r}")
         check_generator(generator)
+        if latents is not None:
+            latents = real_tensor(latents, "latents")     # before batch_size takes its len()
         strategy = check_strategy(strategy, self.experts)
         steps = check_steps(steps, self.limits, self.sched_params[0].num_train_timesteps)
         guidance_scale = check_guidance_scale(guidance_scale)
@@ -580,7 +592,7 @@ class Engine:
         shape = (self.sample_shape[0], *(latent_size or self.sample_shape[1:]))
         if latents is None:
             return philox_normal(seed_tensor, 0, shape).to(self.device, self.dtype)
-        latents = torch.as_tensor(latents)
+        latents = real_tensor(latents, "latents")
         if tuple(latents.shape) != (batch, *shape):
             raise ValueError(f"latents must have shape {(batch, *shape)}, got {tuple(latents.shape)}")
         if not bool(torch.isfinite(latents).all()):

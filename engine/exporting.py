@@ -8,19 +8,29 @@ neither the loader nor the zoo. The folder it writes is read back by ``msdda.exp
 from __future__ import annotations
 
 import json
-import os
+import re
 from pathlib import Path
 from typing import Mapping
 
 from msdda.atomic import atomic_write_text
+from msdda.errors import one_line
 from msdda.export import (OUTPUT_NAME, ExportError, check_export_options, export_unet_onnx, runtime_versions,
                           unet_export_spec)
 from msdda.export.artifacts import EXPORT_KIND, exporter_id
 from msdda.export.onnx import SDXL_TIME_IDS, TEXT_CONDS, cleanup_tool, pooled_text_width
 from msdda.loading import LoadError, load_base, load_expert
+from msdda.runfolder import MANIFEST, RunFolder, RunFolderError, check_target
 from msdda.validation import check_expert_name
 
-__all__ = ["export_models"]
+__all__ = ["export_models", "owns_export_file"]
+
+#: what an export folder's manifest says it is (msdda.runfolder recognises a folder as ours by it)
+EXPORT_PARAMS = {"command": "export"}
+
+
+def owns_export_file(name: str) -> bool:
+    """The files an export folder holds: <member>.onnx, its <member>.onnx.data, manifest.json."""
+    return name == MANIFEST or re.fullmatch(r"[^/]+\.onnx(\.data)?", name) is not None
 
 
 def _load_models(base, experts: Mapping):
@@ -31,7 +41,7 @@ def _load_models(base, experts: Mapping):
             unet, sha = load_expert(name, p, base_model)
             nets[name] = (unet, str(p), sha)
     except LoadError as exc:
-        raise ExportError(" ".join(str(exc).split())) from None
+        raise ExportError(one_line(exc)) from None
     text_len = None
     if base_model.tokenizer is not None:
         text_len = int(base_model.tokenizer.model_max_length)
@@ -55,13 +65,24 @@ def export_models(base, experts: Mapping[str, str] | None, out_dir, *, opset: in
         raise ExportError(str(exc)) from None
     if base is None:
         raise ExportError("exporting needs a base model folder")
+    try:
+        check_target(out_dir)                   # refuse a foreign folder before loading any model
+    except RunFolderError as exc:
+        raise ExportError(str(exc)) from None
     base_model, nets, tok_len = _load_models(base, experts)
     spec = unet_export_spec(base_model.unet, text_len=text_len or tok_len)
-    out_dir = Path(out_dir)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"cannot create {out_dir} ({os.strerror(exc.errno) if exc.errno else exc})") from None
+        with RunFolder(out_dir, EXPORT_PARAMS, owns_export_file) as run:
+            return _export_into(run, base_model, nets, spec, opset=opset, precision=precision,
+                                dynamic_batch=dynamic_batch, dynamic_hw=dynamic_hw, verify=verify)
+    except RunFolderError as exc:   # a foreign or locked folder: the export's own one-line error
+        raise ExportError(str(exc)) from None
+
+
+def _export_into(run: RunFolder, base_model, nets: dict, spec: dict, *, opset, precision, dynamic_batch, dynamic_hw,
+                 verify) -> dict:
+    """Export every UNet into the locked run folder ``run`` and write its manifest."""
+    out_dir = run.path
     models = {}
     for name, (unet, src, sha) in nets.items():
         rec = export_unet_onnx(unet, out_dir / f"{name}.onnx", opset=opset, precision=precision,
@@ -71,6 +92,7 @@ def export_models(base, experts: Mapping[str, str] | None, out_dir, *, opset: in
                         "weights_sha256": rec.weights_sha256, "max_abs_err": rec.max_abs_err, "rtol": rec.rtol,
                         "atol": rec.atol, "export_seconds": rec.export_seconds,
                         "verify_seconds": rec.verify_seconds}
+        run.note_finished(rec.path.name)
     inputs = {"sample": ["N", spec["sample_shape"][0], *(("H", "W") if dynamic_hw else spec["sample_shape"][1:])],
               "timestep": ["N"]}
     if spec["cond"] == "class":
@@ -81,7 +103,7 @@ def export_models(base, experts: Mapping[str, str] | None, out_dir, *, opset: in
         inputs["text_embeds"] = ["N", pooled_text_width(base_model.unet)]
         inputs["time_ids"] = ["N", SDXL_TIME_IDS]
     manifest = {
-        "format": 1, "kind": EXPORT_KIND, "exporter": exporter_id(), "opset": opset, "precision": precision,
+        **EXPORT_PARAMS, "complete": True, "format": 1, "kind": EXPORT_KIND, "exporter": exporter_id(), "opset": opset, "precision": precision,
         "cond": spec["cond"], "sample_shape": list(spec["sample_shape"]),
         "text_shape": list(spec["text_shape"]) if spec["text_shape"] else None,
         "dynamic_batch": dynamic_batch, "dynamic_hw": dynamic_hw, "inputs": inputs, "outputs": {OUTPUT_NAME: ["N",
@@ -90,7 +112,7 @@ def export_models(base, experts: Mapping[str, str] | None, out_dir, *, opset: in
         "base_config": base_model.unet_config, "scheduler_config": base_model.scheduler_config,
     }
     try:
-        atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1, default=str))
+        atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, default=str))
     except OSError as exc:
-        raise ExportError(f"cannot write {out_dir / 'manifest.json'} ({' '.join(str(exc).split())})") from None
+        raise ExportError(f"cannot write {out_dir / 'manifest.json'} ({one_line(exc, 200)})") from None
     return manifest

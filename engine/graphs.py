@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 from msdda.backends import Conditioning
+from msdda.errors import one_line
 from msdda.backends.torch_backend import concurrent_members
 from msdda.kernels import StepScalars, prepare_fused_step, raise_if_bad
 from msdda.kernels.fused_step import step_table_row
@@ -259,7 +260,7 @@ class StepGraphCache:
             try:
                 graph = self._capture(build)
             except Exception as exc:  # any failure: this key runs eagerly, which reports real input errors itself
-                reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                reason = one_line(f"{type(exc).__name__}: {exc}")
                 with self._lock:
                     self._failed[key] = reason
                     while len(self._failed) > self.failures_kept:

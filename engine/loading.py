@@ -31,6 +31,8 @@ from typing import Mapping
 
 import torch
 
+from msdda.atomic import MAX_JSON_BYTES, read_regular
+from msdda.errors import one_line
 from msdda.hashing import file_sha256
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -84,7 +86,7 @@ def unet_kind(config: dict) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
+    return one_line(exc, 200)    # leaves room in the 300-character line for the path it is quoted with
 
 
 def _require_dir(path) -> Path:
@@ -115,9 +117,9 @@ def unet_folder(path) -> Path:
 
 def read_json(path: Path) -> dict:
     """A JSON object from ``path`` (every config a model folder holds is one); anything else is a LoadError."""
-    try:
-        obj = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    try:     # the file rule: a FIFO or device named config.json is refused, never waited on
+        obj = json.loads(read_regular(path, max_bytes=MAX_JSON_BYTES))
+    except (OSError, ValueError, RecursionError) as exc:    # UnsafeFileError, UnicodeDecodeError, JSONDecodeError
         raise LoadError(f"{path}: unreadable JSON ({_one_line(exc)})") from None
     if not isinstance(obj, dict):
         raise LoadError(f"{path}: expected a JSON object, found {type(obj).__name__}")
@@ -486,11 +488,14 @@ def read_lora_adapter(base: BaseModel, lora_path: Path) -> LoraAdapter:
     try:
         with safe_open(lora_path, framework="pt") as fh:
             raw_keys = list(fh.keys())
+            # dtypes and shapes from the header, before diffusers sees a tensor (it would print a whole dump)
+            headers = {k: (fh.get_slice(k).get_dtype(), fh.get_slice(k).get_shape()) for k in raw_keys}
     except Exception as exc:
         raise LoadError(f"{lora_path}: unreadable LoRA weights ({_one_line(exc)})") from None
     bad = [k for k in raw_keys if "dora_scale" in k or "lora_magnitude_vector" in k]
     if bad:
         raise LoadError(f"{lora_path}: DoRA adapters are not supported ({bad[0]!r})")
+    _check_lora_header(headers, lora_path)
     state, alphas, metadata = _lora_state_dict(base, lora_path, raw_keys)
     text = sorted(k for k in state if k.startswith(_TEXT_PREFIXES))
     if text:
@@ -507,11 +512,27 @@ def read_lora_adapter(base: BaseModel, lora_path: Path) -> LoraAdapter:
         raise LoadError(f"{lora_path}: PEFT did not place the LoRA for {missing[0]!r} on the base UNet")
     factors = {}
     for target, (a, b) in pairs.items():
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise LoadError(f"{lora_path}: the LoRA for {target} holds NaN or Inf values; this file cannot be used")
         weight = dict(base.unet.named_modules())[target].weight
         rank = a.shape[0]
         factors[target] = LoraFactor(down=a.float().reshape(rank, *weight.shape[1:]),
                                      up=b.float().reshape(b.shape[0], rank) * scales[target])
     return LoraAdapter(path=folder, sha256=file_sha256(lora_path), factors=factors)
+
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def _check_lora_header(headers: Mapping[str, tuple[str, list]], lora_path: Path) -> None:
+    """A LoRA file's tensors, from its header: floating point (network alphas may be any number), and no empty
+    factor (rank 0)."""
+    for key, (dtype, shape) in headers.items():
+        if dtype not in _FLOAT_DTYPES and not key.endswith("alpha"):
+            raise LoadError(f"{lora_path}: LoRA tensor {key!r} has dtype {dtype}; LoRA weights must be floating point "
+                            "(F16, BF16, F32 or F64)")
+        if 0 in shape:
+            raise LoadError(f"{lora_path}: LoRA tensor {key!r} has shape {list(shape)}: a rank-0 (empty) factor")
 
 
 def _lora_state_dict(base: BaseModel, lora_path: Path, raw_keys: list[str]):
@@ -582,6 +603,9 @@ def _lora_pairs(unet: torch.nn.Module, state: dict, lora_path: Path) -> dict[str
         a, b = ab["A"], ab["B"]
         weight = module.weight
         rank = a.shape[0]
+        if a.dim() >= 2 and b.dim() >= 2 and b.shape[1] != rank:
+            raise LoadError(f"{lora_path}: LoRA for {target} has rank {rank} in its down factor (lora_A) but rank "
+                            f"{b.shape[1]} in its up factor (lora_B); the two ranks must match")
         if a.dim() < 2 or b.dim() < 2 or b.shape[0] != weight.shape[0] or b.shape[1] != rank \
                 or b[0, 0].numel() != 1 or tuple(a.shape[1:]) != tuple(weight.shape[1:]):
             raise LoadError(f"{lora_path}: LoRA for {target} has shape {(b.shape[0], a[0].numel())}, weight is "

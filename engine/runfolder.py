@@ -1,5 +1,5 @@
-"""Run folders: where ``msdda generate`` and ``msdda sweep`` write. Locked, resumable, and never touching a
-file the run did not write.
+"""Run folders: the one rule for a folder msdda may write into, shared by ``msdda generate``, ``sweep``,
+``export`` and ``batch``. Locked, resumable, and never touching a file the run did not write.
 
 A run folder holds the run's own files (the command says which names are its own), the run's
 ``manifest.json`` (its parameters, then what it finished) and a lock file ``.msdda.lock``. Used as
@@ -8,8 +8,9 @@ A run folder holds the run's own files (the command says which names are its own
 1. the folder is created if missing (remembering what was created), and an exclusive non-blocking
    ``fcntl.flock`` is taken on ``.msdda.lock`` inside it for the whole run: a second run on the folder is
    refused at once, and the kernel drops the lock if the process dies;
-2. under the lock, a folder without our manifest must hold nothing but the lock file and our own stale temp
-   files (left by kill -9 during an atomic write), else it is refused untouched; a folder with our manifest
+2. under the lock, a folder without our manifest must hold nothing but the lock file and our manifest's stale
+   temp files (left by kill -9 while the manifest, always written first, was being written), else it is
+   refused untouched; a folder with our manifest
    must describe the same run (only the parameters are compared, never what a finished run adds). Our stale
    temp files are then deleted;
 3. a fresh folder gets its manifest (``complete: false``) before any other file, which marks it as ours;
@@ -17,6 +18,13 @@ A run folder holds the run's own files (the command says which names are its own
 4. if the run fails before it finished any file, everything it wrote is removed again (the folder and its
    parents too, where it created them): the folder is left as it was found. Once a file is finished the
    folder stays, so the same command resumes it.
+
+A folder msdda may write into is therefore one it created, or one recognised by its own manifest (each
+command names its manifest: ``manifest.json``, or ``run.json`` for ``msdda batch``). Symbolic links are never
+followed out of it: the manifest and lock file must be regular files (not links, FIFOs, devices or sockets:
+msdda.atomic's file rule, so nothing can make a run hang), subfolders (``RunFolder.subfolder``) must be real
+folders, and stale temp files are only ever removed from the folder itself or its real subfolders. In a folder
+without our manifest, the only files msdda removes are its manifest's own stale temp files.
 
 Every OS error (read-only file system, no space left, permission denied) becomes a one-line
 ``RunFolderError`` naming the path; atomic writes leave no half-written file behind.
@@ -28,10 +36,12 @@ import errno
 import fcntl
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Callable, Mapping
 
-from msdda.atomic import atomic_save_image, atomic_write_json, temp_file_target
+from msdda.atomic import (MAX_JSON_BYTES, UnsafeFileError, atomic_save_image, atomic_write_json, open_regular,
+                          read_json, temp_file_target)
 
 __all__ = ["RunFolder", "RunFolderError", "LOCK_NAME", "MANIFEST", "check_target", "image_intact"]
 
@@ -50,10 +60,12 @@ def _os_message(action: str, path: Path, exc: OSError) -> str:
 
 def _read_manifest(path: Path) -> dict:
     try:
-        obj = json.loads(path.read_text())
+        obj = read_json(path, max_bytes=MAX_JSON_BYTES, follow=False)
+    except UnsafeFileError as exc:
+        raise RunFolderError(str(exc)) from None
     except OSError as exc:
         raise RunFolderError(_os_message("read", path, exc)) from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except ValueError:
         obj = None
     if not isinstance(obj, dict) or not isinstance(obj.get("command"), str):
         raise RunFolderError(f"{path} is damaged or was not written by msdda; refusing to touch {path.parent} "
@@ -68,10 +80,10 @@ def _list(folder: Path) -> list[str]:
         raise RunFolderError(_os_message("read folder", folder, exc)) from None
 
 
-def check_target(path, owns: Callable[[str], bool]) -> dict | None:
+def check_target(path, owns: Callable[[str], bool] | None = None, manifest: str = MANIFEST) -> dict | None:
     """Whether ``path`` may take a run: it does not exist, or it is a folder that holds our manifest (returned),
-    or only our lock and temp files. Anything else is refused. Run again under the lock by ``RunFolder``;
-    calling it early only refuses sooner."""
+    or only our lock and our manifest's stale temp files. Anything else is refused. Run again under the lock by
+    ``RunFolder``; calling it early only refuses sooner. (``owns`` is unused: kept for callers.)"""
     path = Path(path)
     if not path.exists():
         if path.is_symlink():
@@ -80,18 +92,30 @@ def check_target(path, owns: Callable[[str], bool]) -> dict | None:
     if not path.is_dir():
         raise RunFolderError(f"{path} exists and is not a folder; use another --out")
     entries = _list(path)
-    if MANIFEST in entries:
-        return _read_manifest(path / MANIFEST)
-    foreign = [e for e in entries if e != LOCK_NAME and not _is_our_temp(e, owns)]
+    if manifest in entries:
+        return _read_manifest(path / manifest)
+    foreign = [e for e in entries if e != LOCK_NAME and temp_file_target(e) != manifest]
     if foreign:
         raise RunFolderError(f"{path} is not empty ({len(foreign)} entries, e.g. {foreign[0]!r}) and holds no msdda "
                              "manifest; refusing to write into it: use an empty or new folder")
     return None
 
 
-def _is_our_temp(name: str, owns: Callable[[str], bool]) -> bool:
-    target = temp_file_target(name)
-    return target is not None and (target == MANIFEST or owns(target))
+def _remove_stale_temps(folder: Path, owns: Callable[[str], bool], manifest: str | None) -> None:
+    """Remove the temp files our atomic writes left in ``folder`` (kill -9): regular files only (never a link or
+    anything else that merely has such a name), of the manifest or of names ``owns`` accepts."""
+    for name in _list(folder):
+        target = temp_file_target(name)
+        if target is None or not (target == manifest or owns(target)):
+            continue
+        path = folder / name
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise RunFolderError(_os_message("remove stale temp file", path, exc)) from None
 
 
 def image_intact(path: Path, sha256: str | None = None) -> bool:
@@ -123,8 +147,9 @@ class RunFolder:
     compared with a resumed folder's manifest. ``owns(name)``: whether a file name is one this kind of run
     writes (its stale temp files are cleaned)."""
 
-    def __init__(self, path, params: Mapping, owns: Callable[[str], bool]):
+    def __init__(self, path, params: Mapping, owns: Callable[[str], bool], *, manifest: str = MANIFEST):
         self.path = Path(path)
+        self.manifest = manifest
         self.params = json.loads(json.dumps(dict(params), allow_nan=False))   # as they read back from JSON
         self.owns = owns
         self.previous: dict | None = None       # the manifest found on entry (a resumed run)
@@ -154,7 +179,7 @@ class RunFolder:
         return False
 
     def _make_folder(self) -> None:
-        check_target(self.path, self.owns)                      # refuse early, before creating anything
+        check_target(self.path, manifest=self.manifest)                    # refuse early, before creating anything
         missing = []
         for folder in (self.path, *self.path.parents):
             if folder.exists() or folder.is_symlink():
@@ -174,10 +199,12 @@ class RunFolder:
         lock = self.path / LOCK_NAME
         try:
             try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                fd = open_regular(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, follow=False)
                 self._created_lock = True
             except FileExistsError:   # flock needs no write access: a finished folder on a read-only disk verifies
-                fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_regular(lock, os.O_RDONLY, follow=False)   # a FIFO or link here is refused, not waited on
+        except UnsafeFileError as exc:
+            raise RunFolderError(str(exc)) from None
         except OSError as exc:
             raise RunFolderError(_os_message("create lock file", lock, exc)) from None
         try:
@@ -193,22 +220,17 @@ class RunFolder:
         self._lock_fd = fd
 
     def _adopt(self) -> None:
-        self.previous = check_target(self.path, self.owns)
+        self.previous = check_target(self.path, manifest=self.manifest)
         if self.previous is not None:
             changed = sorted(k for k in self.params if self.previous.get(k) != self.params[k])
             if changed:
                 raise RunFolderError(f"{self.path} holds a different run (differs in: {', '.join(changed)}); use "
                                      "another --out")
-        for name in _list(self.path):
-            if _is_our_temp(name, self.owns):
-                try:
-                    (self.path / name).unlink()
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    raise RunFolderError(_os_message("remove stale temp file", self.path / name, exc)) from None
+        # Without our manifest, only the manifest's own temp files can be ours (it is written first).
+        owns = self.owns if self.previous is not None else (lambda name: False)
+        _remove_stale_temps(self.path, owns, self.manifest)
         if self.previous is None:
-            self._write(MANIFEST, lambda p: atomic_write_json(p, {**self.params, "complete": False}))
+            self._write(self.manifest, lambda p: atomic_write_json(p, {**self.params, "complete": False}))
             self._wrote_manifest = True
 
     def _release(self, *, undo: bool) -> None:
@@ -216,7 +238,7 @@ class RunFolder:
         if undo and self.previous is None:
             with contextlib.suppress(OSError):
                 if self._wrote_manifest:
-                    (self.path / MANIFEST).unlink(missing_ok=True)
+                    (self.path / self.manifest).unlink(missing_ok=True)
                 if self._created_lock:
                     (self.path / LOCK_NAME).unlink(missing_ok=True)
         if self._lock_fd is not None:
@@ -234,6 +256,33 @@ class RunFolder:
             except OSError:
                 break
         self._created = []
+
+    # ------------------------------------------------------------------ subfolders
+    def subfolder(self, name: str, owns: Callable[[str], bool] = lambda name: True) -> Path:
+        """The run's subfolder ``name`` (one level), created if missing. One that exists must be a real folder:
+        a symbolic link (to a folder outside, say) is refused, so nothing is ever written or removed through
+        it. Stale temp files of names ``owns`` accepts are removed from it when the folder is ours (our manifest
+        was found). A subfolder this run created is removed again, if empty, when the run is undone."""
+        path = self.path / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            try:
+                os.mkdir(path)
+            except OSError as exc:
+                raise RunFolderError(_os_message("create folder", path, exc)) from None
+            self._created.append(path)
+            return path
+        except OSError as exc:
+            raise RunFolderError(_os_message("read", path, exc)) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise RunFolderError(f"{path} is a symbolic link; msdda writes only into real folders it owns (remove the "
+                                 "link or use another --out)")
+        if not stat.S_ISDIR(st.st_mode):
+            raise RunFolderError(f"{path} exists and is not a folder; remove it or use another --out")
+        if self.resumed:
+            _remove_stale_temps(path, owns, None)
+        return path
 
     # ------------------------------------------------------------------ writing
     def _write(self, name: str, write) -> Path:
@@ -254,7 +303,7 @@ class RunFolder:
         finished run rewrites nothing."""
         path = self.path / name
         try:
-            unchanged = json.loads(path.read_text()) == json.loads(json.dumps(obj, allow_nan=False))
+            unchanged = read_json(path, follow=False) == json.loads(json.dumps(obj, allow_nan=False))
         except (OSError, ValueError):
             unchanged = False
         if not unchanged:

@@ -26,6 +26,8 @@ import math
 import time
 from dataclasses import dataclass
 
+from msdda.errors import one_line, short_value
+from msdda.http_limits import HttpError, HttpLimits, check_prompt_lengths, read_body
 from msdda.ray_runtime import ModelSpec, model_spec, require_ray, start_ray, stop_ray
 from msdda.validation import Limits, check_num_images, check_steps
 
@@ -45,6 +47,7 @@ class ServeSettings:
     max_batch_size: int = 16          # requests gathered into one batch
     batch_wait_s: float = 0.2
     row_block: int | None = DEFAULT_ROW_BLOCK   # the Engine's (None: plain batching, equal to float32 rounding)
+    http: HttpLimits = HttpLimits()   # bounded reads: body size and time, connections, prompt length
 
     @property
     def engine_limits(self) -> Limits:
@@ -99,27 +102,34 @@ def request_model():
     return GenerateRequest
 
 
-def parse_request(body: bytes, spec: ModelSpec, limits: Limits) -> dict:
-    """The HTTP body as ``Engine.generate`` keyword arguments, or ValueError with one line.
+def parse_request(body: bytes, spec: ModelSpec, limits: Limits, *,
+                  max_prompt_chars: int = HttpLimits.max_prompt_chars) -> dict:
+    """The HTTP body as ``Engine.generate`` keyword arguments, or ValueError with one line (at most 300
+    characters: a refused value is quoted by a short prefix).
 
-    Only the JSON shape and the serving limits are checked here; the values (expert names, weights, labels,
-    steps >= 1, ...) are the engine's to judge, so its own message reaches the client."""
+    Only the JSON shape, the prompt length and the serving limits are checked here; the values (expert names,
+    weights, labels, steps >= 1, ...) are the engine's to judge, so its own message reaches the client."""
     from pydantic import ValidationError
 
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"malformed JSON: {exc}") from None
+        raise ValueError(f"malformed JSON: {one_line(exc, 200)}") from None
+    except RecursionError:
+        raise ValueError("malformed JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError("the request body must be a JSON object")
     try:
         req = request_model().model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        err = exc.errors(include_url=False, include_input=False)[0]
         name = str(err["loc"][0]) if err["loc"] else "body"
         if err["type"] == "extra_forbidden":
-            raise ValueError(f"unknown field {name!r}; fields are: {', '.join(_EXPECTED)}") from None
-        raise ValueError(f"{name}: expected {_EXPECTED.get(name, err['msg'])}, got {_short(data.get(name))}") from None
+            raise ValueError(f"unknown field {short_value(name)}; fields are: {', '.join(_EXPECTED)}") from None
+        raise ValueError(f"{name}: expected {_EXPECTED.get(name, one_line(err['msg'], 100))}, got "
+                         f"{short_value(data.get(name))}") from None
+    except RecursionError:
+        raise ValueError("malformed JSON: nested too deeply") from None
     call = {
         "num_images": req.num_images, "seed": req.seed, "strategy": req.strategy, "eta": req.eta,
         "steps": spec.default_steps if req.steps is None else req.steps,
@@ -131,17 +141,9 @@ def parse_request(body: bytes, spec: ModelSpec, limits: Limits) -> dict:
             call[name] = getattr(req, name)
     if req.normalize:
         call["normalize"] = True
+    check_prompt_lengths(call, max_prompt_chars)
     check_limits(call, limits)
     return call
-
-
-def _short(value) -> str:
-    text = json.dumps(value, default=repr)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def response_body(share, spec_models, call: dict) -> dict:
@@ -172,8 +174,10 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
 
     @serve.deployment(name="MsddaServer", num_replicas=replicas,
                       ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-                      # room for one batch running and the next one gathering
-                      max_ongoing_requests=max(2 * settings.max_batch_size, 8))
+                      # room for one batch running and the next one gathering, and for slow clients sending
+                      # their bodies (msdda.http_limits); the proxy queues a bounded number more, then 503
+                      max_ongoing_requests=max(2 * settings.max_batch_size, 8) + settings.http.max_connections,
+                      max_queued_requests=settings.http.max_queued)
     @serve.ingress(api)
     class MsddaServer:
         def __init__(self):
@@ -227,9 +231,21 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
 
         @api.post("/v1/generate")
         async def generate(self, request: Request):
+            try:
+                return await self._generate(request)
+            except Exception as exc:  # noqa: BLE001 -- whatever failed: a short JSON 500, counted, server up
+                self.errors.inc(tags={"kind": "engine"})
+                return self._answer("/v1/generate", 500, {"error": one_line(f"internal error: {one_line(exc)}")})
+
+        async def _generate(self, request):
             start = time.perf_counter()
             try:
-                call = parse_request(await request.body(), spec, settings.limits)
+                body = await read_body(request, settings.http)
+            except HttpError as exc:
+                self.errors.inc(tags={"kind": "bad_request"})
+                return self._answer("/v1/generate", exc.status, {"error": one_line(exc)})
+            try:
+                call = parse_request(body, spec, settings.limits, max_prompt_chars=settings.http.max_prompt_chars)
             except ValueError as exc:
                 self.errors.inc(tags={"kind": "bad_request"})
                 return self._answer("/v1/generate", 422, {"error": one_line(exc)})
@@ -241,12 +257,12 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
             if isinstance(result, Exception):
                 self.errors.inc(tags={"kind": "engine"})
                 return self._answer("/v1/generate", 500,
-                                    {"error": f"engine failure: {type(result).__name__}: {one_line(result)}"})
+                                    {"error": one_line(f"engine failure: {type(result).__name__}: {one_line(result)}")})
             try:
                 body = await asyncio.to_thread(response_body, result, self.models, call)
             except Exception as exc:  # noqa: BLE001 -- encoding failed: still one JSON line, and the server stays up
                 self.errors.inc(tags={"kind": "engine"})
-                return self._answer("/v1/generate", 500, {"error": f"encoding failure: {one_line(exc)}"})
+                return self._answer("/v1/generate", 500, {"error": one_line(f"encoding failure: {one_line(exc)}")})
             return self._answer("/v1/generate", 200, body)
 
         @api.get("/v1/models")
@@ -270,6 +286,7 @@ def add_command(sub) -> argparse.ArgumentParser:
                                    "$RAY_ADDRESS. "
                                    "Ctrl-C or SIGTERM stops the server and the Ray it started.")
     from msdda.cli import add_model_args
+    from msdda.http_limits import add_http_args
 
     add_model_args(p, device_default=None)
     g = p.add_argument_group("serving")
@@ -286,6 +303,7 @@ def add_command(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=1000, help="largest 'steps' a request may ask for (default 1000)")
     g.add_argument("--max-images", type=int, default=16, help="most images one request may ask for (default 16)")
     add_batching_args(g)
+    add_http_args(p.add_argument_group("HTTP limits (bounded reads: slow or oversized clients cost a bounded amount)"))
     g.add_argument("--metrics-port", type=int, default=None,
                    help="port of Ray's Prometheus metrics endpoint (default: Ray picks one and it is printed)")
     return p
@@ -364,8 +382,15 @@ def run(args) -> int:
     cpus = args.num_cpus if args.num_cpus is not None else max(1, (os.cpu_count() or 1) // args.replicas)
     _positive("--num-cpus", cpus)
     row_block = engine_row_block(args, args.max_batch_size)
+    from msdda.cli import CliError
+    from msdda.http_limits import http_limits_from_args
+
+    try:
+        http = http_limits_from_args(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     settings = ServeSettings(Limits(args.max_images, args.max_steps), args.max_batch_size,
-                             args.batch_wait_ms / 1000, row_block)
+                             args.batch_wait_ms / 1000, row_block, http)
     spec = model_spec(args, threads=cpus, num_gpus=args.num_gpus, row_block=row_block,
                       limits=settings.engine_limits)
     if spec.default_steps > args.max_steps:
@@ -389,7 +414,8 @@ def run(args) -> int:
             import logging
 
             logging.getLogger("ray.serve").setLevel(logging.WARNING)     # this command prints its own status lines
-            serve.start(http_options={"host": args.host, "port": args.port})
+            serve.start(http_options={"host": args.host, "port": args.port,
+                                      "keep_alive_timeout_s": http.keep_alive_timeout_s})
             try:
                 serve.run(build_app(spec, settings, replicas=args.replicas, num_cpus=cpus, num_gpus=args.num_gpus),
                           name=APP_NAME, route_prefix="/", blocking=False)

@@ -19,7 +19,7 @@ __all__ = [
     "check_batch_size", "check_seed", "seed_list", "check_finite", "check_guidance_scale", "check_eta",
     "check_beta", "check_weights", "normalized_weights", "check_expert_betas", "check_strategy",
     "check_class_labels", "check_device", "batch_size", "per_sample_weights", "per_sample", "batch_tensor",
-    "check_noise", "check_num_images_per_prompt", "prompt_rows", "negative_prompt_rows", "check_image_size",
+    "check_noise", "real_tensor", "check_num_images_per_prompt", "prompt_rows", "negative_prompt_rows", "check_image_size",
     "check_size_pair", "check_generator", "check_variant",
     "check_expert_name", "EXPERT_NAME_RULE",
 ]
@@ -426,11 +426,34 @@ def batch_tensor(t, batch: int, name: str):
     return t.expand(batch, -1, -1)
 
 
+def real_tensor(value, name: str):
+    """``value`` as a tensor with data: a torch tensor or numpy array of a real floating-point dtype, dense, not on
+    the meta device, not 0-d. Anything else is a one-line ValueError, never a TypeError from deep inside (and a
+    complex tensor is refused, not silently cut to its real part)."""
+    import torch
+
+    if not isinstance(value, (torch.Tensor, np.ndarray)):
+        raise ValueError(f"{name} must be a torch tensor (or numpy array), got {type(value).__name__}")
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:    # numpy object / string arrays
+        raise ValueError(f"{name} must be a tensor of numbers ({type(exc).__name__})") from None
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense tensor, got layout {t.layout}")
+    if t.is_meta:
+        raise ValueError(f"{name} is on the meta device (it holds no data)")
+    if t.is_complex() or not t.is_floating_point():
+        raise ValueError(f"{name} must be a real floating-point tensor, got dtype {t.dtype}")
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have a batch dimension, got a 0-d tensor")
+    return t
+
+
 def check_noise(noise, steps: int, x):
     """Injected per-step noise: [steps, *x.shape], finite."""
     import torch
 
-    noise = torch.as_tensor(noise)
+    noise = real_tensor(noise, "noise")
     if tuple(noise.shape) != (steps, *x.shape):
         raise ValueError(f"noise must have shape {(steps, *x.shape)} ([steps, B, C, H, W]), got {tuple(noise.shape)}")
     if not bool(torch.isfinite(noise).all()):

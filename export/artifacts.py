@@ -25,7 +25,7 @@ import struct
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .cache import ExportError
+from .cache import ExportError, one_line
 
 __all__ = ["WEIGHTS_KEY", "EXPORTER_KEY", "PLAN_MAGIC", "EXPORT_KIND", "ArtifactMismatch", "exporter_id",
            "onnx_metadata", "check_weights_tag", "check_onnx_weights", "soup_weights_tag", "pack_plan", "read_plan",
@@ -55,7 +55,7 @@ def onnx_metadata(path) -> dict[str, str]:
     try:
         model = onnx.load(os.fspath(path), load_external_data=False)
     except Exception as exc:  # not a file, not an ONNX protobuf
-        raise ExportError(f"{path}: not a readable ONNX file ({' '.join(str(exc).split())[:160]})") from None
+        raise ExportError(f"{path}: not a readable ONNX file ({one_line(exc, 160)})") from None
     return {p.key: p.value for p in model.metadata_props}
 
 
@@ -119,7 +119,7 @@ def read_export_folder(folder) -> dict[str, Path]:
     except FileNotFoundError:
         raise ExportError(f"{folder} is not an export folder (no manifest.json; write one with msdda export)") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ExportError(f"{manifest_path}: unreadable ({' '.join(str(exc).split())[:160]})") from None
+        raise ExportError(f"{manifest_path}: unreadable ({one_line(exc, 160)})") from None
     models = manifest.get("models") if isinstance(manifest, dict) else None
     if not isinstance(manifest, dict) or manifest.get("kind") != EXPORT_KIND or not isinstance(models, dict):
         raise ExportError(f"{manifest_path} is not the manifest of an msdda export folder")

@@ -40,15 +40,12 @@ class ExportError(ValueError):
     """Exporting or caching failed for a reason the user can fix. The message is one line (the CLI exits 2)."""
 
 
-def one_line(exc: BaseException | str, limit: int = 300) -> str:
-    return " ".join(str(exc).split())[:limit]
-
-
 def default_cache_root() -> Path:
     env = os.environ.get("MSDDA_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "msdda"
 
 
+from msdda.errors import one_line  # noqa: E402,F401  (the one "exception as one line"; export modules import it from here)
 from msdda.hashing import file_sha256  # noqa: E402  (one implementation, shared with the runtime)
 
 

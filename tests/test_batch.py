@@ -98,21 +98,79 @@ def _batch_args(jobs, out, *extra):
 
 
 # ---------------------------------------------------------------------- bad input: one line, before Ray starts
-@pytest.mark.parametrize("content, message", [
-    ('{"id": "a", "class": 1, "seed": 1}\n{"id": "a", "class": 2, "seed": 2}\n', "appears twice"),
-    ('{"id": "../x", "class": 1, "seed": 1}\n', "not a usable file name"),
-    ('{"class": 1}\n', "no seed"),
-    ('{"class": 1, "seed": 1, "wieghts": {}}\n', "unknown field 'wieghts'"),
-    ('{"class": 1, "seed": "one"}\n', "seed must be an integer"),
-    ('{"class": 1, "seed": 1, "weights": {"legible": "x"}}\n', "weights must be an object"),
-    ('{"class": 1, "seed": 1}\n{not json\n', "line 2 is not JSON"),
-])
-def test_bad_jobs_file_is_one_line_and_exit_2(tmp_path, capsys, content, message):
+HOSTILE_ROWS = [   # (JSONL line, what its refusal says); none of them may reach Ray or stop the others
+    ('{"id": "a", "class": 1}', "no seed"),
+    ('{"id": "a", "class": 2, "seed": 2}', "appears twice"),              # a's id was taken by the row above
+    ('{"id": "../x", "class": 1, "seed": 1}', "not a usable file name"),
+    ('{"class": 1, "seed": 1, "wieghts": {}}', "unknown field 'wieghts'"),
+    ('{"class": 1, "seed": "one"}', "seed must be an integer"),
+    ('{"class": 1, "seed": 1, "weights": {"legible": "x"}}', "weights must be an object"),
+    ("{not json", "is not JSON"),
+    ('{"class": 1, "seed": 18446744073709551616}', "does not fit in 64 bits"),   # 2**64: the old OverflowError
+    ('{"class": 1, "seed": -1}', "seed must be"),
+    ('{"class": 1, "seed": 1, "steps": -99999999999999999999999}', "does not fit in 64 bits"),
+    ('{"class": 1, "seed": 1, "guidance_scale": 1e400}', "guidance_scale must be a finite number"),
+    ('{"class": 1, "seed": 1, "eta": NaN}', "eta must be a finite number"),
+    ('{"class": 1, "seed": 1, "weights": [[["a"], 1]]}', "weights must be an object"),            # unhashable key
+    ('{"class": 1, "seed": 1, "weights": [[{"a": 1}, 1]]}', "weights must be an object"),
+    ('{"class": 1, "seed": 1, "weights": "' + "[" * 50000 + "]" * 50000 + '"}', "nested too deeply"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    ('[1, 2]', "not a JSON object"),
+    ('{"class": 1, "seed": 1, "prompt": "' + "p" * 100000 + '", "id": 7}', "not a usable file name"),
+    ('{"class": 1, "seed": 1, "' + "k" * 100000 + '": 1}', "unknown field"),
+]
+
+
+def test_hostile_rows_are_refused_one_line_each_before_ray(tmp_path, capsys):
+    """Every hostile row is recorded as refused with its one-line reason, the command exits 2 with one line, Ray
+    never starts (no row reaches it), and a rerun rewrites nothing."""
     jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text(content)
-    assert cli.main(_batch_args(jobs, tmp_path / "out")) == 2
+    jobs.write_text("".join(line + "\n" for line, _ in HOSTILE_ROWS))
+    out = tmp_path / "out"
+    assert cli.main(_batch_args(jobs, out)) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("msdda: error: ") and "\n" not in err and len(err) <= 300
+    assert "Ray" not in captured.out
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert len(manifest) == len(HOSTILE_ROWS)
+    for rec, (_, message) in zip(manifest, HOSTILE_ROWS):
+        assert rec["image"] is None and message in rec["error"] and len(rec["error"]) <= 300, rec["error"]
+    assert manifest[0]["id"] == "a" and manifest[1]["id"] == "row 1"       # the duplicate gets no id of its own
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert cli.main(_batch_args(jobs, out)) == 2
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def _folder_named_jsonl(d):
+    (d / "dir.jsonl").mkdir()
+    return d / "dir.jsonl"
+
+
+def _empty_jsonl(d):
+    (d / "empty.jsonl").write_text("\n\n")
+    return d / "empty.jsonl"
+
+
+@pytest.mark.parametrize("make_input, message", [
+    (lambda d: d / "missing.jsonl", "cannot read"),
+    (_folder_named_jsonl, "is a folder"),
+    (_empty_jsonl, "has no rows"),
+    (lambda d: d / "jobs.csv", "must be .jsonl"),
+])
+def test_unreadable_jobs_file_is_one_line(tmp_path, capsys, make_input, message):
+    """Only a jobs file that cannot be read at all is refused whole, and before the output folder exists."""
+    assert cli.main(_batch_args(make_input(tmp_path), tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("msdda: error: ") and "\n" not in err and message in err
+    assert err.startswith("msdda: error: ") and "\n" not in err and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fifo_jobs_file_is_refused_not_waited_on(tmp_path, capsys):
+    fifo = tmp_path / "jobs.jsonl"
+    os.mkfifo(fifo)
+    assert cli.main(_batch_args(fifo, tmp_path / "out")) == 2
+    assert "named pipe" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -204,3 +262,33 @@ def test_resume_after_kill_loses_and_duplicates_nothing(ray_address, zoo_engine,
     assert cli.main(_batch_args(jobs, out)) == 0
     assert f"{len(rows)} already done, 0 to make" in capsys.readouterr().out
     assert pq.read_table(out / "manifest.parquet").to_pylist() == manifest
+
+
+def test_mixed_good_and_hostile_rows_finish_and_rerun_is_a_no_op(ray_address, zoo_engine, tmp_path, capsys):
+    """Good rows are made, hostile ones (an int64-overflowing seed, deep or unhashable weights, an engine refusal)
+    recorded as refused with one line each; the same command again makes and rewrites nothing."""
+    good = _rows(2)
+    lines = [json.dumps(good[0]), '{"id": "big", "class": 1, "seed": 18446744073709551616}',
+             '{"id": "deep", "class": 1, "seed": 1, "weights": "' + "[" * 50000 + "]" * 50000 + '"}',
+             '{"id": "pairs", "class": 1, "seed": 1, "weights": [[["legible"], 1]]}',
+             '{"id": "typo", "class": 1, "seed": 1, "steps": 2, "weights": {"legibel": 1}}', json.dumps(good[1])]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(_batch_args(jobs, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("msdda: error: 4 of 6 rows failed") and len(err[0]) <= 300
+    manifest = {r["id"]: r for r in pq.read_table(out / "manifest.parquet").to_pylist()}
+    assert set(manifest) == {"img-00", "img-01", "big", "deep", "pairs", "typo"}
+    for row in good:
+        assert manifest[row["id"]]["error"] is None
+        assert (out / "images" / f"{row['id']}.png").read_bytes() == _direct_png(zoo_engine, row)
+    for rid, words in [("big", "does not fit in 64 bits"), ("deep", "nested too deeply"),
+                       ("pairs", "weights must be an object"), ("typo", "unknown expert 'legibel'")]:
+        assert manifest[rid]["image"] is None and words in manifest[rid]["error"], manifest[rid]
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
+    assert cli.main(_batch_args(jobs, out)) == 2
+    assert "2 already done, 0 to make, 4 refused" in capsys.readouterr().out
+    after = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
+    assert after == before                          # the engine's refusal is recorded as such: not tried again
+    assert manifest["typo"]["refused"] is True and manifest["img-00"]["refused"] is False

@@ -66,7 +66,7 @@ def test_kernels_import_nothing_from_the_engine():
 
 
 def test_export_imports_only_what_lies_below_it():
-    allowed = ("msdda.export", "msdda.atomic", "msdda.hashing", "msdda.kernels")
+    allowed = ("msdda.export", "msdda.atomic", "msdda.errors", "msdda.hashing", "msdda.kernels")
     for module, deps in _of("msdda.export").items():
         for target, names in deps:
             if target == "msdda":

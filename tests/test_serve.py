@@ -198,11 +198,60 @@ def test_parse_request_errors_are_one_line():
         assert fragment in str(info.value) and "\n" not in str(info.value), body
 
 
+def test_parse_request_bounds_hostile_bodies():
+    """Deep JSON, huge values and huge prompts: one short line each (a 422 on the server), never a RecursionError or
+    an echo of the value."""
+    spec = ModelSpec(base="b", default_steps=10, default_guidance_scale=2.0)
+    limits = Limits(max_images=4, max_steps=20)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for body, fragment in [(deep, "nested too deeply"), (b'{"seed": ' + deep + b"}", "nested too deeply"),
+                           (b'{"' + b"k" * 900_000 + b'": 1}', "unknown field"),
+                           (b'{"seed": "' + b"s" * 900_000 + b'"}', "seed: expected an integer"),
+                           (b'{"weights": {"a": [' + b"1," * 100_000 + b'1]}}', "weights: expected an object"),
+                           (b'{"prompt": "' + b"p" * 5_000_000 + b'"}', "prompt is 5000000 characters"),
+                           (b'{"prompt": ["ok", "' + b"p" * 5000 + b'"]}', "prompt is 5000 characters"),
+                           (b'{"negative_prompt": "' + b"n" * 5000 + b'"}', "negative_prompt is 5000 characters")]:
+        with pytest.raises(ValueError) as info:
+            parse_request(body, spec, limits)
+        text = str(info.value)
+        assert fragment in text and "\n" not in text and len(text) <= 300, text[:400]
+
+
+def test_read_body_limits():
+    """msdda.http_limits.read_body: 413 from Content-Length before reading, 413 once a stream passes the limit,
+    408 when the body does not arrive in time."""
+    import asyncio
+
+    from msdda.http_limits import HttpError, HttpLimits, read_body
+
+    class FakeRequest:
+        def __init__(self, headers, chunks, stall=False):
+            self.headers, self.chunks, self.stall = headers, chunks, stall
+
+        async def stream(self):
+            for c in self.chunks:
+                yield c
+            if self.stall:
+                await asyncio.sleep(3600)
+
+    limits = HttpLimits(max_body_bytes=10, body_timeout_s=0.2)
+    cases = [(FakeRequest({"content-length": "11"}, []), 413), (FakeRequest({}, [b"12345", b"678901"]), 413),
+             (FakeRequest({"content-length": "5"}, [b"12"], stall=True), 408),
+             (FakeRequest({"content-length": "x"}, []), 400)]
+    for request, status in cases:
+        with pytest.raises(HttpError) as info:
+            asyncio.run(read_body(request, limits))
+        assert info.value.status == status
+    assert asyncio.run(read_body(FakeRequest({}, [b"12345", b"67890"]), limits)) == b"1234567890"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--row-block", "0"], "--row-block must be positive"),
     (["--max-batch-size", "0"], "--max-batch-size must be positive"),
     (["--max-images", "-1"], "--max-images must be positive"),
     (["--port", "70000"], "--port must be in 1..65535"),
+    (["--max-body-bytes", "0"], "--max-body-bytes must be positive"),
+    (["--body-timeout-s", "nan"], "--body-timeout-s must be positive"),
     (["--dtype", "float8"], "invalid choice"),
 ])
 def test_bad_flags_are_one_line_and_exit_2_before_ray_starts(capsys, flags, message):
@@ -247,6 +296,75 @@ def test_bad_requests_get_422_and_the_server_stays_up(server):
         assert list(answer) == ["error"] and fragment in answer["error"] and "\n" not in answer["error"]
     status, answer = server.request("POST", "/v1/generate", {"class_labels": 3, "steps": 2, "seed": 4})
     assert status == 200 and len(answer["images"]) == 1 and answer["seeds"] == [4]
+
+
+def _raw_http(port: int, head: bytes, body: bytes = b"", timeout: float = 30) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.sendall(head + body)
+    return sock
+
+
+def _status_of(sock: socket.socket) -> int:
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def test_hostile_bodies_get_4xx_json_and_the_server_stays_up(server):
+    """413 before parsing (declared or streamed size), 422 for deep JSON and huge prompts, each a short JSON error."""
+    status, answer = server.request("POST", "/v1/generate", raw=b'{"prompt": "' + b"p" * (2 << 20) + b'"}')
+    assert status == 413 and len(answer["error"]) <= 300
+    status, answer = server.request("POST", "/v1/generate", raw=b"[" * 100_000 + b"]" * 100_000)
+    assert status == 422 and "nested too deeply" in answer["error"]
+    status, answer = server.request("POST", "/v1/generate", {"class_labels": 3, "strategy": "s" * 900_000})
+    assert status == 422 and len(json.dumps(answer)) <= 320 and "unknown strategy" in answer["error"]
+    status, answer = server.request("POST", "/v1/generate", {"prompt": "p" * 100_000})
+    assert status == 422 and "prompt is 100000 characters" in answer["error"]
+    chunked = _raw_http(server.port, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                        b"Content-Type: application/json\r\n\r\n")
+    try:
+        piece = b"a" * 65536
+        for _ in range(20):                                    # 1.25 MiB streamed, no length declared
+            chunked.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        assert _status_of(chunked) == 413
+    except (BrokenPipeError, ConnectionResetError):           # answered and closed while we were still sending
+        pass
+    finally:
+        chunked.close()
+    assert server.request("GET", "/healthz") == (200, {"status": "ok"})
+
+
+def test_stalled_connections_cost_a_bounded_amount(server):
+    """100 clients that send headers and a few body bytes, then stall: /healthz still answers within 1 s and a
+    small generate within its unloaded time + 2 s; each stalled client gets 408 after the body timeout."""
+    small = {"class_labels": 3, "steps": 2, "seed": 11}
+    unloaded = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        assert server.request("POST", "/v1/generate", small)[0] == 200
+        unloaded.append(time.perf_counter() - t0)
+    head = (b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n")
+    stalled = []
+    try:
+        for _ in range(100):
+            stalled.append(_raw_http(server.port, head, b'{"class_labels"'))
+        time.sleep(1.0)                                        # every one has reached the replica by now
+        t0 = time.perf_counter()
+        assert server.request("GET", "/healthz") == (200, {"status": "ok"})
+        assert time.perf_counter() - t0 < 1.0
+        t0 = time.perf_counter()
+        assert server.request("POST", "/v1/generate", small)[0] == 200
+        assert time.perf_counter() - t0 < min(unloaded) + 2.0
+        stalled[0].settimeout(60)                              # default --body-timeout-s 10
+        assert _status_of(stalled[0]) == 408
+    finally:
+        for sock in stalled:
+            sock.close()
 
 
 @pytest.mark.slow
