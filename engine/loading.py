@@ -334,6 +334,8 @@ def check_base_parts(base: BaseModel) -> None:
             raise LoadError(f"{base.path}: a second text encoder needs an SDXL UNet (addition_embed_type="
                             "'text_time')")
         return
+    if all(getattr(base, part) is None for part in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")):
+        return        # a bare SDXL UNet: the caller gives prompt_embeds and pooled_prompt_embeds (bare_text_unet)
     if base.text_encoder is None or base.text_encoder_2 is None:
         raise LoadError(f"{base.path}: an SDXL UNet needs text_encoder and text_encoder_2 (with their tokenizers) "
                         "in the pipeline folder")
@@ -355,6 +357,21 @@ def check_base_parts(base: BaseModel) -> None:
 
 # SDXL micro-conditioning: original (h, w), crop top-left (y, x), target (h, w).
 TIME_IDS = 6
+
+
+def bare_text_unet(base: BaseModel) -> bool:
+    """Whether ``base`` is a text-conditioned UNet loaded without its text stack (a UNet folder alone): it runs on
+    precomputed ``prompt_embeds``, never on prompts."""
+    return base.kind in ("text", "sdxl") and base.text_encoder is None
+
+
+def pooled_embeds_width(base: BaseModel) -> int | None:
+    """The width of SDXL's pooled text embedding (``pooled_prompt_embeds``'s last dimension), read from the UNet's
+    added embedding: its inputs are the pooled embedding and TIME_IDS x addition_time_embed_dim. None for other
+    bases."""
+    if base.kind != "sdxl":
+        return None
+    return base.unet.add_embedding.linear_1.in_features - base.unet_config["addition_time_embed_dim"] * TIME_IDS
 
 
 def _lora_file(path: Path) -> Path | None:
