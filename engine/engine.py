@@ -103,7 +103,9 @@ class Engine:
         # pixels per latent element (the VAE's downsampling; 1 for pixel-space models), and the multiple of pixels
         # an image side must be: diffusers' pipelines take any multiple of the VAE factor (its UNet pads what
         # its downsampling does not divide); a UNet2DModel needs whole downsamplings.
-        self.vae_scale_factor = 2 ** (len(base.vae.config.block_out_channels) - 1) if base.vae is not None else 1
+        # A latent (text) UNet folder alone has no VAE: 8, as diffusers' pipelines assume without one.
+        self.vae_scale_factor = 2 ** (len(base.vae.config.block_out_channels) - 1) if base.vae is not None else \
+            (8 if self.is_text else 1)
         self.size_multiple = self.vae_scale_factor if self.is_text else \
             2 ** (len(cfg.get("block_out_channels") or (0,)) - 1)
         self.sched_params = sch.schedule_from_diffusers_config(base.scheduler_config)

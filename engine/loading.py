@@ -359,6 +359,34 @@ def check_base_parts(base: BaseModel) -> None:
 TIME_IDS = 6
 
 
+@dataclass(frozen=True)
+class BaseConditioning:
+    """What a base is conditioned on, read from its configs alone (nothing loaded), so that a caller such as the
+    CLI can check its flags first: ``kind`` as ``BaseModel.kind``, ``num_classes`` (class-conditional bases,
+    counting the null class), ``bare_unet`` (a text UNet with no text encoder beside it)."""
+    kind: str
+    num_classes: int | None
+    bare_unet: bool
+
+    @property
+    def is_text(self) -> bool:
+        return self.kind in ("text", "sdxl")
+
+
+def base_conditioning(path) -> BaseConditioning:
+    """A base folder's :class:`BaseConditioning`, from its UNet config and model_index.json (LoadError when
+    they are missing or unreadable, as loading would say)."""
+    path = _require_dir(path)
+    config = read_json(unet_folder(path) / "config.json")
+    kind = unet_kind(config)
+    index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    encoder = index.get("text_encoder")
+    has_encoder = isinstance(encoder, list) and len(encoder) == 2 and encoder[1] is not None \
+        and (path / "text_encoder").is_dir()
+    return BaseConditioning(kind=kind, num_classes=config.get("num_class_embeds"),
+                            bare_unet=kind in ("text", "sdxl") and not has_encoder)
+
+
 def bare_text_unet(base: BaseModel) -> bool:
     """Whether ``base`` is a text-conditioned UNet loaded without its text stack (a UNet folder alone): it runs on
     precomputed ``prompt_embeds``, never on prompts."""
