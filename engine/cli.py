@@ -325,11 +325,12 @@ def uses_zoo(args) -> bool:
 
 
 def default_sampling(args) -> tuple[int, float]:
-    """(steps, guidance scale) when a command is not given them: the model's own (``msdda.zoo.sampling_defaults``,
+    """(steps, guidance scale) when a command is not given them: the base's own (``msdda.loading.sampling_defaults``,
     the rule ``Engine.generate`` uses: the zoo's 50 and 2.0, else diffusers' 50 and 7.5)."""
-    from msdda.zoo import sampling_defaults
+    from msdda.loading import sampling_defaults
 
-    return sampling_defaults(None if uses_zoo(args) else args.base)
+    base, _ = resolve_models(args)
+    return sampling_defaults(base)
 
 
 def check_model_flags(args) -> None:

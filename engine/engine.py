@@ -24,7 +24,8 @@ from msdda.kernels import (StepScalars, fused_expert_step, fused_expert_step_ref
                            raise_if_bad)
 from msdda.loading import (MAX_SAMPLE_SIZE, TIME_IDS, BaseModel, LoadError, LoraAdapter, bare_text_unet,
                            check_base_parts, check_compatible, check_scheduler_config, check_unet_config, load_base,
-                           load_expert_weights, merged_network, pooled_embeds_width, unet_weight_files)
+                           load_expert_weights, merged_network, pooled_embeds_width, sampling_defaults,
+                           unet_weight_files)
 from msdda.precision import all_finite, default_dtype, vae_decode_dtype
 from msdda.sampling import Denoise, sample
 from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
@@ -33,7 +34,6 @@ from msdda.validation import (DEFAULT_LIMITS, Limits, batch_size, batch_tensor, 
                               check_int, check_noise, check_num_images_per_prompt, check_size_pair, check_steps,
                               check_strategy, check_variant, negative_prompt_rows, per_sample, per_sample_weights,
                               prompt_rows, seed_list)
-from msdda.zoo import sampling_defaults
 
 __all__ = ["Engine", "GenerateOutput", "CheckedRequest", "Limits"]
 
@@ -139,7 +139,7 @@ class Engine:
         # A text UNet folder alone (no text encoder beside it) runs on precomputed prompt_embeds only.
         self.bare_unet = bare_text_unet(base)
         self._prompt_pipe = prompt_pipeline(base) if self.is_text and not self.bare_unet else None
-        # What generate uses when not given steps / guidance_scale: the model's own defaults (msdda.zoo)
+        # What generate uses when not given steps / guidance_scale: the model's own (its sampling_defaults.json)
         self.default_steps, self.default_guidance_scale = sampling_defaults(base.path)
         self.dtype_default = bool(dtype_default)   # True: from_pretrained chose the dtype (no dtype was given)
         if base.vae is not None:   # decode in the precision diffusers' pipeline for this model decodes in

@@ -359,6 +359,36 @@ def check_base_parts(base: BaseModel) -> None:
 TIME_IDS = 6
 
 
+# A base's own sampling defaults, in diffusers' argument names, in an optional file beside its UNet (the zoo's
+# base ships one); without it, diffusers' StableDiffusionPipeline defaults.
+SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
+DIFFUSERS_DEFAULT_STEPS = 50
+DIFFUSERS_DEFAULT_GUIDANCE_SCALE = 7.5
+
+
+def sampling_defaults(path) -> tuple[int, float]:
+    """(steps, guidance scale) a base samples with when a caller gives none: its folder's
+    ``sampling_defaults.json`` ({"num_inference_steps": N, "guidance_scale": G}; either may be left out), else
+    diffusers' 50 and 7.5. Every entry point (Engine.generate, the CLI, serve, batch) asks this one rule, from
+    the folder alone, so the CLI can state the defaults before loading anything."""
+    steps, guidance = DIFFUSERS_DEFAULT_STEPS, DIFFUSERS_DEFAULT_GUIDANCE_SCALE
+    file = Path(path) / SAMPLING_DEFAULTS_FILE
+    if not file.is_file():
+        return steps, guidance
+    given = read_json(file)
+    unknown = sorted(set(given) - {"num_inference_steps", "guidance_scale"})
+    if unknown:
+        raise LoadError(f"{file}: unknown key {unknown[0]!r} (expected num_inference_steps, guidance_scale)")
+    steps = given.get("num_inference_steps", steps)
+    guidance = given.get("guidance_scale", guidance)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise LoadError(f"{file}: num_inference_steps must be an integer >= 1, not {steps!r}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance != guidance \
+            or abs(guidance) == float("inf"):
+        raise LoadError(f"{file}: guidance_scale must be a finite number, not {guidance!r}")
+    return steps, float(guidance)
+
+
 @dataclass(frozen=True)
 class BaseConditioning:
     """What a base is conditioned on, read from its configs alone (nothing loaded), so that a caller such as the

@@ -35,27 +35,6 @@ NULL_CLASS = 10
 NUM_CLASSES = 10
 
 
-#: diffusers' StableDiffusionPipeline defaults, for models that state none of their own
-DIFFUSERS_DEFAULT_STEPS = 50
-DIFFUSERS_DEFAULT_GUIDANCE_SCALE = 7.5
-
-
-def sampling_defaults(base: str | Path | None) -> tuple[int, float]:
-    """(steps, guidance scale) a base samples with when the caller gives none: the zoo's own (DEFAULT_STEPS,
-    DEFAULT_GUIDANCE_SCALE) for the zoo's base (None: the zoo, as the CLI's model flags with no models), else
-    diffusers' pipeline defaults. Every entry point (Engine.generate, the CLI, serve, batch) asks this one rule,
-    from the path alone, so the CLI can state the defaults before loading anything."""
-    if base is None:
-        return DEFAULT_STEPS, DEFAULT_GUIDANCE_SCALE
-    try:
-        is_zoo = Path(base).resolve() == (ZOO_DIR / "base").resolve()
-    except (OSError, RuntimeError, ValueError):
-        is_zoo = False
-    if is_zoo:
-        return DEFAULT_STEPS, DEFAULT_GUIDANCE_SCALE
-    return DIFFUSERS_DEFAULT_STEPS, DIFFUSERS_DEFAULT_GUIDANCE_SCALE
-
-
 def oracle_name(w: float, pair: tuple[str, str] = ORACLE_PAIR) -> str:
     return f"morl_{pair[0]}_{pair[1]}_w{w:.1f}"
 
@@ -81,6 +60,5 @@ def classifier_path(root: str | Path | None = None) -> Path:
 
 
 __all__ = ["ZOO_DIR", "OBJECTIVES", "ORACLE_PAIR", "ORACLE_WEIGHTS", "ORACLES", "DEFAULT_STEPS",
-           "DEFAULT_GUIDANCE_SCALE", "DIFFUSERS_DEFAULT_STEPS", "DIFFUSERS_DEFAULT_GUIDANCE_SCALE", "sampling_defaults",
-           "KL_BETA", "NULL_CLASS", "NUM_CLASSES", "oracle_name", "zoo_paths",
+           "DEFAULT_GUIDANCE_SCALE", "KL_BETA", "NULL_CLASS", "NUM_CLASSES", "oracle_name", "zoo_paths",
            "scheduler_path", "classifier_path"]
