@@ -2,18 +2,20 @@
 
 On a terminal: tqdm's bar. Elsewhere (stderr redirected to a file, a job scheduler's log, a pipe): one plain line
 each time another 10% is done or every INTERVAL_S seconds, whichever comes first, so a long run is never silent
-in a log; jobs shorter than FIRST_LINE_AFTER_S print nothing (a short command's stderr stays empty, and an
-error stays its one line). ``quiet`` turns both off.
+in a log; nothing is printed before FIRST_LINE_AFTER_S seconds (``MSDDA_PROGRESS_AFTER_S`` overrides it), so a
+short command's stderr stays empty and an error stays its one line. ``quiet`` turns both off.
 """
 from __future__ import annotations
 
+import math
+import os
 import sys
 import time
 
 __all__ = ["Progress", "INTERVAL_S", "FIRST_LINE_AFTER_S"]
 
 INTERVAL_S = 10.0            # a log line at least this often while a job runs
-FIRST_LINE_AFTER_S = 2.0     # nothing before this much time has passed
+FIRST_LINE_AFTER_S = 5.0     # nothing before this much time has passed (MSDDA_PROGRESS_AFTER_S overrides)
 FRACTION = 0.1               # and a line each time another tenth is done
 
 
@@ -35,6 +37,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, desc=desc, unit=unit, leave=False, file=self.stream)
+        self.first_line_after = first_line_after_s()
         self.start = self.last_line = clock()
         self.next_fraction = FRACTION
 
@@ -44,7 +47,7 @@ class Progress:
             self.bar.update(n)
         elif self.mode == "lines":
             now = self.clock()
-            if now - self.start < FIRST_LINE_AFTER_S:
+            if now - self.start < self.first_line_after:
                 return
             fraction = self.done / self.total
             if fraction >= self.next_fraction or now - self.last_line >= INTERVAL_S:
@@ -73,6 +76,17 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def first_line_after_s() -> float:
+    """Seconds before the first log line: $MSDDA_PROGRESS_AFTER_S (a number >= 0, or inf for never) or
+    FIRST_LINE_AFTER_S."""
+    text = os.environ.get("MSDDA_PROGRESS_AFTER_S", "").strip()
+    try:
+        value = float(text) if text else FIRST_LINE_AFTER_S
+    except ValueError:
+        return FIRST_LINE_AFTER_S
+    return value if value >= 0 and not math.isnan(value) else FIRST_LINE_AFTER_S
 
 
 def _isatty(stream) -> bool:

@@ -191,8 +191,10 @@ class FakeClock:
         return self.now
 
 
-def test_progress_lines_on_a_non_terminal():
-    from msdda.progress import Progress
+def test_progress_lines_on_a_non_terminal(monkeypatch):
+    from msdda.progress import FIRST_LINE_AFTER_S, Progress
+
+    monkeypatch.setenv("MSDDA_PROGRESS_AFTER_S", str(FIRST_LINE_AFTER_S))
 
     stream = io.StringIO()
     with Progress(20, "generate", stream=stream, clock=FakeClock()) as bar:
@@ -201,7 +203,7 @@ def test_progress_lines_on_a_non_terminal():
     lines = stream.getvalue().splitlines()
     assert lines and all(line.startswith("msdda: generate: ") for line in lines)
     assert lines[-1].startswith("msdda: generate: 20/20 steps (100%)")
-    assert 5 <= len(lines) <= 11               # about one per 10%, none in the first FIRST_LINE_AFTER_S
+    assert 5 <= len(lines) <= 11          # about one per 10%, none in the first FIRST_LINE_AFTER_S (20 ticks)
 
     quiet = io.StringIO()
     with Progress(20, "generate", stream=quiet, clock=FakeClock(), quiet=True) as bar:
@@ -211,9 +213,7 @@ def test_progress_lines_on_a_non_terminal():
 
 def test_generate_writes_progress_to_a_redirected_stderr(monkeypatch, tmp_path, capsys):
     """Through the CLI, with stderr captured (not a terminal): lines appear, and --quiet removes them."""
-    from msdda import progress
-
-    monkeypatch.setattr(progress, "FIRST_LINE_AFTER_S", 0.0)
+    monkeypatch.setenv("MSDDA_PROGRESS_AFTER_S", "0")
     argv = ["generate", "--class", "3", "--num-images", "1", "--steps", "10"]
     assert cli.main([*argv, "--out", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err.splitlines()
