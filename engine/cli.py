@@ -189,6 +189,8 @@ def add_model_args(p: argparse.ArgumentParser, *, device_default: str | None = "
                    help="network precision (default auto: float16 on CUDA when the weights allow it, else float32)")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run every step eagerly instead of replaying one captured CUDA graph (torch on CUDA)")
+    g.add_argument("--onnx-dir", metavar="DIR", help="the folder `msdda export --out DIR` wrote: run its ONNX files "
+                   "(with --backend onnxruntime or tensorrt) instead of exporting into the cache")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -200,9 +202,12 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    "the empty prompt, or zeros for SDXL pipelines with force_zeros_for_empty_prompt)")
     g.add_argument("--height", type=int, metavar="PX", help="image height in pixels (default: the model's)")
     g.add_argument("--width", type=int, metavar="PX", help="image width in pixels (default: the model's)")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (default 50, the zoo's default for the zoo)")
-    g.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1.0)")
-    g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale (default 7.5, or the zoo's)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the model's own, 50 for the zoo and diffusers' pipelines)")
+    g.add_argument("--eta", type=float, default=1.0, help="DDIM's eta, the noise of each DDIM step (default 1.0); "
+                   "DDPM samplers, the zoo's among them, have no eta and ignore it")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's own: the zoo's 2.0, else 7.5)")
     g.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i (default 0)")
     g.add_argument("--strategy", default="msdda", help="msdda | mpa | soup | base | expert:NAME (default msdda)")
     g.add_argument("--normalize", action="store_true", help="rescale weights to sum to 1 instead of refusing")
@@ -220,6 +225,11 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
                    help=f"largest number of denoising steps (default {DEFAULT_LIMITS.max_steps})")
 
 
+def _add_quiet_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress on stderr (default: a bar on a terminal, else a line every 10%% or 10 s)")
+
+
 def _add_verbose_arg(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
     # SUPPRESS on subcommands, so that `msdda --verbose generate` is not reset by the subcommand's default
     p.add_argument("--verbose", action="store_true", default=default,
@@ -227,9 +237,12 @@ def _add_verbose_arg(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import msdda
+
     parser = ArgumentParser(prog="msdda", description="Compose aligned diffusion experts at denoising time (MSDDA).")
+    parser.add_argument("--version", action="version", version=f"msdda {msdda.__version__}")
     _add_verbose_arg(parser, default=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,sweep,export,serve,batch}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,sweep,bench,export,serve,batch}")
 
     gen = sub.add_parser("generate", help="generate images with weights chosen per run",
                          description="Generate images composing the experts with the given weights. Writes "
@@ -243,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=16, help="number of images (default 16)")
     gen.add_argument("--out", default="out", metavar="DIR", help="output folder (default ./out)")
     _add_limit_args(gen)
+    _add_quiet_arg(gen)
     _add_verbose_arg(gen)
 
     sweep = sub.add_parser("sweep", help="generate over a grid of weights between two experts",
@@ -256,7 +270,29 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--num-images", type=int, default=8, help="images per weight (default 8)")
     sweep.add_argument("--out", default="sweep", metavar="DIR", help="output folder (default ./sweep)")
     _add_limit_args(sweep)
+    _add_quiet_arg(sweep)
     _add_verbose_arg(sweep)
+
+    bench = sub.add_parser("bench", help="time generation on these models: a table, and the full record as JSON",
+                           description="Time Engine.generate per batch size and strategy (warmup, then repeats "
+                                       "interleaved strategy by strategy), and the cost of the K experts against "
+                                       "one network, from runs in this process. A text UNet folder alone runs on "
+                                       "random prompt embeddings of its widths.")
+    add_model_args(bench)
+    b = bench.add_argument_group("benchmark")
+    b.add_argument("--batch-sizes", default="1,8", metavar="N,N", help="images per call, each timed (default 1,8)")
+    b.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the model's own)")
+    b.add_argument("--guidance-scale", type=float, default=None, help="guidance scale (default: the model's own)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed calls per batch size and strategy (default 1)")
+    b.add_argument("--repeats", type=int, default=5, help="timed calls per batch size and strategy (default 5)")
+    b.add_argument("--strategies", metavar="S,S", default=None,
+                   help="strategies to time: msdda, mpa, soup, base, expert:NAME (default: msdda and the first "
+                        "expert alone); one network alone is always timed as the reference")
+    b.add_argument("--seed", type=int, default=0, help="seed of the timed calls (default 0)")
+    b.add_argument("--out", metavar="FILE.json", help="write the full record here (atomically)")
+    _add_quiet_arg(bench)
+    _add_verbose_arg(bench)
 
     ex = sub.add_parser("export", help="export UNets to ONNX (and TensorRT where available)",
                         description="Export the base and every expert UNet to verified ONNX files. With no models named, exports the embedded zoo.")
@@ -289,13 +325,48 @@ def uses_zoo(args) -> bool:
 
 
 def default_sampling(args) -> tuple[int, float]:
-    """(steps, guidance scale) when a command is not given them: the zoo's defaults for the zoo, else 50 and 7.5
-    (diffusers' StableDiffusionPipeline defaults)."""
-    from msdda import zoo
+    """(steps, guidance scale) when a command is not given them: the base's own (``msdda.loading.sampling_defaults``,
+    the rule ``Engine.generate`` uses: the zoo's 50 and 2.0, else diffusers' 50 and 7.5)."""
+    from msdda.loading import sampling_defaults
 
-    if uses_zoo(args):
-        return zoo.DEFAULT_STEPS, zoo.DEFAULT_GUIDANCE_SCALE
-    return 50, 7.5
+    base, _ = resolve_models(args)
+    return sampling_defaults(base)
+
+
+def check_model_flags(args) -> None:
+    """The model flags that can be judged before loading: --onnx-dir's backend and folder."""
+    if getattr(args, "onnx_dir", None) is None:
+        return
+    if args.backend == "torch":
+        raise CliError("--onnx-dir runs exported ONNX files: add --backend onnxruntime (or tensorrt)")
+    if not Path(args.onnx_dir).is_dir():
+        raise CliError(f"--onnx-dir: {args.onnx_dir} is not a folder (write one with msdda export --out DIR)")
+
+
+def base_conditioning(args):
+    """What the base named by the model flags is conditioned on, from its configs alone (msdda.loading)."""
+    from msdda.loading import base_conditioning as read
+
+    base, _ = resolve_models(args)
+    return read(base)
+
+
+def check_experts_named(args, *, weights=None, expert_betas=None, strategy=None, pair=None) -> None:
+    """Expert names in --weights, --expert-betas, --strategy and --pair against the experts the model flags
+    name (before loading: an unknown name costs no model load)."""
+    from msdda.validation import check_expert_betas, check_strategy, check_weights
+
+    _, experts = resolve_models(args)
+    names = tuple(experts)
+    if weights is not None:
+        check_weights(weights, names, option="--weights")
+    if expert_betas is not None:
+        check_expert_betas(expert_betas, names, option="--expert-betas")
+    if strategy is not None:
+        check_strategy(strategy, names)
+    unknown = [p for p in pair or () if p not in names]
+    if unknown:
+        raise CliError(f"--pair: unknown expert {unknown[0]!r}; experts are: {', '.join(names) or 'none'}")
 
 
 def _sampling(args, limits, num_images: int) -> dict:
@@ -323,14 +394,29 @@ def _engine(args, limits=None):
     from msdda.validation import DEFAULT_LIMITS
 
     base, experts = resolve_models(args)
+    artifacts = {} if getattr(args, "onnx_dir", None) is None else {"onnx_dir": args.onnx_dir}
     return Engine.from_pretrained(base, experts, backend=args.backend, device=args.device, scheduler=args.scheduler,
                                   limits=limits or DEFAULT_LIMITS, variant=args.variant, dtype=torch_dtype(args.dtype),
-                                  cuda_graphs=args.cuda_graphs)
+                                  cuda_graphs=args.cuda_graphs, **artifacts)
+
+
+def _check_before_loading(args, sampling: dict, weights, *, pair=None) -> None:
+    """What generate and sweep can judge from the flags and the models' configs alone: the model flags, expert
+    names, and the conditioning flags against what the base takes (the Engine checks all again once loaded)."""
+    check_model_flags(args)
+    check_experts_named(args, weights=weights, expert_betas=sampling["expert_betas"], strategy=sampling["strategy"],
+                        pair=pair)
+    _conditioning_kwargs(args, base_conditioning(args))
 
 
 # ---------------------------------------------------------------------- checks after loading
 def _conditioning_kwargs(args, engine) -> dict:
+    """generate's conditioning arguments from the flags. ``engine``: a loaded Engine, or the base's
+    ``msdda.loading.BaseConditioning`` (read before loading; same fields)."""
     size = {k: getattr(args, k) for k in ("height", "width") if getattr(args, k) is not None}
+    if engine.is_text and engine.bare_unet:
+        raise CliError("this base is a text UNet folder without a text encoder: the CLI has no prompt embeddings "
+                       "to give it (use msdda bench, or Engine.generate(prompt_embeds=...))")
     if engine.is_text:
         if args.prompt is None:
             raise CliError("this base is text-conditioned: pass --prompt")
@@ -376,7 +462,8 @@ def _run_params(args, engine, request: dict, num_images: int) -> dict:
         "weights": request["weights"], "normalize": request["normalize"], "expert_betas": request["expert_betas"],
         "strategy": request["strategy"], "backend": args.backend, "device": args.device,
         "dtype": str(engine.dtype).removeprefix("torch."), "dtype_default": engine.dtype_default,
-        "scheduler": engine.scheduler, "steps": request["steps"], "eta": request["eta"],
+        "scheduler": engine.scheduler, "steps": request["steps"],
+        "eta": request["eta"] if engine.scheduler == "ddim" else None,     # DDPM has no eta
         "guidance_scale": request["guidance_scale"], "seed": args.seed,
         "seeds": [args.seed + i for i in range(num_images)], "num_images": num_images,
         "prompt": args.prompt, "class": args.class_label,
@@ -408,17 +495,17 @@ def _recorded_sha256(previous: dict | None) -> dict:
             if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)}
 
 
-def generate_into(engine, run, request: dict, *, seed: int, num_images: int, batch_size: int, desc: str) -> list[str]:
+def generate_into(engine, run, request: dict, *, seed: int, num_images: int, batch_size: int, desc: str,
+                  quiet: bool = False) -> list[str]:
     """Make every image of the run that is missing or damaged in ``run`` (each with its own seed), then the
-    grid and the finished manifest. Returns the names of the images made."""
-    from tqdm import tqdm
-
+    grid and the finished manifest. Returns the names of the images made. Progress per ``msdda.progress``."""
+    from msdda.progress import Progress
     from msdda.runfolder import image_intact
 
     names = image_names(num_images)
     recorded = _recorded_sha256(run.previous)
     todo = [i for i, name in enumerate(names) if not image_intact(run.path / name, recorded.get(name))]
-    bar = tqdm(total=len(todo) * request["steps"], desc=desc, unit="step", disable=None, leave=False)
+    bar = Progress(len(todo) * request["steps"], desc, quiet=quiet)
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
@@ -481,6 +568,7 @@ def cmd_generate(args) -> int:
     if weights is not None:
         normalized_weights(list(weights.values()), normalize=args.normalize, label="--weights")
     sampling = _sampling(args, limits, num_images)
+    _check_before_loading(args, sampling, weights)
     out = Path(args.out)
     check_target(out, owns_generate_file)                     # refuse a foreign folder before loading models
     engine = _engine(args, limits)
@@ -488,7 +576,7 @@ def cmd_generate(args) -> int:
     params = _run_params(args, engine, request, num_images)
     with RunFolder(out, params, owns_generate_file) as run:
         made = generate_into(engine, run, request, seed=args.seed, num_images=num_images, batch_size=args.batch_size,
-                             desc="generate")
+                             desc="generate", quiet=args.quiet)
     if run.resumed and not made:
         print(f"{out} already holds this run, verified: {num_images} images, {out / GRID}, {out / 'manifest.json'}")
     else:
@@ -508,6 +596,7 @@ def cmd_sweep(args) -> int:
         raise CliError(f"--points x --num-images = {points * num_images} images, more than the limit of "
                        f"{limits.max_images} (raise it with --max-images)")
     sampling = _sampling(args, limits, num_images)
+    _check_before_loading(args, sampling, None, pair=pair)
     out_root = Path(args.out)
     check_target(out_root, owns_sweep_file)
     engine = _engine(args, limits)
@@ -532,7 +621,8 @@ def cmd_sweep(args) -> int:
             try:
                 with point:
                     generate_into(engine, point, request, seed=args.seed, num_images=num_images,
-                                  batch_size=args.batch_size, desc=f"{pair[0]}={weights[pair[0]]:.2f}")
+                                  batch_size=args.batch_size, desc=f"{pair[0]}={weights[pair[0]]:.2f}",
+                                  quiet=args.quiet)
             finally:
                 if point.finished or point.resumed:
                     root.note_finished(label)
@@ -576,7 +666,64 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "sweep": cmd_sweep, "export": cmd_export, "serve": serve.run, "batch": batch.run}
+def parse_batch_sizes(text: str, limits) -> tuple[int, ...]:
+    """'1,8' -> (1, 8): distinct integers in 1..max_images."""
+    from msdda.validation import check_int
+
+    sizes = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            size = int(part)
+        except ValueError:
+            raise CliError(f"--batch-sizes: {part!r} is not an integer") from None
+        check_int("--batch-sizes", size, lo=1, hi=limits.max_images)
+        if size in sizes:
+            raise CliError(f"--batch-sizes: {size} given twice")
+        sizes.append(size)
+    if not sizes:
+        raise CliError("--batch-sizes: nothing given")
+    return tuple(sizes)
+
+
+def cmd_bench(args) -> int:
+    from msdda import validation as v
+    from msdda.atomic import atomic_write_json
+    from msdda.benchmark import BenchSettings, format_table, run_benchmark
+
+    limits = v.DEFAULT_LIMITS
+    sizes = parse_batch_sizes(args.batch_sizes, limits)
+    strategies = None if args.strategies is None else tuple(filter(None, (s.strip() for s in
+                                                                          args.strategies.split(","))))
+    if strategies is not None and (not strategies or len(set(strategies)) != len(strategies)):
+        raise CliError(f"--strategies: expected distinct names, got {args.strategies!r}")
+    if args.steps is not None:
+        v.check_steps(args.steps, limits)
+    if args.guidance_scale is not None:
+        v.check_guidance_scale(args.guidance_scale)
+    v.check_int("--warmup", args.warmup, lo=0)
+    v.check_int("--repeats", args.repeats, lo=1)
+    v.check_seed(args.seed, max(sizes))
+    v.check_device(args.device)
+    v.check_variant(args.variant)
+    check_model_flags(args)
+    for strategy in strategies or ():
+        check_experts_named(args, strategy=strategy)
+    if args.out is not None and Path(args.out).is_dir():
+        raise CliError(f"--out: {args.out} is a folder; give a file name such as bench.json")
+    base_conditioning(args)                                  # a missing or unreadable base, before loading
+    engine = _engine(args, limits)
+    settings = BenchSettings(batch_sizes=sizes, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                             strategies=strategies, guidance_scale=args.guidance_scale, seed=args.seed)
+    progress = None if args.quiet else (lambda line: print(f"msdda: bench: {line}", file=sys.stderr, flush=True))
+    record = run_benchmark(engine, settings, progress=progress)
+    print(format_table(record))
+    if args.out is not None:
+        atomic_write_json(Path(args.out), record)
+        print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "sweep": cmd_sweep, "bench": cmd_bench, "export": cmd_export, "serve": serve.run, "batch": batch.run}
 
 
 ERROR_PREFIX = "msdda: error: "

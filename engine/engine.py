@@ -24,9 +24,10 @@ from msdda.export.artifacts import ArtifactMismatch
 from msdda.graphs import StepGraphCache, StepInputs, sample_graphed
 from msdda.kernels import (StepScalars, fused_expert_step, fused_expert_step_ref, philox_normal, prepare_fused_step,
                            raise_if_bad)
-from msdda.loading import (MAX_SAMPLE_SIZE, TIME_IDS, BaseModel, LoadError, LoraAdapter, check_base_parts,
-                           check_compatible, check_scheduler_config, check_unet_config, load_base,
-                           load_expert_weights, merged_network, unet_weight_files)
+from msdda.loading import (MAX_SAMPLE_SIZE, TIME_IDS, BaseModel, LoadError, LoraAdapter, bare_text_unet,
+                           check_base_parts, check_compatible, check_scheduler_config, check_unet_config, load_base,
+                           load_expert_weights, merged_network, pooled_embeds_width, sampling_defaults,
+                           unet_weight_files)
 from msdda.precision import all_finite, default_dtype, vae_decode_dtype
 from msdda.sampling import Denoise, sample
 from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
@@ -104,7 +105,9 @@ class Engine:
         # pixels per latent element (the VAE's downsampling; 1 for pixel-space models), and the multiple of pixels
         # an image side must be: diffusers' pipelines take any multiple of the VAE factor (its UNet pads what
         # its downsampling does not divide); a UNet2DModel needs whole downsamplings.
-        self.vae_scale_factor = 2 ** (len(base.vae.config.block_out_channels) - 1) if base.vae is not None else 1
+        # A latent (text) UNet folder alone has no VAE: 8, as diffusers' pipelines assume without one.
+        self.vae_scale_factor = 2 ** (len(base.vae.config.block_out_channels) - 1) if base.vae is not None else \
+            (8 if self.is_text else 1)
         self.size_multiple = self.vae_scale_factor if self.is_text else \
             2 ** (len(cfg.get("block_out_channels") or (0,)) - 1)
         self.sched_params = sch.schedule_from_diffusers_config(base.scheduler_config)
@@ -135,7 +138,11 @@ class Engine:
         for part in (base.text_encoder, base.text_encoder_2, base.vae):
             if part is not None:
                 part.to(self.device)
-        self._prompt_pipe = prompt_pipeline(base) if self.is_text else None
+        # A text UNet folder alone (no text encoder beside it) runs on precomputed prompt_embeds only.
+        self.bare_unet = bare_text_unet(base)
+        self._prompt_pipe = prompt_pipeline(base) if self.is_text and not self.bare_unet else None
+        # What generate uses when not given steps / guidance_scale: the model's own (its sampling_defaults.json)
+        self.default_steps, self.default_guidance_scale = sampling_defaults(base.path)
         self.dtype_default = bool(dtype_default)   # True: from_pretrained chose the dtype (no dtype was given)
         if base.vae is not None:   # decode in the precision diffusers' pipeline for this model decodes in
             vae_dtype = vae_decode_dtype(base.vae.dtype, bool(base.vae.config.get("force_upcast", False)),
@@ -357,6 +364,12 @@ class Engine:
         if not self.is_sdxl and (pooled_prompt_embeds is not None or negative_pooled_prompt_embeds is not None):
             raise ValueError("pooled prompt embeddings are for SDXL bases")
         per_prompt = check_num_images_per_prompt(num_images_per_prompt, self.limits)
+        if self.bare_unet:
+            return self._bare_conditioning(
+                batch, cfg, per_prompt, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latent_size=latent_size, micro=micro,
+                negative_micro=negative_micro)
         if prompt_embeds is None:
             if prompt is None:
                 raise ValueError("this base is text-conditioned: pass prompt= or prompt_embeds=")
@@ -388,6 +401,47 @@ class Engine:
         if cfg and negative_hidden.shape != hidden.shape:
             raise ValueError(f"negative_prompt_embeds {tuple(negative_hidden.shape)} and prompt_embeds "
                              f"{tuple(hidden.shape)} differ in shape")
+        return self._text_cond(batch, cfg, hidden, negative_hidden, pooled, negative_pooled, latent_size, micro,
+                               negative_micro)
+
+    def _bare_conditioning(self, batch, cfg, per_prompt, *, prompt, negative_prompt, prompt_embeds,
+                           negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, latent_size,
+                           micro, negative_micro) -> Conditioning:
+        """A text UNet without its text stack: the caller's embeddings, checked against the UNet's widths."""
+        why = "this base is a UNet folder without a text encoder"
+        if prompt is not None or negative_prompt is not None:
+            name = "prompt" if prompt is not None else "negative_prompt"
+            raise ValueError(f"{why}: pass prompt_embeds= (and negative_prompt_embeds= for guidance) instead of "
+                             f"{name}=")
+        if prompt_embeds is None:
+            raise ValueError(f"{why}: pass prompt_embeds=")
+        if cfg and negative_prompt_embeds is None:
+            raise ValueError(f"{why}: guidance needs negative_prompt_embeds= (or guidance_scale=1)")
+        width = self.base.unet_config["cross_attention_dim"]
+        pooled_width = pooled_embeds_width(self.base)
+        given = [("prompt_embeds", prompt_embeds, width), ("pooled_prompt_embeds", pooled_prompt_embeds, pooled_width)]
+        if cfg:
+            given += [("negative_prompt_embeds", negative_prompt_embeds, width),
+                      ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, pooled_width)]
+        rows = {}
+        for name, t, last in given:
+            if t is None:
+                continue
+            t = torch.as_tensor(t)
+            if t.dim() != (3 if "pooled" not in name else 2) or t.shape[-1] != last:
+                shape = "[B, L, " if "pooled" not in name else "[B, "
+                raise ValueError(f"{name} must have shape {shape}{last}] for this UNet, got {tuple(t.shape)}")
+            rows[name] = _rows(t, batch, per_prompt, name, self)
+        hidden, negative_hidden = rows["prompt_embeds"], rows.get("negative_prompt_embeds")
+        if cfg and negative_hidden.shape != hidden.shape:
+            raise ValueError(f"negative_prompt_embeds {tuple(negative_hidden.shape)} and prompt_embeds "
+                             f"{tuple(hidden.shape)} differ in shape")
+        return self._text_cond(batch, cfg, hidden, negative_hidden, rows.get("pooled_prompt_embeds"),
+                               rows.get("negative_pooled_prompt_embeds"), latent_size, micro, negative_micro)
+
+    def _text_cond(self, batch, cfg, hidden, negative_hidden, pooled, negative_pooled, latent_size, micro,
+                   negative_micro) -> Conditioning:
+        """The UNet's conditioning from encoded text (and, for SDXL, pooled text and micro-conditioning)."""
         if not self.is_sdxl:
             return Conditioning(encoder_hidden_states=torch.cat([negative_hidden, hidden]) if cfg else hidden)
         time_ids = self.time_ids(batch, latent_size, **micro)
@@ -448,7 +502,8 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt=None, prompt_embeds=None, negative_prompt_embeds=None, class_labels=None, *,
-                 weights=None, num_images: int = 1, steps: int = 50, eta: float = 1.0, guidance_scale: float = 7.5,
+                 weights=None, num_images: int = 1, steps: int | None = None, eta: float = 1.0,
+                 guidance_scale: float | None = None,
                  seed=0, strategy: str = "msdda", latents=None, noise=None, output_type: str = "pil",
                  negative_prompt=None, normalize: bool = False, expert_betas: Mapping[str, float] | None = None,
                  beta: float = 1.0, callback: Callable[[int, int], None] | None = None,
@@ -456,7 +511,7 @@ class Engine:
                  pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, original_size=None,
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None,
-                 generator=None) -> GenerateOutput:
+                 generator=None, num_inference_steps: int | None = None) -> GenerateOutput:
         """Generate samples, composing the experts per ``strategy``.
 
         The batch follows diffusers: ``prompt`` a string or a list of prompts, ``num_images_per_prompt`` images
@@ -473,13 +528,20 @@ class Engine:
         offset 0, step i's noise at offset 1 + i), so an image depends only on its own seed, not on the batch it
         is in, the device (CPU and GPU draw the same numbers) or any global RNG state. latents: x_T
         [B, C, H, W]. noise: z for every step, [steps, B, C, H, W]. Returns images and x_0 latents.
+
+        ``steps`` is also accepted under diffusers' name ``num_inference_steps`` (one of the two, not both);
+        ``steps`` and ``guidance_scale`` default to the model's own (``default_steps``,
+        ``default_guidance_scale``: the zoo's 50 and 2.0, else diffusers' 50 and 7.5). A text UNet folder loaded
+        alone (``bare_unet``) takes ``prompt_embeds`` (and ``negative_prompt_embeds`` for guidance; SDXL also
+        ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds``), never ``prompt``, and returns latents
+        (``output_type="latent"``: it has no VAE).
         """
         req = self.check_request(weights=weights, num_images=num_images, steps=steps, eta=eta,
                                  guidance_scale=guidance_scale, seed=seed, strategy=strategy, latents=latents,
                                  output_type=output_type, normalize=normalize, expert_betas=expert_betas, beta=beta,
                                  class_labels=class_labels, prompt=prompt, prompt_embeds=prompt_embeds,
                                  num_images_per_prompt=num_images_per_prompt, height=height, width=width,
-                                 generator=generator)
+                                 generator=generator, num_inference_steps=num_inference_steps)
         batch, steps, eta, guidance_scale, seeds, per_sample_w, plan = (
             req.batch, req.steps, req.eta, req.guidance_scale, req.seeds, req.weights, req.plan)
         if not self.is_text and (negative_prompt is not None or negative_prompt_embeds is not None):
@@ -547,22 +609,31 @@ class Engine:
         images = self._decode(x0, output_type)
         return GenerateOutput(images=images, latents=x0, seeds=seeds, weights=per_sample_w, strategy=strategy)
 
-    def check_request(self, *, weights=None, num_images=1, steps=50, eta=1.0, guidance_scale=7.5, seed=0,
+    def check_request(self, *, weights=None, num_images=1, steps=None, eta=1.0, guidance_scale=None, seed=0,
                       strategy="msdda", latents=None, output_type="pil", normalize=False, expert_betas=None,
                       beta=1.0, class_labels=None, prompt=None, prompt_embeds=None, num_images_per_prompt=1,
-                      height=None, width=None, generator=None) -> CheckedRequest:
+                      height=None, width=None, generator=None, num_inference_steps=None) -> CheckedRequest:
         """Validate ``generate``'s arguments without running anything (the checks ``generate`` itself runs
         first), so that a caller, such as the CLI, can refuse bad input before it creates any output.
         ``class_labels`` (optional here) are checked against a class-conditional base's range; ``prompt`` (a
-        list sets the batch) and ``height``/``width`` against the base."""
+        list sets the batch) and ``height``/``width`` against the base. ``steps`` / ``guidance_scale`` None:
+        the model's defaults (``default_steps``, ``default_guidance_scale``)."""
         if output_type not in ("pil", "pt", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt', 'np' or 'latent', not {output_type!r}")
+        if self.bare_unet and prompt is not None:
+            raise ValueError("this base is a UNet folder without a text encoder: pass prompt_embeds= (and "
+                             "negative_prompt_embeds= for guidance) instead of prompt=")
+        if self.is_text and self.base.vae is None and output_type != "latent":
+            raise ValueError("this base has no VAE to decode images (a UNet folder alone): pass output_type='latent'")
         check_generator(generator)
         if latents is not None:
             latents = real_tensor(latents, "latents")     # before batch_size takes its len()
         strategy = check_strategy(strategy, self.experts)
-        steps = check_steps(steps, self.limits, self.sched_params[0].num_train_timesteps)
-        guidance_scale = check_guidance_scale(guidance_scale)
+        steps = one_name("steps", steps, "num_inference_steps", num_inference_steps)
+        steps = check_steps(self.default_steps if steps is None else steps, self.limits,
+                            self.sched_params[0].num_train_timesteps)
+        guidance_scale = check_guidance_scale(self.default_guidance_scale if guidance_scale is None
+                                              else guidance_scale)
         eta = check_eta(eta)
         latent_size = self.latent_size(height, width)
         batch = batch_size(num_images, weights, seed, latents, self.limits, prompt=prompt,   # bounded before
@@ -703,6 +774,14 @@ def prompt_pipeline(base: BaseModel):
     return StableDiffusionPipeline(vae=None, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                                    unet=base.unet, scheduler=None, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def one_name(name: str, value, alias: str, alias_value):
+    """An argument given under msdda's name or diffusers' (``steps`` / ``num_inference_steps``): the one given,
+    or None; both given is a one-line ValueError."""
+    if value is not None and alias_value is not None:
+        raise ValueError(f"pass {name}= or {alias}= (diffusers' name for it), not both")
+    return alias_value if value is None else value
 
 
 def _to(t, dtype):

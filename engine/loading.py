@@ -336,6 +336,8 @@ def check_base_parts(base: BaseModel) -> None:
             raise LoadError(f"{base.path}: a second text encoder needs an SDXL UNet (addition_embed_type="
                             "'text_time')")
         return
+    if all(getattr(base, part) is None for part in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")):
+        return        # a bare SDXL UNet: the caller gives prompt_embeds and pooled_prompt_embeds (bare_text_unet)
     if base.text_encoder is None or base.text_encoder_2 is None:
         raise LoadError(f"{base.path}: an SDXL UNet needs text_encoder and text_encoder_2 (with their tokenizers) "
                         "in the pipeline folder")
@@ -357,6 +359,79 @@ def check_base_parts(base: BaseModel) -> None:
 
 # SDXL micro-conditioning: original (h, w), crop top-left (y, x), target (h, w).
 TIME_IDS = 6
+
+
+# A base's own sampling defaults, in diffusers' argument names, in an optional file beside its UNet (the zoo's
+# base ships one); without it, diffusers' StableDiffusionPipeline defaults.
+SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
+DIFFUSERS_DEFAULT_STEPS = 50
+DIFFUSERS_DEFAULT_GUIDANCE_SCALE = 7.5
+
+
+def sampling_defaults(path) -> tuple[int, float]:
+    """(steps, guidance scale) a base samples with when a caller gives none: its folder's
+    ``sampling_defaults.json`` ({"num_inference_steps": N, "guidance_scale": G}; either may be left out), else
+    diffusers' 50 and 7.5. Every entry point (Engine.generate, the CLI, serve, batch) asks this one rule, from
+    the folder alone, so the CLI can state the defaults before loading anything."""
+    steps, guidance = DIFFUSERS_DEFAULT_STEPS, DIFFUSERS_DEFAULT_GUIDANCE_SCALE
+    file = Path(path) / SAMPLING_DEFAULTS_FILE
+    if not file.is_file():
+        return steps, guidance
+    given = read_json(file)
+    unknown = sorted(set(given) - {"num_inference_steps", "guidance_scale"})
+    if unknown:
+        raise LoadError(f"{file}: unknown key {unknown[0]!r} (expected num_inference_steps, guidance_scale)")
+    steps = given.get("num_inference_steps", steps)
+    guidance = given.get("guidance_scale", guidance)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise LoadError(f"{file}: num_inference_steps must be an integer >= 1, not {steps!r}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance != guidance \
+            or abs(guidance) == float("inf"):
+        raise LoadError(f"{file}: guidance_scale must be a finite number, not {guidance!r}")
+    return steps, float(guidance)
+
+
+@dataclass(frozen=True)
+class BaseConditioning:
+    """What a base is conditioned on, read from its configs alone (nothing loaded), so that a caller such as the
+    CLI can check its flags first: ``kind`` as ``BaseModel.kind``, ``num_classes`` (class-conditional bases,
+    counting the null class), ``bare_unet`` (a text UNet with no text encoder beside it)."""
+    kind: str
+    num_classes: int | None
+    bare_unet: bool
+
+    @property
+    def is_text(self) -> bool:
+        return self.kind in ("text", "sdxl")
+
+
+def base_conditioning(path) -> BaseConditioning:
+    """A base folder's :class:`BaseConditioning`, from its UNet config and model_index.json (LoadError when
+    they are missing or unreadable, as loading would say)."""
+    path = _require_dir(path)
+    config = read_json(unet_folder(path) / "config.json")
+    kind = unet_kind(config)
+    index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    encoder = index.get("text_encoder")
+    has_encoder = isinstance(encoder, list) and len(encoder) == 2 and encoder[1] is not None \
+        and (path / "text_encoder").is_dir()
+    return BaseConditioning(kind=kind, num_classes=config.get("num_class_embeds"),
+                            bare_unet=kind in ("text", "sdxl") and not has_encoder)
+
+
+def bare_text_unet(base: BaseModel) -> bool:
+    """Whether ``base`` is a text-conditioned UNet loaded without its text stack (a UNet folder alone): it runs on
+    precomputed ``prompt_embeds``, never on prompts."""
+    return base.kind in ("text", "sdxl") and base.text_encoder is None
+
+
+def pooled_embeds_width(base: BaseModel) -> int | None:
+    """The width of SDXL's pooled text embedding (``pooled_prompt_embeds``'s last dimension), read from the UNet's
+    added embedding: its inputs are the pooled embedding and TIME_IDS x addition_time_embed_dim. None for other
+    bases."""
+    if base.kind != "sdxl":
+        return None
+    return base.unet.add_embedding.linear_1.in_features - base.unet_config["addition_time_embed_dim"] * TIME_IDS
 
 
 def _lora_file(path: Path) -> Path | None:

@@ -31,6 +31,7 @@ class ModelSpec:
     limits: Limits = DEFAULT_LIMITS   # the Engine's (room for one merged call of many requests)
     default_steps: int = 50
     default_guidance_scale: float = 7.5
+    onnx_dir: str | None = None       # --onnx-dir: a folder written by msdda export (onnxruntime / tensorrt)
 
     def load(self):
         """Load the Engine (in the worker) and give torch its thread count."""
@@ -40,18 +41,20 @@ class ModelSpec:
         from msdda.cli import torch_dtype
 
         torch.set_num_threads(self.threads)
+        artifacts = {} if self.onnx_dir is None else {"onnx_dir": self.onnx_dir}
         return Engine.from_pretrained(self.base, self.experts, backend=self.backend, device=self.device,
                                       scheduler=self.scheduler, variant=self.variant, dtype=torch_dtype(self.dtype),
                                       cuda_graphs=self.cuda_graphs, row_block=self.row_block,
-                                      limits=self.limits)
+                                      limits=self.limits, **artifacts)
 
 
 def model_spec(args, *, threads: int, num_gpus: float, row_block: int | None,
                limits: Limits = DEFAULT_LIMITS) -> ModelSpec:
     """The Engine the model flags (``msdda.cli.add_model_args``) describe, with the zoo's sampling defaults when
     the models are the zoo's."""
-    from msdda.cli import CliError, default_sampling, resolve_models
+    from msdda.cli import CliError, check_model_flags, default_sampling, resolve_models
 
+    check_model_flags(args)
     base, experts = resolve_models(args)
     for name, path in [("--base", base), *((f"--expert {n}", p) for n, p in experts.items())]:
         if not os.environ.get("RAY_ADDRESS") and not os.path.exists(path):
@@ -62,7 +65,7 @@ def model_spec(args, *, threads: int, num_gpus: float, row_block: int | None,
                      device=device, scheduler=args.scheduler, variant=args.variant, dtype=args.dtype,
                      cuda_graphs=args.cuda_graphs, threads=threads, row_block=row_block, limits=limits,
                      default_steps=default_steps,
-                     default_guidance_scale=default_guidance)
+                     default_guidance_scale=default_guidance, onnx_dir=args.onnx_dir)
 
 
 def require_ray():

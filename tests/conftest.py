@@ -10,6 +10,9 @@ if os.environ.get("MSDDA_TEST_GPU") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# CLI progress lines (msdda.progress) only where a test asks for them: a loaded CI machine can make a tiny run
+# slow enough to print them, and many tests check that a command's stderr is empty or one error line.
+os.environ.setdefault("MSDDA_PROGRESS_AFTER_S", "inf")
 
 
 import pytest  # noqa: E402
