@@ -409,3 +409,23 @@ def test_batch_base_that_cannot_load_fails_before_ray(tmp_path, capsys, damage):
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("msdda: error: --base") and len(lines[0]) <= MAX_ERROR_CHARS
     assert not (tmp_path / "out").exists()
+
+
+def test_export_replaces_links_in_its_folder_never_their_targets(models, tmp_path, capsys):
+    """A file of ours replaced by a link to a file outside --out: re-exporting replaces the link itself (atomic
+    rename), the outside file is left as it was; a link where the lock file goes is refused."""
+    out = tmp_path / "engines"
+    assert _export(models, out) == 0
+    outside = tmp_path / "precious.onnx"
+    outside.write_bytes(b"the user's file outside --out")
+    (out / "a.onnx").unlink()
+    (out / "a.onnx").symlink_to(outside)
+    assert _export(models, out) == 0
+    assert outside.read_bytes() == b"the user's file outside --out"
+    assert not (out / "a.onnx").is_symlink() and (out / "a.onnx").stat().st_size > 1000
+    (out / LOCK_NAME).unlink()
+    (out / LOCK_NAME).symlink_to(outside)
+    capsys.readouterr()
+    assert _export(models, out) == 2
+    _one_error_line(capsys, "symbolic link")
+    assert outside.read_bytes() == b"the user's file outside --out"
