@@ -225,9 +225,9 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
                    help=f"largest number of denoising steps (default {DEFAULT_LIMITS.max_steps})")
 
 
-def _add_quiet_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress on stderr (default: a bar on a terminal, else a line every 10%% or 10 s)")
+def _add_quiet_arg(p: argparse.ArgumentParser,
+                   help="no progress on stderr (default: a bar on a terminal, else a line every 10%% or 10 s)") -> None:
+    p.add_argument("--quiet", action="store_true", help=help)
 
 
 def _add_verbose_arg(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "expert alone); one network alone is always timed as the reference")
     b.add_argument("--seed", type=int, default=0, help="seed of the timed calls (default 0)")
     b.add_argument("--out", metavar="FILE.json", help="write the full record here (atomically)")
-    _add_quiet_arg(bench)
+    _add_quiet_arg(bench, help="no per-repeat progress lines on stderr")
     _add_verbose_arg(bench)
 
     ex = sub.add_parser("export", help="export UNets to ONNX (and TensorRT where available)",
