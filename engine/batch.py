@@ -74,7 +74,7 @@ def _manifest_schema():
 
 # ---------------------------------------------------------------------- jobs
 def _bad(msg: str):
-    from msdda.cli import CliError
+    from msdda.cli_common import CliError
 
     return CliError(msg)
 
@@ -355,7 +355,7 @@ def add_command(sub) -> argparse.ArgumentParser:
                                    "rest. Uses a local Ray, or the cluster at $RAY_ADDRESS.")
     p.add_argument("--input", required=True, metavar="JOBS", help="jobs file: .jsonl or .parquet, one row per image")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    from msdda.cli import add_model_args
+    from msdda.cli_common import add_model_args
     from msdda.serve import add_batching_args
 
     add_model_args(p, device_default=None)

@@ -22,21 +22,18 @@ import warnings
 from pathlib import Path
 
 from msdda import batch, serve  # the Ray commands; Ray itself is imported only when they run
+from msdda.cli_common import (CliError, add_model_args, check_model_flags, default_sampling, parse_experts,
+                              resolve_models, torch_dtype, uses_zoo)
 
 EXIT_BAD_INPUT = 2
 GRID = "grid.png"
 SUMMARY = "summary.json"
-DTYPES = ("float32", "float16", "bfloat16")   # --dtype: torch dtype names
 MAX_SWEEP_POINTS = 101          # point folders are named w0.00 ... w1.00: two decimals tell 101 apart
 # Loggers of the libraries msdda drives; silenced (with Python warnings) unless --verbose.
 LIBRARY_LOGGERS = ("diffusers", "transformers", "accelerate", "peft", "torch", "huggingface_hub", "onnxruntime",
                    "onnx")
 _QUIET_ENV = {"DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error",
               "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-
-
-class CliError(ValueError):
-    """Bad command-line input. Printed as one line, exit status 2."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -127,21 +124,6 @@ def parse_betas(text: str | None) -> dict[str, float] | None:
     return None if betas is None else check_expert_betas(betas, option="--expert-betas")
 
 
-def parse_experts(items: list[str] | None) -> dict[str, str]:
-    from msdda.validation import check_expert_name
-
-    experts: dict[str, str] = {}
-    for item in items or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise CliError(f"--expert: expected NAME=PATH, got {item!r}")
-        check_expert_name(name, option="--expert")
-        if name in experts:
-            raise CliError(f"--expert: {name!r} given twice")
-        experts[name] = path
-    return experts
-
-
 def parse_pair(text: str | None) -> list[str] | None:
     if text is None:
         return None
@@ -151,46 +133,6 @@ def parse_pair(text: str | None) -> list[str] | None:
     if pair[0] == pair[1]:
         raise CliError(f"--pair: the two experts must differ, got {text!r}")
     return pair
-
-
-def resolve_models(args) -> tuple[str, dict[str, str]]:
-    """--base/--expert, or the embedded zoo when neither is given."""
-    experts = parse_experts(args.expert)
-    if args.base is None and not experts:
-        from msdda.zoo import zoo_paths, OBJECTIVES
-
-        paths = zoo_paths()
-        return str(paths["base"]), {name: str(paths[name]) for name in OBJECTIVES}
-    if args.base is None:
-        raise CliError("--expert needs --base (or give neither to use the embedded zoo)")
-    return args.base, experts
-
-
-def torch_dtype(name: str):
-    """--dtype's value as a torch dtype; None for "auto" (the Engine chooses)."""
-    import torch
-
-    return None if name == "auto" else getattr(torch, name)
-
-
-def add_model_args(p: argparse.ArgumentParser, *, device_default: str | None = "cpu") -> None:
-    """The model flags of generate, sweep, export, serve and batch (the embedded zoo when neither --base nor
-    --expert is given). ``device_default`` None: serve and batch pick cuda when given GPUs (``--num-gpus``)."""
-    g = p.add_argument_group("models (default: the embedded digits zoo)")
-    g.add_argument("--base", metavar="PATH", help="base model: a diffusers pipeline folder, a folder with unet/, or a UNet folder")
-    g.add_argument("--expert", metavar="NAME=PATH", action="append",
-                   help="an aligned expert: a UNet folder of the base's architecture or a LoRA adapter (repeatable)")
-    g.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"), help="network runtime (default torch)")
-    default_text = device_default or "cuda when --num-gpus > 0, else cpu"
-    g.add_argument("--device", default=device_default, help=f"torch device, e.g. cpu or cuda (default {default_text})")
-    g.add_argument("--scheduler", choices=("ddpm", "ddim"), help="sampler family (default: the base's own)")
-    g.add_argument("--variant", metavar="NAME", help="load *.NAME.safetensors weights, e.g. fp16 (as diffusers' variant=)")
-    g.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
-                   help="network precision (default auto: float16 on CUDA when the weights allow it, else float32)")
-    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="run every step eagerly instead of replaying one captured CUDA graph (torch on CUDA)")
-    g.add_argument("--onnx-dir", metavar="DIR", help="the folder `msdda export --out DIR` wrote: run its ONNX files "
-                   "(with --backend onnxruntime or tensorrt) instead of exporting into the cache")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -317,30 +259,6 @@ def _limits(args):
         return Limits(**{k: v for k, v in given.items() if v is not None})
     except ValueError as exc:
         raise CliError(f"--{str(exc).replace('_', '-')}") from None
-
-
-def uses_zoo(args) -> bool:
-    """Whether the model flags name no models (the embedded zoo)."""
-    return args.base is None and not args.expert
-
-
-def default_sampling(args) -> tuple[int, float]:
-    """(steps, guidance scale) when a command is not given them: the base's own (``msdda.loading.sampling_defaults``,
-    the rule ``Engine.generate`` uses: the zoo's 50 and 2.0, else diffusers' 50 and 7.5)."""
-    from msdda.loading import sampling_defaults
-
-    base, _ = resolve_models(args)
-    return sampling_defaults(base)
-
-
-def check_model_flags(args) -> None:
-    """The model flags that can be judged before loading: --onnx-dir's backend and folder."""
-    if getattr(args, "onnx_dir", None) is None:
-        return
-    if args.backend == "torch":
-        raise CliError("--onnx-dir runs exported ONNX files: add --backend onnxruntime (or tensorrt)")
-    if not Path(args.onnx_dir).is_dir():
-        raise CliError(f"--onnx-dir: {args.onnx_dir} is not a folder (write one with msdda export --out DIR)")
 
 
 def base_conditioning(args):

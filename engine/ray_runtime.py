@@ -1,5 +1,5 @@
 """What ``msdda serve`` and ``msdda batch`` share: the Engine description that Ray workers load, and starting (or
-joining) Ray. Their model flags are ``msdda.cli.add_model_args``, as for every command.
+joining) Ray. Their model flags are ``msdda.cli_common.add_model_args``, as for every command.
 
 Ray is imported only inside functions: ``import msdda.cli`` stays light, and Ray is an optional extra
 (``pip install 'msdda[serve]'``).
@@ -38,7 +38,7 @@ class ModelSpec:
         import torch
 
         from msdda import Engine
-        from msdda.cli import torch_dtype
+        from msdda.cli_common import torch_dtype
 
         torch.set_num_threads(self.threads)
         artifacts = {} if self.onnx_dir is None else {"onnx_dir": self.onnx_dir}
@@ -50,9 +50,9 @@ class ModelSpec:
 
 def model_spec(args, *, threads: int, num_gpus: float, row_block: int | None,
                limits: Limits = DEFAULT_LIMITS) -> ModelSpec:
-    """The Engine the model flags (``msdda.cli.add_model_args``) describe, with the zoo's sampling defaults when
+    """The Engine the model flags (``msdda.cli_common.add_model_args``) describe, with the zoo's sampling defaults when
     the models are the zoo's."""
-    from msdda.cli import CliError, check_model_flags, default_sampling, resolve_models
+    from msdda.cli_common import CliError, check_model_flags, default_sampling, resolve_models
 
     check_model_flags(args)
     base, experts = resolve_models(args)
@@ -73,7 +73,7 @@ def require_ray():
     try:
         import ray
     except ImportError:
-        from msdda.cli import CliError
+        from msdda.cli_common import CliError
 
         raise CliError("Ray is not installed: pip install 'msdda[serve]'") from None
     return ray

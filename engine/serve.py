@@ -285,7 +285,7 @@ def add_command(sub) -> argparse.ArgumentParser:
                                    "of that request alone (exact batching). Starts a local Ray, or joins "
                                    "$RAY_ADDRESS. "
                                    "Ctrl-C or SIGTERM stops the server and the Ray it started.")
-    from msdda.cli import add_model_args
+    from msdda.cli_common import add_model_args
     from msdda.http_limits import add_http_args
 
     add_model_args(p, device_default=None)
@@ -347,7 +347,7 @@ def deployment_error(serve) -> str | None:
 
 
 def _positive(name: str, value, *, allow_zero=False) -> None:
-    from msdda.cli import CliError
+    from msdda.cli_common import CliError
 
     ok = value is not None and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
@@ -357,7 +357,7 @@ def _positive(name: str, value, *, allow_zero=False) -> None:
 def _check_port_free(host: str, port: int) -> None:
     import socket
 
-    from msdda.cli import CliError
+    from msdda.cli_common import CliError
 
     if not 0 < port < 65536:
         raise CliError(f"--port must be in 1..65535, got {port}")
@@ -382,7 +382,7 @@ def run(args) -> int:
     cpus = args.num_cpus if args.num_cpus is not None else max(1, (os.cpu_count() or 1) // args.replicas)
     _positive("--num-cpus", cpus)
     row_block = engine_row_block(args, args.max_batch_size)
-    from msdda.cli import CliError
+    from msdda.cli_common import CliError
     from msdda.http_limits import http_limits_from_args
 
     try:
@@ -394,7 +394,7 @@ def run(args) -> int:
     spec = model_spec(args, threads=cpus, num_gpus=args.num_gpus, row_block=row_block,
                       limits=settings.engine_limits)
     if spec.default_steps > args.max_steps:
-        from msdda.cli import CliError
+        from msdda.cli_common import CliError
 
         raise CliError(f"--max-steps {args.max_steps} is below the models' default of {spec.default_steps} steps")
     _check_port_free(args.host, args.port)
@@ -420,7 +420,7 @@ def run(args) -> int:
                 serve.run(build_app(spec, settings, replicas=args.replicas, num_cpus=cpus, num_gpus=args.num_gpus),
                           name=APP_NAME, route_prefix="/", blocking=False)
             except RuntimeError as exc:
-                from msdda.cli import CliError
+                from msdda.cli_common import CliError
 
                 raise CliError(f"the server did not start: {deployment_error(serve) or one_line(exc)}") from None
             print(f"msdda serve: http://{args.host}:{args.port} (POST /v1/generate, GET /v1/models, GET /healthz); "

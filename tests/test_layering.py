@@ -90,12 +90,13 @@ def test_backends_take_only_loading_code_from_export():
 
 
 def test_only_the_cli_loads_model_folders_to_export_them_or_knows_the_zoo():
+    command_line = ("msdda.cli", "msdda.cli_common")   # the zoo is every command's default models
     for module, deps in IMPORTS.items():
         for target, _ in deps:
             if target.startswith("msdda.exporting"):
                 assert module == "msdda.cli", module
             if target.startswith("msdda.zoo"):
-                assert module == "msdda.cli" or module.startswith("msdda.zoo"), module
+                assert module in command_line or module.startswith("msdda.zoo"), module
 
 
 def test_importing_export_pulls_in_no_loader_engine_or_zoo():
@@ -106,3 +107,93 @@ def test_importing_export_pulls_in_no_loader_engine_or_zoo():
     above = {"msdda.loading", "msdda.engine", "msdda.zoo", "msdda.backends", "msdda.validation", "msdda.cli",
              "msdda.exporting", "diffusers"}
     assert modules & above == set()
+
+
+# ---------------------------------------------------------------------- the declared layer order, and no circle
+# Lowest first. A module may import modules of its own layer or of a lower one (lazy imports inside functions
+# included); a module missing here fails the test, so every new module declares where it sits.
+LAYERS = (
+    ("msdda.kernels",),
+    ("msdda.errors", "msdda.schedule", "msdda.atomic", "msdda.hashing", "msdda.precision", "msdda.validation",
+     "msdda.sampling", "msdda.progress"),
+    ("msdda.export",),
+    ("msdda.loading", "msdda.strategies", "msdda.lora", "msdda.conditioning", "msdda.backends"),
+    ("msdda.backend_artifacts", "msdda.graphs"),
+    ("msdda.engine", "msdda"),
+    ("msdda.runfolder", "msdda.exporting", "msdda.coalesce", "msdda.zoo", "msdda.benchmark", "msdda.http_limits",
+     "msdda.scheduler"),
+    ("msdda.cli_common", "msdda.ray_runtime"),
+    ("msdda.serve", "msdda.batch"),
+    ("msdda.cli",),
+)
+
+
+def layer_of(module: str) -> int:
+    """The layer of a module: that of the longest declared prefix (a package's name covers its modules)."""
+    best = None
+    for index, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and (best is None or len(name) > best[1]):
+                best = (index, len(name))
+    assert best is not None, f"{module} is in no layer of tests/test_layering.py's LAYERS: declare it"
+    return best[0]
+
+
+def import_graph(imports=None) -> dict[str, set[str]]:
+    """{module: modules it imports}. ``from msdda import engine`` is an edge to msdda.engine (a submodule), ``from
+    msdda import Engine`` one to the package ``msdda``; ``from msdda import __version__`` none (the version is the
+    package's first line and imports nothing)."""
+    imports = IMPORTS if imports is None else imports
+    graph: dict[str, set[str]] = {m: set() for m in imports}
+    for module, deps in imports.items():
+        for target, names in deps:
+            if target == "msdda" and set(names) <= {"__version__"}:
+                continue
+            submodules = {f"{target}.{n}" for n in names} & set(imports)
+            graph[module] |= submodules or ({target} if target in imports else set())
+            if submodules and set(names) - {s.rsplit(".", 1)[1] for s in submodules} and target in imports:
+                graph[module].add(target)
+        graph[module].discard(module)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One circle of imports as [a, b, ..., a], or None (iterative depth-first search)."""
+    state: dict[str, int] = {}        # 1: on the current path, 2: done
+    for root in sorted(graph):
+        if state.get(root):
+            continue
+        path, stack = [root], [iter(sorted(graph[root]))]
+        state[root] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif not state.get(nxt) and nxt in graph:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(graph[nxt])))
+    return None
+
+
+def test_every_import_goes_down_the_declared_layers():
+    for module, targets in import_graph().items():
+        for target in targets:
+            assert layer_of(target) <= layer_of(module), f"{module} (layer {layer_of(module)}) imports {target} " \
+                                                          f"(layer {layer_of(target)})"
+
+
+def test_the_package_has_no_import_circle():
+    assert find_cycle(import_graph()) is None, f"import circle: {' -> '.join(find_cycle(import_graph()))}"
+
+
+def test_the_circle_check_sees_a_planted_circle():
+    planted = dict(IMPORTS)
+    planted["msdda.validation"] = [*IMPORTS["msdda.validation"], ("msdda.cli", ("CliError",))]
+    cycle = find_cycle(import_graph(planted))
+    assert cycle is not None and cycle[0] == cycle[-1] and "msdda.cli" in cycle and "msdda.validation" in cycle
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
