@@ -150,12 +150,12 @@ class StepScheduler:
         return job.ticket
 
     def counts(self) -> dict:
-        """{"running_samples", "waiting_samples", "waiting_requests"} now (a snapshot; no lock needed for a
-        gauge)."""
+        """{"running_samples", "waiting_samples", "waiting_requests", "iterations"} now (a snapshot read without
+        a lock: good for a gauge)."""
         waiting = list(self._waiting) + list(self._incoming)
         return {"running_samples": len(self._running),
                 "waiting_samples": sum(j.ticket.size - j.admitted for j in waiting),
-                "waiting_requests": len(waiting)}
+                "waiting_requests": len(waiting), "iterations": self.iterations}
 
     def has_work(self) -> bool:
         return bool(self._running or self._waiting or self._incoming)
