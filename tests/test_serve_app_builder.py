@@ -1,8 +1,9 @@
 """``msdda.serve:app_builder``, Ray Serve's own way in: ``serve run`` with a config file, and ``serve run`` with the
-import path and ``key=value`` arguments into a running Serve; both answer POST /v1/generate on 127.0.0.1.
+import path and ``key=value`` arguments; both answer POST /v1/generate on 127.0.0.1.
 
-Each part starts its own local Ray (no process of it is left: the process group is checked) and is bounded in
-time. The zoo, 2-step requests.
+Each test starts a local Ray of its own with Serve on a free port (``serve run --address`` deploys into it, so
+neither a stranger's ``ray start`` cluster on this machine nor port 8000 is touched), stops it, and checks that
+no process tagged with its environment is left. Bounded in time; the zoo, 2-step requests.
 """
 from __future__ import annotations
 
@@ -90,44 +91,10 @@ def _env(tag: str) -> dict:
     return dict(os.environ, MSDDA_TEST_TAG=tag, PYTHONUNBUFFERED="1", RAY_ADDRESS="")
 
 
-def test_serve_run_config_file(tmp_path):
-    port, tag = _free_port(), uuid.uuid4().hex
-    config = tmp_path / "msdda-serve.yaml"
-    config.write_text(textwrap.dedent(f"""\
-        proxy_location: EveryNode
-        http_options:
-          host: 127.0.0.1
-          port: {port}
-        applications:
-          - name: msdda
-            route_prefix: /
-            import_path: msdda.serve:app_builder
-            args:
-              max_images: 2
-              max_steps: 10
-              num_cpus: 1
-              batching: step
-        """))
-    log = tmp_path / "serve_run.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([SERVE, "run", str(config)], stdout=out, stderr=subprocess.STDOUT, env=_env(tag),
-                                cwd=tmp_path, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_answering(url, proc, log)
-        status, answer = _post(url, BODY)
-        assert status == 200 and len(answer["images"]) == 1 and answer["seeds"] == [1]
-        with urllib.request.urlopen(url + "/v1/models", timeout=30) as resp:
-            info = json.loads(resp.read())
-        assert info["limits"] == {"max_images": 2, "max_steps": 10} and info["batching"] == "step"
-    finally:
-        _stop(proc, tag)
-
-
 HOLDER = """
 import sys, ray
 from ray import serve
-ctx = ray.init(num_cpus=2, include_dashboard=False)
+ctx = ray.init(address="local", num_cpus=2, include_dashboard=False)
 serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[1])})
 print(ctx.address_info["gcs_address"], flush=True)
 sys.stdin.read()                      # until the test closes our stdin
@@ -136,36 +103,85 @@ ray.shutdown()
 """
 
 
-def test_serve_run_import_path_with_arguments(tmp_path):
-    """``serve run msdda.serve:app_builder key=value ...`` into a running Serve (its HTTP port set by
-    ``serve.start``, as an operator would; ``serve run`` with an import path always asks for port 8000)."""
-    port, tag = _free_port(), uuid.uuid4().hex
-    log = tmp_path / "holder.log"
-    with open(log, "w") as err:
-        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(port)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=err, text=True, env=_env(tag),
-                                  start_new_session=True)
-    try:
-        address = holder.stdout.readline().strip()
-        assert address, f"the Ray holder did not start; see {log}"
+class RayHolder:
+    """A local Ray of this test's own, with Serve listening on ``port`` (what an operator's ``ray start`` +
+    ``serve start --http-port`` would be; a process of ours, so it is stopped and checked for leftovers)."""
+
+    def __init__(self, tmp_path: Path):
+        self.port, self.tag = _free_port(), uuid.uuid4().hex
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp_path / "holder.log"
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(self.port)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, text=True, env=_env(self.tag),
+                                         start_new_session=True)
+        self.address = self.proc.stdout.readline().strip()
+        if not self.address:
+            self.close()
+            pytest.fail(f"the Ray holder did not start; see {self.log}")
+
+    def serve_run(self, tmp_path: Path, *args: str) -> None:
+        """``serve run --address <ours> --non-blocking ARGS``; fails the test unless it deploys."""
         run_log = tmp_path / "serve_run.log"
         with open(run_log, "w") as out:
-            done = subprocess.run([SERVE, "run", "--address", address, "--non-blocking", "msdda.serve:app_builder",
-                                   "max_images=2", "max_steps=10", "num_cpus=1", "batching=gather"],
-                                  stdout=out, stderr=subprocess.STDOUT, env=_env(tag), cwd=tmp_path,
+            done = subprocess.run([SERVE, "run", "--address", self.address, "--non-blocking", *args],
+                                  stdout=out, stderr=subprocess.STDOUT, env=_env(self.tag), cwd=tmp_path,
                                   timeout=STARTUP_S)
         assert done.returncode == 0, run_log.read_text()[-2000:]
-        url = f"http://127.0.0.1:{port}"
-        _wait_answering(url, holder, log)
-        status, answer = _post(url, BODY)
-        assert status == 200 and len(answer["images"]) == 1
-        with urllib.request.urlopen(url + "/v1/models", timeout=30) as resp:
-            info = json.loads(resp.read())
-        assert info["batching"] == "gather" and info["limits"]["max_steps"] == 10
-    finally:
-        holder.stdin.close()                  # the holder shuts Serve and its Ray down
+        _wait_answering(self.url, self.proc, self.log)
+
+    def close(self) -> None:
+        self.proc.stdin.close()                  # the holder shuts Serve and its Ray down
         try:
-            holder.wait(90)
+            self.proc.wait(90)
         except subprocess.TimeoutExpired:
             pass
-        _stop(holder, tag, sig=signal.SIGTERM)
+        _stop(self.proc, self.tag, sig=signal.SIGTERM)
+
+
+def _models(url: str) -> dict:
+    with urllib.request.urlopen(url + "/v1/models", timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_serve_run_config_file(tmp_path):
+    holder = RayHolder(tmp_path)
+    try:
+        config = tmp_path / "msdda-serve.yaml"
+        config.write_text(textwrap.dedent(f"""\
+            proxy_location: EveryNode
+            http_options:
+              host: 127.0.0.1
+              port: {holder.port}
+            applications:
+              - name: msdda
+                route_prefix: /
+                import_path: msdda.serve:app_builder
+                args:
+                  max_images: 2
+                  max_steps: 10
+                  num_cpus: 1
+                  batching: step
+            """))
+        holder.serve_run(tmp_path, str(config))
+        status, answer = _post(holder.url, BODY)
+        assert status == 200 and len(answer["images"]) == 1 and answer["seeds"] == [1]
+        info = _models(holder.url)
+        assert info["limits"] == {"max_images": 2, "max_steps": 10} and info["batching"] == "step"
+    finally:
+        holder.close()
+
+
+def test_serve_run_import_path_with_arguments(tmp_path):
+    """``serve run msdda.serve:app_builder key=value ...`` (Serve's HTTP port set by the running Serve: ``serve
+    run`` with an import path alone would listen on 8000)."""
+    holder = RayHolder(tmp_path)
+    try:
+        holder.serve_run(tmp_path, "msdda.serve:app_builder", "max_images=2", "max_steps=10", "num_cpus=1",
+                         "batching=gather")
+        status, answer = _post(holder.url, BODY)
+        assert status == 200 and len(answer["images"]) == 1
+        info = _models(holder.url)
+        assert info["batching"] == "gather" and info["limits"]["max_steps"] == 10
+    finally:
+        holder.close()
