@@ -63,14 +63,14 @@ SETTINGS = {
 }
 
 
-def mixed_requests(n: int, steps: int, seed: int = 0) -> list[dict]:
+def mixed_requests(n: int, steps: int, seed: int = 0, expert_counts=(2, 3)) -> list[dict]:
     """n requests with weights drawn on the simplex over two or three experts, class labels and seeds."""
     from msdda.zoo import OBJECTIVES
 
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        experts = rng.sample(OBJECTIVES, rng.choice((2, 3)))
+        experts = rng.sample(OBJECTIVES, rng.choice(expert_counts))
         cuts = sorted(rng.random() for _ in range(len(experts) - 1))
         parts = [b - a for a, b in zip([0.0] + cuts, cuts + [1.0])]
         weights = {e: round(w, 4) for e, w in zip(experts, parts)}
@@ -80,12 +80,14 @@ def mixed_requests(n: int, steps: int, seed: int = 0) -> list[dict]:
 
 
 def mixed_stream(duration_s: float, rate: float, small_steps: tuple[int, int], large_at: list[float],
-                 large_steps: int, seed: int = 0) -> list[tuple[float, str, dict]]:
+                 large_steps: int, seed: int = 0, expert_counts=(3,)) -> list[tuple[float, str, dict]]:
     """(arrival second, "small" | "large", body): small requests every 1/rate s (1 image, steps uniform in
-    small_steps), a 16-image large request at each of large_at; weights, labels and seeds as mixed_requests."""
+    small_steps), a 16-image large request at each of large_at; weights, labels and seeds as mixed_requests
+    (weights over all three experts by default: one set of networks, so the step scheduler can put every sample
+    in one network call; requests over different expert sets share iterations but not calls)."""
     rng = random.Random(seed)
     n = int(duration_s * rate)
-    bodies = mixed_requests(n + len(large_at), 1, seed)
+    bodies = mixed_requests(n + len(large_at), 1, seed, expert_counts)
     stream = [(k / rate, "small", {**bodies[k], "steps": rng.randint(*small_steps)}) for k in range(n)]
     for j, at in enumerate(large_at):
         body = bodies[n + j]
@@ -280,10 +282,11 @@ def main(argv=None) -> int:
     p.add_argument("--startup-s", type=float, default=300.0)
     p.add_argument("--out", default=None, help="results JSON (default bench/results/serve_load-<machine>-<date>.json)")
     p.add_argument("--workload", choices=("uniform", "mixed"), default="uniform")
-    p.add_argument("--rate", type=float, default=0.5, help="mixed: small requests per second")
+    p.add_argument("--rate", type=float, default=0.2, help="mixed: small requests per second")
     p.add_argument("--duration-s", type=float, default=60.0, help="mixed: seconds of arrivals")
+    p.add_argument("--mixed-experts", default="3", help="mixed: how many experts a request's weights use, e.g. 2,3")
     p.add_argument("--small-steps", default="20-50", help="mixed: the small requests' step range")
-    p.add_argument("--large-at", default="5,30", help="mixed: arrival seconds of the 16-image requests")
+    p.add_argument("--large-at", default="5", help="mixed: arrival seconds of the 16-image requests")
     p.add_argument("--large-steps", type=int, default=200, help="mixed: the 16-image requests' steps")
     args = p.parse_args(argv)
     if args.workload == "mixed":
@@ -345,7 +348,8 @@ def main_mixed(args) -> int:
         [s.strip() for s in args.settings.split(",") if s.strip()]
     lo, hi = (int(v) for v in args.small_steps.split("-"))
     large_at = [float(v) for v in args.large_at.split(",") if v.strip()]
-    stream = mixed_stream(args.duration_s, args.rate, (lo, hi), large_at, args.large_steps)
+    stream = mixed_stream(args.duration_s, args.rate, (lo, hi), large_at, args.large_steps,
+                          expert_counts=tuple(int(v) for v in args.mixed_experts.split(",")))
     machine = f"cpu-{os.cpu_count()}core-{platform.machine()}"
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"serve_mixed-{machine}-{date.today()}.json"
     load = os.getloadavg()
@@ -371,6 +375,8 @@ def main_mixed(args) -> int:
                                                     "exact_batching", "row_block", "torch_threads")}
         stats["loadavg_after"] = os.getloadavg()
         result["settings"][name] = stats
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out, result)                      # what is measured so far, should a later setting fail
         print(f"serve_load: {name}: {stats['ok']}/{stats['sent']} ok, lost {stats['lost']}, failed {stats['failed']}; "
               f"{stats['images_per_s']:.2f} images/s; small p50 {stats['small_p50_s']:.2f} s p99 "
               f"{stats['small_p99_s']:.2f} s; large {[round(x, 1) for x in stats['large_latency_s']]}", flush=True)
