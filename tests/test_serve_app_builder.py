@@ -88,7 +88,10 @@ def _stop(proc: subprocess.Popen, tag: str, sig=signal.SIGINT) -> None:
 
 
 def _env(tag: str) -> dict:
-    return dict(os.environ, MSDDA_TEST_TAG=tag, PYTHONUNBUFFERED="1", RAY_ADDRESS="")
+    # RAY_AUTH_MODE=disabled: Ray 2.60 turns token authentication on for a new local cluster, and `serve run`
+    # from another process then failed to connect to it here ("Failed to connect to Ray cluster"); this test's
+    # cluster is its own and short-lived
+    return dict(os.environ, MSDDA_TEST_TAG=tag, PYTHONUNBUFFERED="1", RAY_ADDRESS="", RAY_AUTH_MODE="disabled")
 
 
 HOLDER = """
