@@ -162,7 +162,7 @@ def test_serve_run_config_file(tmp_path):
                 import_path: msdda.serve:app_builder
                 args:
                   max_images: 2
-                  max_steps: 10
+                  max_steps: 60
                   num_cpus: 1
                   batching: step
             """))
@@ -170,7 +170,7 @@ def test_serve_run_config_file(tmp_path):
         status, answer = _post(holder.url, BODY)
         assert status == 200 and len(answer["images"]) == 1 and answer["seeds"] == [1]
         info = _models(holder.url)
-        assert info["limits"] == {"max_images": 2, "max_steps": 10} and info["batching"] == "step"
+        assert info["limits"] == {"max_images": 2, "max_steps": 60} and info["batching"] == "step"
     finally:
         holder.close()
 
@@ -180,11 +180,11 @@ def test_serve_run_import_path_with_arguments(tmp_path):
     run`` with an import path alone would listen on 8000)."""
     holder = RayHolder(tmp_path)
     try:
-        holder.serve_run(tmp_path, "msdda.serve:app_builder", "max_images=2", "max_steps=10", "num_cpus=1",
+        holder.serve_run(tmp_path, "msdda.serve:app_builder", "max_images=2", "max_steps=60", "num_cpus=1",
                          "batching=gather")
         status, answer = _post(holder.url, BODY)
         assert status == 200 and len(answer["images"]) == 1
         info = _models(holder.url)
-        assert info["batching"] == "gather" and info["limits"]["max_steps"] == 10
+        assert info["batching"] == "gather" and info["limits"]["max_steps"] == 60
     finally:
         holder.close()
