@@ -2,6 +2,13 @@
 
     .venv/bin/python bench/serve_load.py                       # 16 clients x 1000 requests, the zoo, 50 steps
     .venv/bin/python bench/serve_load.py --clients 4 --requests 24 --steps 5 --out /tmp/smoke.json   # smoke
+    .venv/bin/python bench/serve_load.py --workload mixed      # gathered batches vs the step scheduler
+
+``--workload mixed`` (settings ``gather,step``): open-loop arrivals at a fixed rate for --duration-s: small
+requests (1 image, --small-steps steps drawn uniformly) with a large one (16 images, --large-steps steps) at
+each of --large-at seconds; every request is answered or times out before the next setting. Reported per
+setting: throughput (images/s from the first arrival to the last answer), the small requests' p50/p99, the large
+ones' latencies, lost/failed; a plot of latency against arrival time next to the JSON.
 
 For each setting it starts its own ``msdda serve`` (a local Ray, 127.0.0.1), warms it up with one request,
 then the clients share the M requests (mixed weights over the zoo's experts, class labels and seeds; every
@@ -12,6 +19,9 @@ stops the server with SIGTERM before the next setting. Settings:
   direct Engine.generate on an Engine built the same way (the default server);
 - ``fast``:  dynamic batching with --no-exact-batching (equal to a direct call to float32 rounding);
 - ``single``: --max-batch-size 1, i.e. no batching: the baseline.
+
+(These three run the gathered scheduler, ``--batching gather``, as they did when first measured. The mixed
+workload compares ``gather`` with ``step``, both exact.)
 
 Reported per setting: p50/p99 latency, images/s, the histogram of engine-call sizes the responses report,
 lost (no answer), failed (non-200) and invalid-image counts; and the throughput ratios to ``single``. Bounded:
@@ -45,26 +55,108 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
-    "exact": [],
-    "fast": ["--no-exact-batching"],
-    "single": ["--max-batch-size", "1"],
+    "exact": ["--batching", "gather"],
+    "fast": ["--batching", "gather", "--no-exact-batching"],
+    "single": ["--batching", "gather", "--max-batch-size", "1"],
+    "gather": ["--batching", "gather"],
+    "step": ["--batching", "step"],
 }
 
 
-def mixed_requests(n: int, steps: int, seed: int = 0) -> list[dict]:
+def mixed_requests(n: int, steps: int, seed: int = 0, expert_counts=(2, 3)) -> list[dict]:
     """n requests with weights drawn on the simplex over two or three experts, class labels and seeds."""
     from msdda.zoo import OBJECTIVES
 
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        experts = rng.sample(OBJECTIVES, rng.choice((2, 3)))
+        experts = rng.sample(OBJECTIVES, rng.choice(expert_counts))
         cuts = sorted(rng.random() for _ in range(len(experts) - 1))
         parts = [b - a for a, b in zip([0.0] + cuts, cuts + [1.0])]
         weights = {e: round(w, 4) for e, w in zip(experts, parts)}
         weights[experts[-1]] = round(1 - sum(v for k, v in weights.items() if k != experts[-1]), 4)
         out.append({"class_labels": rng.randrange(10), "weights": weights, "seed": rng.randrange(2**31), "steps": steps})
     return out
+
+
+def mixed_stream(duration_s: float, rate: float, small_steps: tuple[int, int], large_at: list[float],
+                 large_steps: int, seed: int = 0, expert_counts=(3,)) -> list[tuple[float, str, dict]]:
+    """(arrival second, "small" | "large", body): small requests every 1/rate s (1 image, steps uniform in
+    small_steps), a 16-image large request at each of large_at; weights, labels and seeds as mixed_requests
+    (weights over all three experts by default: one set of networks, so the step scheduler can put every sample
+    in one network call; requests over different expert sets share iterations but not calls)."""
+    rng = random.Random(seed)
+    n = int(duration_s * rate)
+    bodies = mixed_requests(n + len(large_at), 1, seed, expert_counts)
+    stream = [(k / rate, "small", {**bodies[k], "steps": rng.randint(*small_steps)}) for k in range(n)]
+    for j, at in enumerate(large_at):
+        body = bodies[n + j]
+        stream.append((at, "large", {**body, "num_images": 16, "steps": large_steps,
+                                     "class_labels": [(body["class_labels"] + i) % 10 for i in range(16)]}))
+    return sorted(stream, key=lambda item: item[0])
+
+
+def run_open_loop(url: str, stream: list, timeout_s: float, size: tuple[int, int]) -> dict:
+    """Send each request at its arrival time (its own thread: arrivals do not wait for answers)."""
+    records, lock = [], threading.Lock()
+    start = time.monotonic()
+
+    def send(at, kind, body):
+        delay = at - (time.monotonic() - start)
+        if delay > 0:
+            time.sleep(delay)
+        t0 = time.monotonic()
+        status, answer = post(url, body, timeout_s)
+        rec = {"kind": kind, "arrival_s": t0 - start, "latency_s": time.monotonic() - t0, "status": status,
+               "done_s": time.monotonic() - start, "steps": body["steps"]}
+        if status == 200:
+            rec.update(images=len(answer["images"]), valid=valid_images(answer, size))
+        with lock:
+            records.append(rec)
+
+    with concurrent.futures.ThreadPoolExecutor(len(stream)) as pool:
+        for f in [pool.submit(send, *item) for item in stream]:
+            f.result()
+    ok = [r for r in records if r["status"] == 200]
+    wall = max(r["done_s"] for r in records) if records else 0.0
+
+    def pct(kind, q):
+        lat = sorted(r["latency_s"] for r in ok if r["kind"] == kind)
+        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
+
+    images = sum(r["images"] for r in ok)
+    return {
+        "sent": len(records), "ok": len(ok), "lost": sum(r["status"] is None for r in records),
+        "failed": sum(r["status"] not in (None, 200) for r in records),
+        "invalid_images": sum(not r["valid"] for r in ok), "wall_s": wall, "images": images,
+        "images_per_s": images / wall if wall else 0.0,
+        "small_p50_s": pct("small", 0.5), "small_p99_s": pct("small", 0.99), "small_max_s": pct("small", 1.0),
+        "large_latency_s": [r["latency_s"] for r in sorted(ok, key=lambda r: r["arrival_s"]) if r["kind"] == "large"],
+        "records": sorted(records, key=lambda r: r["arrival_s"]),
+    }
+
+
+def plot_mixed(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for (name, stats), colour in zip(result["settings"].items(), ("tab:red", "tab:blue", "tab:green")):
+        for kind, marker in (("small", "o"), ("large", "s")):
+            recs = [r for r in stats["records"] if r["kind"] == kind and r["status"] == 200]
+            ax.scatter([r["arrival_s"] for r in recs], [r["latency_s"] for r in recs], s=14 if kind == "small" else 60,
+                       marker=marker, color=colour, alpha=0.8,
+                       label=f"{name}: {kind} (p99 {stats['small_p99_s']:.1f} s)" if kind == "small" else
+                       f"{name}: {kind}")
+    ax.set_yscale("log")
+    ax.set_xlabel("arrival time (s)")
+    ax.set_ylabel("latency (s)")
+    ax.set_title(f"msdda serve, mixed load on {result['machine']}: gathered batches vs step scheduler")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _free_port() -> int:
@@ -189,7 +281,16 @@ def main(argv=None) -> int:
     p.add_argument("--request-timeout-s", type=float, default=600.0)
     p.add_argument("--startup-s", type=float, default=300.0)
     p.add_argument("--out", default=None, help="results JSON (default bench/results/serve_load-<machine>-<date>.json)")
+    p.add_argument("--workload", choices=("uniform", "mixed"), default="uniform")
+    p.add_argument("--rate", type=float, default=0.2, help="mixed: small requests per second")
+    p.add_argument("--duration-s", type=float, default=60.0, help="mixed: seconds of arrivals")
+    p.add_argument("--mixed-experts", default="3", help="mixed: how many experts a request's weights use, e.g. 2,3")
+    p.add_argument("--small-steps", default="20-50", help="mixed: the small requests' step range")
+    p.add_argument("--large-at", default="5", help="mixed: arrival seconds of the 16-image requests")
+    p.add_argument("--large-steps", type=int, default=200, help="mixed: the 16-image requests' steps")
     args = p.parse_args(argv)
+    if args.workload == "mixed":
+        return main_mixed(args)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown or not settings:
@@ -237,6 +338,58 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
     print(f"serve_load: wrote {out}")
+    return 0
+
+
+def main_mixed(args) -> int:
+    from msdda.atomic import atomic_write_json
+
+    settings = ["gather", "step"] if args.settings == "exact,fast,single" else \
+        [s.strip() for s in args.settings.split(",") if s.strip()]
+    lo, hi = (int(v) for v in args.small_steps.split("-"))
+    large_at = [float(v) for v in args.large_at.split(",") if v.strip()]
+    stream = mixed_stream(args.duration_s, args.rate, (lo, hi), large_at, args.large_steps,
+                          expert_counts=tuple(int(v) for v in args.mixed_experts.split(",")))
+    machine = f"cpu-{os.cpu_count()}core-{platform.machine()}"
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"serve_mixed-{machine}-{date.today()}.json"
+    load = os.getloadavg()
+    result = {"machine": machine, "platform": platform.platform(), "python": platform.python_version(),
+              "loadavg_at_start": load, "args": vars(args), "settings": {}}
+    logs = Path(tempfile.mkdtemp(prefix="serve_mixed-"))
+    print(f"serve_load: mixed: {len(stream)} requests; server logs in {logs}; load average {load}", flush=True)
+    for name in settings:
+        extra = SETTINGS[name] + ["--max-batch-size", str(args.max_batch_size), "--max-images", "16",
+                                  "--max-steps", str(max(args.large_steps, hi, 50))]
+        if args.batch_wait_ms is not None:
+            extra += ["--batch-wait-ms", str(args.batch_wait_ms)]
+        proc, url, log = start_server(extra, args.threads, logs / f"{name}.log", args.startup_s)
+        try:
+            post(url, {**stream[0][2], "steps": 2}, args.request_timeout_s)          # warm-up, not counted
+            with urllib.request.urlopen(url + "/v1/models", timeout=60) as resp:
+                info = json.loads(resp.read())
+            stats = run_open_loop(url, stream, args.request_timeout_s, (16, 16))
+        finally:
+            stop_server(proc, log)
+        stats["server_flags"] = extra
+        stats["server"] = {k: info.get(k) for k in ("batching", "max_batch_size", "max_running_samples",
+                                                    "exact_batching", "row_block", "torch_threads")}
+        stats["loadavg_after"] = os.getloadavg()
+        result["settings"][name] = stats
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out, result)                      # what is measured so far, should a later setting fail
+        print(f"serve_load: {name}: {stats['ok']}/{stats['sent']} ok, lost {stats['lost']}, failed {stats['failed']}; "
+              f"{stats['images_per_s']:.2f} images/s; small p50 {stats['small_p50_s']:.2f} s p99 "
+              f"{stats['small_p99_s']:.2f} s; large {[round(x, 1) for x in stats['large_latency_s']]}", flush=True)
+    if {"gather", "step"} <= set(result["settings"]):
+        g, st = result["settings"]["gather"], result["settings"]["step"]
+        result["step_vs_gather"] = {"small_p99_lower_x": g["small_p99_s"] / st["small_p99_s"],
+                                    "small_p50_lower_x": g["small_p50_s"] / st["small_p50_s"],
+                                    "throughput_x": st["images_per_s"] / g["images_per_s"]}
+        print(f"serve_load: step vs gather: {result['step_vs_gather']}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    plot_mixed(result, out.with_suffix(".png"))
+    print(f"serve_load: wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 

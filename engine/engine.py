@@ -37,7 +37,7 @@ from msdda.validation import (DEFAULT_LIMITS, Limits, batch_size, batch_tensor, 
                               check_strategy, check_variant, negative_prompt_rows, per_sample, per_sample_weights,
                               prompt_rows, real_tensor, seed_list)
 
-__all__ = ["Engine", "GenerateOutput", "CheckedRequest", "Limits"]
+__all__ = ["Engine", "GenerateOutput", "CheckedRequest", "Limits", "SampleRun"]
 
 log = logging.getLogger("msdda")
 
@@ -63,6 +63,27 @@ class CheckedRequest:
     weights: list[dict]
     plan: Plan
     latent_size: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class SampleRun:
+    """One ``generate`` call prepared by ``Engine.start``: what its step loop reads. Per sample b: x_T[b],
+    seeds[b], step_coeff[b], mix_coeff[b]; the conditioning's rows b (and B + b, the unconditional half first,
+    under cfg). error_count: the deferred bad-element counter of its steps (int32 [1] on the device)."""
+    request: CheckedRequest
+    cond: Conditioning
+    cfg: bool
+    timesteps: tuple[int, ...]
+    scalars: tuple[StepScalars, ...]
+    seeds: torch.Tensor
+    x_T: torch.Tensor
+    noise: torch.Tensor | None
+    step_coeff: torch.Tensor
+    mix_coeff: torch.Tensor
+    error_count: torch.Tensor
+    guidance: float | None
+    output_type: str
+    strategy: str
 
 
 @dataclass(frozen=True)
@@ -480,7 +501,8 @@ class Engine:
         return sch.step_plan(self.sched_params, steps, kind=self.scheduler, eta=float(eta))
 
     def denoiser(self, plan: Plan, cond: Conditioning, cfg: bool) -> Denoise:
-        """The networks of ``plan`` as one denoiser ``(x [B, C, H, W], t) -> raw``, for ``msdda.sampling.sample``.
+        """The networks of ``plan`` as one denoiser ``(x [B, C, H, W], t) -> raw``, for ``msdda.sampling.sample``;
+        t is one timestep, or (torch and onnxruntime backends) a float32 tensor [B] of one per sample.
 
         raw is [K, B, C_out, H, W] (K = len(plan.members); 1 for a soup), or with ``cfg``
         [K, 2, B, C_out, H, W] (unconditional first). ``cond`` comes from :meth:`conditioning` with the same
@@ -492,9 +514,11 @@ class Engine:
             forward = self._rows(functools.partial(self.backend.forward, members=plan.members))
             call = lambda x_in, t: forward(x_in, t, cond)  # noqa: E731
 
-        def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
+        def denoise(x: torch.Tensor, t) -> torch.Tensor:
             if not cfg:
                 return call(x, t)
+            if _per_row(t, x.shape[0]):                           # per-sample timesteps: both halves take them
+                t = torch.cat([t, t])
             raw = call(torch.cat([x, x]), t)                      # [K, 2B, C_out, H, W], unconditional first
             return raw.unflatten(1, (2, x.shape[0]))              # [K, 2, B, C_out, H, W]
 
@@ -536,41 +560,22 @@ class Engine:
         ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds``), never ``prompt``, and returns latents
         (``output_type="latent"``: it has no VAE).
         """
-        req = self.check_request(weights=weights, num_images=num_images, steps=steps, eta=eta,
-                                 guidance_scale=guidance_scale, seed=seed, strategy=strategy, latents=latents,
-                                 output_type=output_type, normalize=normalize, expert_betas=expert_betas, beta=beta,
-                                 class_labels=class_labels, prompt=prompt, prompt_embeds=prompt_embeds,
-                                 num_images_per_prompt=num_images_per_prompt, height=height, width=width,
-                                 generator=generator, num_inference_steps=num_inference_steps)
-        batch, steps, eta, guidance_scale, seeds, per_sample_w, plan = (
-            req.batch, req.steps, req.eta, req.guidance_scale, req.seeds, req.weights, req.plan)
-        if not self.is_text and (negative_prompt is not None or negative_prompt_embeds is not None):
-            # the CLI, the server and the API refuse it alike: a class or unconditional base has no negative prompt
-            raise ValueError("negative_prompt is for text-conditioned bases")
-
-        cfg = self.uses_guidance(guidance_scale)
-        cond = self.conditioning(batch, cfg=cfg, prompt=prompt, prompt_embeds=prompt_embeds,
-                                 negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
-                                 class_labels=class_labels, num_images_per_prompt=num_images_per_prompt,
-                                 pooled_prompt_embeds=pooled_prompt_embeds,
-                                 negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                                 latent_size=req.latent_size, original_size=original_size,
-                                 crops_coords_top_left=crops_coords_top_left, target_size=target_size,
-                                 negative_original_size=negative_original_size,
-                                 negative_crops_coords_top_left=negative_crops_coords_top_left,
-                                 negative_target_size=negative_target_size)
-        timesteps, scalars = self.step_tables(steps, eta)
-        seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=self.device)
-        x = self._initial_latents(latents, seed_tensor, batch, req.latent_size)
-        if noise is not None:
-            noise = check_noise(noise, steps, x).to(self.device, self.dtype)
-
+        run = self.start(prompt, prompt_embeds, negative_prompt_embeds, class_labels, weights=weights,
+                         num_images=num_images, steps=steps, eta=eta, guidance_scale=guidance_scale, seed=seed,
+                         strategy=strategy, latents=latents, noise=noise, output_type=output_type,
+                         negative_prompt=negative_prompt, normalize=normalize, expert_betas=expert_betas, beta=beta,
+                         num_images_per_prompt=num_images_per_prompt, height=height, width=width,
+                         pooled_prompt_embeds=pooled_prompt_embeds,
+                         negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, original_size=original_size,
+                         crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                         negative_original_size=negative_original_size,
+                         negative_crops_coords_top_left=negative_crops_coords_top_left,
+                         negative_target_size=negative_target_size, generator=generator,
+                         num_inference_steps=num_inference_steps)
+        plan, cond, cfg, timesteps, scalars, seed_tensor, x, noise, step_coeff, mix_coeff, error_count, g = (
+            run.request.plan, run.cond, run.cfg, run.timesteps, run.scalars, run.seeds, run.x_T, run.noise,
+            run.step_coeff, run.mix_coeff, run.error_count, run.guidance)
         denoise = self.denoiser(plan, cond, cfg)
-        step_coeff = (plan.coeff if plan.kind == "product" else torch.ones(batch, 1, dtype=torch.float64))
-        step_coeff = step_coeff.to(self.device, torch.float32)
-        mix_coeff = plan.coeff.to(self.device, torch.float32)
-        error_count = torch.zeros(1, dtype=torch.int32, device=self.device)
-        g = float(guidance_scale) if cfg else None
 
         step_fn = self._step_fn
         prepared = []  # the step prepared once, at step 0 (it needs raw's layout); every later step is a launch
@@ -603,11 +608,91 @@ class Engine:
                 if x0 is None:   # eager: no graphs here, or this configuration's capture failed
                     x0 = sample(denoise, combine, x, timesteps, callback=callback)
             raise_if_bad(error_count, plan.coeff)
-        except ValueError as exc:  # name the networks behind the coefficient columns
-            names = ", ".join(self.members[m] for m in plan.members)
-            raise ValueError(f"infeasible composition over ({names}): {exc}") from None
-        images = self._decode(x0, output_type)
-        return GenerateOutput(images=images, latents=x0, seeds=seeds, weights=per_sample_w, strategy=strategy)
+        except ValueError as exc:
+            raise self.infeasible(plan, exc) from None
+        return self.finish(run, x0)
+
+    def start(self, prompt=None, prompt_embeds=None, negative_prompt_embeds=None, class_labels=None, *,
+              weights=None, num_images: int = 1, steps: int | None = None, eta: float = 1.0,
+              guidance_scale: float | None = None,
+              seed=0, strategy: str = "msdda", latents=None, noise=None, output_type: str = "pil",
+              negative_prompt=None, normalize: bool = False, expert_betas: Mapping[str, float] | None = None,
+              beta: float = 1.0, num_images_per_prompt: int = 1, height: int | None = None,
+              width: int | None = None, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+              original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+              negative_crops_coords_top_left=(0, 0), negative_target_size=None, generator=None,
+              num_inference_steps: int | None = None) -> "SampleRun":
+        """Everything ``generate`` computes before its first step, for the same arguments (less ``callback``):
+        the checked request, conditioning, schedule tables, x_T, coefficients. ``generate`` is ``start``, the
+        step loop (``denoiser`` + ``combine_step``), then ``finish``; a step scheduler (``msdda.scheduler``)
+        runs the same pieces with the samples of many runs interleaved."""
+        req = self.check_request(weights=weights, num_images=num_images, steps=steps, eta=eta,
+                                 guidance_scale=guidance_scale, seed=seed, strategy=strategy, latents=latents,
+                                 output_type=output_type, normalize=normalize, expert_betas=expert_betas, beta=beta,
+                                 class_labels=class_labels, prompt=prompt, prompt_embeds=prompt_embeds,
+                                 num_images_per_prompt=num_images_per_prompt, height=height, width=width,
+                                 generator=generator, num_inference_steps=num_inference_steps)
+        batch, steps, eta, guidance_scale, seeds, plan = (
+            req.batch, req.steps, req.eta, req.guidance_scale, req.seeds, req.plan)
+        if not self.is_text and (negative_prompt is not None or negative_prompt_embeds is not None):
+            # the CLI, the server and the API refuse it alike: a class or unconditional base has no negative prompt
+            raise ValueError("negative_prompt is for text-conditioned bases")
+
+        cfg = self.uses_guidance(guidance_scale)
+        cond = self.conditioning(batch, cfg=cfg, prompt=prompt, prompt_embeds=prompt_embeds,
+                                 negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
+                                 class_labels=class_labels, num_images_per_prompt=num_images_per_prompt,
+                                 pooled_prompt_embeds=pooled_prompt_embeds,
+                                 negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                                 latent_size=req.latent_size, original_size=original_size,
+                                 crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                                 negative_original_size=negative_original_size,
+                                 negative_crops_coords_top_left=negative_crops_coords_top_left,
+                                 negative_target_size=negative_target_size)
+        timesteps, scalars = self.step_tables(steps, eta)
+        seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=self.device)
+        x = self._initial_latents(latents, seed_tensor, batch, req.latent_size)
+        if noise is not None:
+            noise = check_noise(noise, steps, x).to(self.device, self.dtype)
+
+        step_coeff = (plan.coeff if plan.kind == "product" else torch.ones(batch, 1, dtype=torch.float64))
+        step_coeff = step_coeff.to(self.device, torch.float32)
+        mix_coeff = plan.coeff.to(self.device, torch.float32)
+        error_count = torch.zeros(1, dtype=torch.int32, device=self.device)
+        g = float(guidance_scale) if cfg else None
+
+        return SampleRun(request=req, cond=cond, cfg=cfg, timesteps=tuple(timesteps), scalars=tuple(scalars),
+                         seeds=seed_tensor, x_T=x, noise=noise, step_coeff=step_coeff, mix_coeff=mix_coeff,
+                         error_count=error_count, guidance=g, output_type=output_type, strategy=strategy)
+
+    def combine_step(self, run: "SampleRun", raw: torch.Tensor, x_t: torch.Tensor, i: int, rows=None, *,
+                     error_count: torch.Tensor | None = None) -> torch.Tensor:
+        """Step ``i`` of ``run`` for its samples ``rows`` (a list of sample indices; None: all): raw
+        [K, (2,) n, ...] and x_t [n, ...] of those samples -> x_prev [n, ...]. The same kernel call, on the same
+        per-sample values, as ``generate``'s step i, so each row is the same bits (the step is elementwise per
+        sample and its noise is keyed by the sample's seed). Step 0 validates (a ValueError explains a bad
+        composition; see ``infeasible``); later steps count bad elements into ``error_count`` (default the
+        run's), read by ``raise_if_bad``."""
+        pick = (lambda t: t) if rows is None else (lambda t: t[torch.as_tensor(rows, device=t.device)])
+        plan = run.request.plan
+        if plan.kind == "mix":
+            raw = mix_outputs(raw, pick(run.mix_coeff))
+        z = {"noise": pick(run.noise[i])} if run.noise is not None else \
+            {"seed": pick(run.seeds), "offset": 1 + i}
+        return self._step_fn(raw, x_t, pick(run.step_coeff), run.scalars[i], guidance_scale=run.guidance,
+                             validate=(i == 0), error_count=run.error_count if error_count is None else error_count,
+                             **z)
+
+    def infeasible(self, plan: Plan, exc: ValueError) -> ValueError:
+        """``exc`` from a step, as the ValueError ``generate`` raises: naming the networks behind the
+        coefficient columns."""
+        names = ", ".join(self.members[m] for m in plan.members)
+        return ValueError(f"infeasible composition over ({names}): {exc}")
+
+    def finish(self, run: "SampleRun", x0: torch.Tensor) -> GenerateOutput:
+        """``generate``'s result for ``run`` from its final latents x_0 (decoded per ``run.output_type``)."""
+        return GenerateOutput(images=self.decode(x0, run.output_type), latents=x0, seeds=run.request.seeds,
+                              weights=run.request.weights, strategy=run.strategy)
 
     def check_request(self, *, weights=None, num_images=1, steps=None, eta=1.0, guidance_scale=None, seed=0,
                       strategy="msdda", latents=None, output_type="pil", normalize=False, expert_betas=None,
@@ -698,7 +783,9 @@ class Engine:
 
         return call
 
-    def _decode(self, x0: torch.Tensor, output_type: str):
+    def decode(self, x0: torch.Tensor, output_type: str = "pil"):
+        """x_0 latents [B, C, H, W] as ``output_type`` ('latent', 'pt', 'np' or 'pil'), through the VAE
+        (in row blocks on a batch-invariant Engine)."""
         if output_type == "latent":
             return x0
         if self.base.vae is not None:
@@ -742,12 +829,18 @@ def in_row_blocks(call: Callable, block: int) -> Callable:
             rows = slice(start, min(start + block, n))
             part = [_padded_rows(x, rows, block)]
             part += [Conditioning(**{k: None if v is None else _padded_rows(v, rows, block)
-                                     for k, v in vars(a).items()}) if isinstance(a, Conditioning) else a
+                                     for k, v in vars(a).items()}) if isinstance(a, Conditioning)
+                     else _padded_rows(a, rows, block) if _per_row(a, n) else a
                      for a in args]
             outs.append(call(*part)[:, :rows.stop - rows.start])
         return torch.cat(outs, dim=1)
 
     return blocked
+
+
+def _per_row(arg, n: int) -> bool:
+    """Whether a call argument holds one value per row of x (per-sample timesteps [n]), so it is blocked too."""
+    return isinstance(arg, torch.Tensor) and arg.dim() == 1 and n > 1 and arg.shape[0] == n
 
 
 def _padded_rows(t: torch.Tensor, rows: slice, block: int) -> torch.Tensor:

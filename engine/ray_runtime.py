@@ -92,8 +92,10 @@ def start_ray(*, num_cpus: int | None = None, metrics_port: int | None = None) -
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level="warning")
         return False, f"Ray: the cluster at {os.environ['RAY_ADDRESS']}"
     options = {"_metrics_export_port": metrics_port} if metrics_port else {}
-    context = ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="warning",
-                       **options)
+    # address="local": a Ray of its own, even when someone's `ray start` cluster runs on this machine (ray.init()
+    # with no address would join that one: /tmp/ray/ray_current_cluster)
+    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                       logging_level="warning", **options)
     info = context.address_info
     return True, (f"Ray: local, session {info.get('session_dir')}; "
                   f"metrics: http://{info.get('node_ip_address')}:{info.get('metrics_export_port')}/metrics")

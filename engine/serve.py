@@ -8,11 +8,16 @@
     GET  /v1/models     experts, strategies, conditioning, defaults and limits
     GET  /healthz
 
-Concurrent requests are gathered by ``@serve.batch`` and run by ``msdda.coalesce.generate_many``: requests that
-agree on the per-call arguments share one ``Engine.generate`` call with per-sample weights, seeds and labels;
-the others run as their own calls; a failing request is split off so it fails alone. With exact batching (the
-default) the replica's Engine is batch-invariant (``row_block``, see ``msdda.coalesce``), so every response is
-bit-identical to ``Engine.generate`` of that request alone on an Engine built the same way.
+Two schedulers (``--batching``). ``step`` (the default): step-level continuous batching by
+``msdda.scheduler.StepScheduler`` on a thread of the replica: every iteration runs one denoising step for all
+running samples, whatever request, step count or weights they have; a request joins at the next iteration and
+leaves when done, when its client disconnects or when its ``timeout_s`` passes. ``gather``: concurrent requests
+are gathered by ``@serve.batch`` and run by ``msdda.coalesce.generate_many`` to their end: requests that agree on
+the per-call arguments share one ``Engine.generate`` call; a failing request is split off so it fails alone.
+With exact batching (the default) the replica's Engine is batch-invariant (``row_block``, see
+``msdda.coalesce``), so under either scheduler every response is bit-identical to ``Engine.generate`` of that
+request alone on an Engine built the same way. ``app_builder`` is the Ray Serve application builder
+(``serve run msdda.serve:app_builder base=... experts=...``, or a ``serve build``-style config file).
 
 Metrics go through ``ray.serve.metrics`` to Ray's Prometheus endpoint (``ray_msdda_*``).
 """
@@ -31,11 +36,14 @@ from msdda.http_limits import HttpError, HttpLimits, check_prompt_lengths, read_
 from msdda.ray_runtime import ModelSpec, model_spec, require_ray, start_ray, stop_ray
 from msdda.validation import Limits, check_num_images, check_steps
 
-__all__ = ["ServeSettings", "add_command", "build_app", "check_limits", "parse_request", "run"]
+__all__ = ["AppArgs", "ServeSettings", "add_command", "app_builder", "build_app", "check_limits", "parse_request",
+           "run"]
 
 APP_NAME = "msdda"
 LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+ITERATION_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+BATCHING = ("step", "gather")
 
 
 DEFAULT_ROW_BLOCK = 16     # --row-block: rows per network call under exact batching (README: "Exact batching")
@@ -48,6 +56,15 @@ class ServeSettings:
     batch_wait_s: float = 0.2
     row_block: int | None = DEFAULT_ROW_BLOCK   # the Engine's (None: plain batching, equal to float32 rounding)
     http: HttpLimits = HttpLimits()   # bounded reads: body size and time, connections, prompt length
+    batching: str = "step"            # BATCHING: step-level continuous batching, or gathered @serve.batch
+    max_running_samples: int | None = None   # the step scheduler's row budget (None: default_max_rows)
+    max_timeout_s: float = 600.0      # cap of a request's timeout_s, and the deadline of requests without one
+
+    @property
+    def running_budget(self) -> int:
+        from msdda.scheduler import default_max_rows
+
+        return self.max_running_samples or default_max_rows(self.row_block, self.limits.max_images)
 
     @property
     def engine_limits(self) -> Limits:
@@ -73,6 +90,7 @@ _EXPECTED = {
     "num_images": "an integer", "steps": "an integer", "guidance_scale": "a number", "eta": "a number",
     "strategy": "a string", "output": "\"png\" or \"latent\"", "normalize": "true or false",
     "expert_betas": "an object {expert: number}", "negative_prompt": "a string",
+    "timeout_s": "a positive number of seconds",
 }
 
 
@@ -98,6 +116,7 @@ def request_model():
         normalize: bool = False
         expert_betas: Union[dict[str, float], None] = None
         negative_prompt: Union[str, None] = None
+        timeout_s: Union[float, None] = None
 
     return GenerateRequest
 
@@ -142,6 +161,10 @@ def parse_request(body: bytes, spec: ModelSpec, limits: Limits, *,
     if req.normalize:
         call["normalize"] = True
     check_prompt_lengths(call, max_prompt_chars)
+    if req.timeout_s is not None:      # the server's, not the engine's: build_app's generate takes it out
+        if not (math.isfinite(req.timeout_s) and req.timeout_s > 0):
+            raise ValueError(f"timeout_s: expected {_EXPECTED['timeout_s']}, got {short_value(req.timeout_s)}")
+        call["timeout_s"] = req.timeout_s
     check_limits(call, limits)
     return call
 
@@ -170,13 +193,18 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
     from fastapi.responses import JSONResponse
     from ray import serve
 
+    from msdda.scheduler import DeadlineExceeded
+
     api = FastAPI(title="msdda", description="Multi-objective denoising-time alignment of diffusion models")
 
     @serve.deployment(name="MsddaServer", num_replicas=replicas,
                       ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-                      # room for one batch running and the next one gathering, and for slow clients sending
-                      # their bodies (msdda.http_limits); the proxy queues a bounded number more, then 503
-                      max_ongoing_requests=max(2 * settings.max_batch_size, 8) + settings.http.max_connections,
+                      # gather: room for one batch running and the next one gathering; step: every request is
+                      # queued in the replica's scheduler (its FCFS order), not held back by Serve; plus room for
+                      # slow clients sending their bodies (msdda.http_limits); the proxy queues a bounded number
+                      # more, then 503
+                      max_ongoing_requests=(max(2 * settings.max_batch_size, 8) if settings.batching == "gather"
+                                            else max(4 * settings.running_budget, 64)) + settings.http.max_connections,
                       max_queued_requests=settings.http.max_queued)
     @serve.ingress(api)
     class MsddaServer:
@@ -195,8 +223,10 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
                 "default_steps": spec.default_steps, "default_guidance_scale": spec.default_guidance_scale,
                 "limits": {"max_images": settings.limits.max_images, "max_steps": settings.limits.max_steps},
                 "max_batch_size": settings.max_batch_size, "exact_batching":
-                batches_exactly(settings.row_block, settings.max_batch_size), "row_block": settings.row_block,
+                batches_exactly(settings.row_block, settings.max_batch_size if settings.batching == "gather" else 2),
+                "row_block": settings.row_block,
                 "backend": spec.backend, "device": spec.device, "torch_threads": spec.threads,
+                "batching": settings.batching, "max_timeout_s": settings.max_timeout_s,
             }
             self.requests = Counter("msdda_requests", description="HTTP requests answered, by route and status",
                                     tag_keys=("route", "status"))
@@ -208,6 +238,72 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
                                            boundaries=BATCH_BUCKETS)
             self.batch_requests = Histogram("msdda_batch_requests", description="Requests per gathered batch",
                                             boundaries=BATCH_BUCKETS)
+            self.scheduler = None
+            if settings.batching == "step":
+                self._start_scheduler()
+
+        def _start_scheduler(self):
+            import threading
+
+            from ray.serve.metrics import Counter, Gauge, Histogram
+
+            from msdda.scheduler import StepScheduler
+
+            self.running = Gauge("msdda_running_samples", description="Samples in the step scheduler's running set")
+            self.waiting = Gauge("msdda_waiting_samples", description="Samples waiting for admission")
+            self.iteration_seconds = Histogram("msdda_iteration_seconds", description="Step scheduler iteration "
+                                               "time (one denoising step of every running sample)",
+                                               boundaries=ITERATION_BUCKETS_S)
+            self.iteration_rows = Histogram("msdda_iteration_samples", description="Samples stepped per iteration",
+                                            boundaries=BATCH_BUCKETS)
+            self.dropped = Counter("msdda_dropped_requests", description="Requests dropped before they finished: "
+                                   "disconnect (the client went away) or timeout", tag_keys=("reason",))
+            self.scheduler = StepScheduler(self.engine, max_rows=settings.running_budget,
+                                           on_iteration=self._observe_iteration)
+            self.info.update(max_running_samples=self.scheduler.max_rows,
+                             max_rows_per_request=self.scheduler.max_rows_per_request)
+            self._stop = threading.Event()
+            threading.Thread(target=self.scheduler.run_until, args=(self._stop,), name="msdda-step-scheduler",
+                             daemon=True).start()
+
+        def _observe_iteration(self, info: dict):
+            self.running.set(info["running_samples"])
+            self.waiting.set(info["waiting_samples"])
+            if info["rows"]:
+                self.iteration_seconds.observe(info["seconds"])
+                self.iteration_rows.observe(info["rows"])
+
+        def __del__(self):
+            if getattr(self, "scheduler", None) is not None:
+                self._stop.set()
+
+        async def _generate_stepped(self, call: dict, timeout_s: float | None):
+            """The request through the step scheduler: a Share, or the exception that ended it."""
+            from msdda.coalesce import Share
+
+            loop = asyncio.get_running_loop()
+            answered = loop.create_future()
+
+            def settle(ticket):
+                loop.call_soon_threadsafe(lambda: answered.done() or answered.set_result(ticket))
+
+            cap = settings.max_timeout_s
+            ticket = self.scheduler.submit(call, timeout_s=cap if timeout_s is None else min(timeout_s, cap))
+            ticket.add_done_callback(settle)
+            try:
+                await answered
+            except asyncio.CancelledError:     # Serve cancels the request when its HTTP client disconnects
+                ticket.cancel()
+                self.scheduler.wake()
+                self.dropped.inc(tags={"reason": "disconnect"})
+                raise
+            if ticket.error is not None:
+                if isinstance(ticket.error, DeadlineExceeded):
+                    self.dropped.inc(tags={"reason": "timeout"})
+                return ticket.error
+            out = ticket.result
+            images = None if call["output_type"] == "latent" else list(out.images)
+            return Share(images, out.latents, list(out.seeds), list(out.weights), out.strategy, ticket.batch_size)
 
         def _answer(self, route: str, status: int, body: dict):
             self.requests.inc(tags={"route": route, "status": str(status)})
@@ -249,8 +345,15 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
             except ValueError as exc:
                 self.errors.inc(tags={"kind": "bad_request"})
                 return self._answer("/v1/generate", 422, {"error": one_line(exc)})
-            result = await self._generate_batch(call)
+            timeout_s = call.pop("timeout_s", None)
+            if self.scheduler is not None:
+                result = await self._generate_stepped(call, timeout_s)
+            else:
+                result = await self._generate_batch(call)
             self.latency.observe(time.perf_counter() - start)
+            if isinstance(result, DeadlineExceeded):
+                self.errors.inc(tags={"kind": "timeout"})
+                return self._answer("/v1/generate", 504, {"error": one_line(result)})
             if isinstance(result, ValueError):     # the engine refused the arguments, or the composition
                 self.errors.inc(tags={"kind": "bad_request"})
                 return self._answer("/v1/generate", 422, {"error": one_line(result)})
@@ -267,7 +370,8 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
 
         @api.get("/v1/models")
         async def list_models(self):
-            return self._answer("/v1/models", 200, self.info)
+            live = self.scheduler.counts() if self.scheduler is not None else {}
+            return self._answer("/v1/models", 200, {**self.info, **live})
 
         @api.get("/healthz")
         async def healthz(self):
@@ -304,6 +408,17 @@ def add_command(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-images", type=int, default=16, help="most images one request may ask for (default 16)")
     add_batching_args(g)
     add_http_args(p.add_argument_group("HTTP limits (bounded reads: slow or oversized clients cost a bounded amount)"))
+    g.add_argument("--batching", choices=BATCHING, default="step",
+                   help="step (default): step-level continuous batching, a request joins the running samples at the "
+                        "next denoising step and leaves when done; gather: gather concurrent requests "
+                        "(--max-batch-size, --batch-wait-ms) and run each gathered batch to its end")
+    g.add_argument("--max-running-samples", type=int, default=None,
+                   help="step scheduler: most samples stepped together per iteration (default: twice the larger of "
+                        "--max-images and --row-block, rounded up to whole row blocks); one request holds at most "
+                        "half of them, so a later request starts beside a large one")
+    g.add_argument("--max-timeout-s", type=float, default=600.0,
+                   help="step scheduler: the cap of a request's 'timeout_s', and the deadline of requests that give "
+                        "none (default 600)")
     g.add_argument("--metrics-port", type=int, default=None,
                    help="port of Ray's Prometheus metrics endpoint (default: Ray picks one and it is printed)")
     return p
@@ -330,6 +445,74 @@ def batches_exactly(row_block: int | None, max_batch: int) -> bool:
     """Whether every image equals Engine.generate of its request alone: the Engine is batch-invariant, or each
     engine call holds one request."""
     return row_block is not None or max_batch == 1
+
+
+# ---------------------------------------------------------------------- Ray Serve application builder
+try:        # the typed arguments of app_builder: pydantic comes with the [serve] extra, as Ray Serve does
+    from pydantic import BaseModel as PydanticModel
+    from pydantic import ConfigDict
+except ImportError:                                     # pragma: no cover -- msdda without [serve]
+    PydanticModel, ConfigDict = object, dict
+
+
+class AppArgs(PydanticModel):
+    """``app_builder``'s arguments: ``msdda serve``'s flags by their long names (``max_images``, ``batching``,
+    ...), values as ``serve run`` passes them (strings, converted here) or as a config file's ``args`` gives
+    them. ``experts``: {name: path}, or "name=path,name=path" on the ``serve run`` command line; no base and no
+    experts: the embedded zoo."""
+    model_config = ConfigDict(extra="forbid")
+    base: str | None = None
+    experts: dict[str, str] | str | None = None
+    backend: str = "torch"
+    device: str | None = None
+    scheduler: str | None = None
+    variant: str | None = None
+    dtype: str = "auto"
+    cuda_graphs: bool = True
+    replicas: int = 1
+    num_cpus: int | None = None
+    num_gpus: float = 0
+    max_images: int = 16
+    max_steps: int = 1000
+    exact_batching: bool = True
+    row_block: int = DEFAULT_ROW_BLOCK
+    batching: str = "step"
+    max_running_samples: int | None = None
+    max_timeout_s: float = 600.0
+    max_batch_size: int = 16
+    batch_wait_ms: float = 200.0
+
+
+def app_builder(args: AppArgs):
+    """The Ray Serve application builder: ``serve run msdda.serve:app_builder base=PATH experts=a=P,b=Q`` or a
+    config file whose application has ``import_path: msdda.serve:app_builder`` and ``args: {...}`` (docs/
+    serving-scheduler.md). Builds what ``msdda serve`` with the same flags deploys; Ray Serve's own ``serve``
+    command then owns the cluster, the HTTP options and the lifetime."""
+    if isinstance(args, dict):                          # called directly, not through Serve
+        args = AppArgs.model_validate(args)
+    argv = ["serve"]
+    values = args.model_dump()
+    experts = values.pop("experts")
+    if isinstance(experts, str):
+        experts = dict(part.split("=", 1) for part in experts.split(",") if part.strip())
+    for name, path in (experts or {}).items():
+        argv += ["--expert", f"{name}={path}"]
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):            # both flags default to on: --no-cuda-graphs, --no-exact-batching
+            argv += [] if value else ["--no-" + name.replace("_", "-")]
+        else:
+            argv += [flag, str(value)]
+    parser = argparse.ArgumentParser(prog="msdda.serve:app_builder", exit_on_error=False)
+    add_command(parser.add_subparsers(dest="command"))
+    try:
+        parsed = parser.parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as exc:
+        raise ValueError(f"msdda.serve:app_builder: bad arguments {argv[1:]}: {exc}") from None
+    spec, settings, cpus = configure(parsed)
+    return build_app(spec, settings, replicas=parsed.replicas, num_cpus=cpus, num_gpus=parsed.num_gpus)
 
 
 def deployment_error(serve) -> str | None:
@@ -369,19 +552,20 @@ def _check_port_free(host: str, port: int) -> None:
             raise CliError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
-def run(args) -> int:
-    """``msdda serve``: start (or join) Ray, deploy, serve until SIGTERM / Ctrl-C, then stop what it started."""
+def configure(args) -> tuple[ModelSpec, ServeSettings, int]:
+    """``msdda serve``'s checked flags as (model spec, settings, CPUs per replica); CliError names a bad one."""
     import os
-    import signal
-    import threading
 
     for name in ("max_batch_size", "replicas", "max_steps", "max_images"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     _positive("--batch-wait-ms", args.batch_wait_ms, allow_zero=True)
+    _positive("--max-timeout-s", args.max_timeout_s)
+    if args.max_running_samples is not None:
+        _positive("--max-running-samples", args.max_running_samples)
     _positive("--num-gpus", args.num_gpus, allow_zero=True)
     cpus = args.num_cpus if args.num_cpus is not None else max(1, (os.cpu_count() or 1) // args.replicas)
     _positive("--num-cpus", cpus)
-    row_block = engine_row_block(args, args.max_batch_size)
+    row_block = engine_row_block(args, args.max_batch_size if args.batching == "gather" else 2)
     from msdda.cli_common import CliError
     from msdda.http_limits import http_limits_from_args
 
@@ -390,13 +574,24 @@ def run(args) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     settings = ServeSettings(Limits(args.max_images, args.max_steps), args.max_batch_size,
-                             args.batch_wait_ms / 1000, row_block, http)
+                             args.batch_wait_ms / 1000, row_block, http=http, batching=args.batching,
+                             max_running_samples=args.max_running_samples, max_timeout_s=args.max_timeout_s)
     spec = model_spec(args, threads=cpus, num_gpus=args.num_gpus, row_block=row_block,
                       limits=settings.engine_limits)
     if spec.default_steps > args.max_steps:
         from msdda.cli_common import CliError
 
         raise CliError(f"--max-steps {args.max_steps} is below the models' default of {spec.default_steps} steps")
+    return spec, settings, cpus
+
+
+def run(args) -> int:
+    """``msdda serve``: start (or join) Ray, deploy, serve until SIGTERM / Ctrl-C, then stop what it started."""
+    import os
+    import signal
+    import threading
+
+    spec, settings, cpus = configure(args)
     _check_port_free(args.host, args.port)
     require_ray()
     stop = threading.Event()
@@ -415,7 +610,7 @@ def run(args) -> int:
 
             logging.getLogger("ray.serve").setLevel(logging.WARNING)     # this command prints its own status lines
             serve.start(http_options={"host": args.host, "port": args.port,
-                                      "keep_alive_timeout_s": http.keep_alive_timeout_s})
+                                      "keep_alive_timeout_s": settings.http.keep_alive_timeout_s})
             try:
                 serve.run(build_app(spec, settings, replicas=args.replicas, num_cpus=cpus, num_gpus=args.num_gpus),
                           name=APP_NAME, route_prefix="/", blocking=False)

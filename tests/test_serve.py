@@ -413,10 +413,11 @@ def test_latent_output(server, zoo_engine):
 
 @pytest.mark.slow
 def test_prometheus_metrics(server):
-    """Request counts by status, latency and batch-size histograms and error counts reach Ray's endpoint."""
+    """Request counts by status, latency and iteration-size histograms, the running-samples gauge and error counts
+    reach Ray's endpoint."""
     url = re.search(r"metrics: (http://\S+/metrics)", server.banner).group(1)
     wanted = ['ray_msdda_requests_total{', 'status="422"', 'status="200"', "ray_msdda_request_latency_seconds_bucket",
-              "ray_msdda_batch_samples_bucket", "ray_msdda_batch_requests_bucket", 'ray_msdda_errors_total{',
+              "ray_msdda_iteration_samples_bucket", "ray_msdda_running_samples", 'ray_msdda_errors_total{',
               'kind="bad_request"']
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:

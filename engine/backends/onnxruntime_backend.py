@@ -96,7 +96,9 @@ class OnnxRuntimeBackend:
     @staticmethod
     def _feeds(x: torch.Tensor, t: int, cond: Conditioning) -> dict:
         n = x.shape[0]
-        feeds = {"sample": x.detach().float().cpu().numpy(), "timestep": np.full((n,), float(t), np.float32)}
+        per_row = isinstance(t, torch.Tensor) and t.numel() == n and n > 1     # a step scheduler's timesteps
+        timestep = t.detach().float().cpu().numpy().reshape(n) if per_row else np.full((n,), float(t), np.float32)
+        feeds = {"sample": x.detach().float().cpu().numpy(), "timestep": timestep}
         if cond.encoder_hidden_states is not None:
             feeds["encoder_hidden_states"] = cond.encoder_hidden_states.detach().float().cpu().numpy()
         if cond.class_labels is not None:

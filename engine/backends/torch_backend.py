@@ -61,9 +61,9 @@ def timestep_batch(t, n: int, device) -> torch.Tensor:
     """The timestep the UNets see, float32 [n]: ``t`` a python number (the eager loop), or a float32 tensor of
     one element on the device (a CUDA graph reads it from a device table, so a replay needs no host value).
     float32 whatever the networks' dtype: diffusers' time projection computes in float32 (a bfloat16 timestep
-    would round 999 to 1000)."""
+    would round 999 to 1000). A float32 tensor of n elements is one timestep per row (a step scheduler's)."""
     if isinstance(t, torch.Tensor):
-        return t.reshape(1).expand(n)
+        return t.reshape(n) if t.numel() == n and n > 1 else t.reshape(1).expand(n)
     return torch.full((n,), float(t), device=device, dtype=torch.float32)
 
 
