@@ -24,7 +24,7 @@ import re
 import time
 from pathlib import Path
 
-from msdda.ray_runtime import ModelSpec, model_spec, require_ray, start_ray, stop_ray
+from msdda.ray_runtime import ModelSpec, model_spec, ray_session, require_ray
 
 __all__ = ["JOB_FIELDS", "add_command", "read_jobs", "pending_rows", "run", "EngineWorker"]
 
@@ -48,6 +48,7 @@ def _manifest_schema():
         ("batch_seconds", pa.float64()),     # wall time of the actor batch it was part of
         ("finished_at", pa.float64()),       # unix time the image was written
         ("error", pa.string()),              # the one-line reason when the engine refused the row
+        ("node_id", pa.string()),            # the Ray node whose actor made it (on a cluster: which machine)
     ])
 
 
@@ -228,7 +229,10 @@ class EngineWorker:
     """A ``map_batches`` callable class: each actor of the pool loads the Engine once and makes its batches."""
 
     def __init__(self, spec: ModelSpec, out_dir: str, exact: bool):
+        import ray
+
         self.engine = spec.load()
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.images = Path(out_dir) / "images"
         self.exact = exact
         self.backend = spec.backend
@@ -248,7 +252,7 @@ class EngineWorker:
         for row, result in zip(rows, results):
             rec = {**{k: row[k] for k in JOB_FIELDS}, "models": self.models, "backend": self.backend,
                    "exact_batching": self.exact, "batch_seconds": seconds, "image": None, "file_sha256": None,
-                   "engine_call_samples": None, "error": None}
+                   "engine_call_samples": None, "error": None, "node_id": self.node_id}
             if isinstance(result, Exception):
                 rec["error"] = " ".join(str(result).split()) or type(result).__name__
             else:
@@ -335,13 +339,16 @@ def run(args) -> int:
     new = []
     if todo:
         require_ray()
-        started, where = start_ray(num_cpus=max(os.cpu_count() or 1, cpus * args.concurrency))
-        try:
-            import logging
+        import logging
 
-            import ray.data
+        import ray.data   # before ray_session silences stderr: Ray Data's loggers are made on import
 
-            print(f"msdda batch: {where}", flush=True)
+        from msdda.cli import verbose_requested
+
+        # The session ends (a local Ray stopped, its workers and actors exited) before the command returns.
+        with ray_session(num_cpus=max(os.cpu_count() or 1, cpus * args.concurrency),
+                         verbose=verbose_requested(args)) as session:
+            print(f"msdda batch: {session.where}", flush=True)
             logging.getLogger("ray.data").setLevel(logging.ERROR)   # progress is printed below, one line a part
             ray.data.DataContext.get_current().enable_progress_bars = False
             ds = ray.data.from_items(todo).map_batches(
@@ -353,9 +360,6 @@ def run(args) -> int:
                 _write_parquet(out / "manifest.parts" / f"part-{time.time_ns()}-{os.getpid()}.parquet", records)
                 new.extend(records)
                 print(f"msdda batch: {len(done) + sum(r['error'] is None for r in new)}/{len(rows)} images", flush=True)
-        finally:
-            if started:
-                stop_ray()
     by_id = {**done, **{r["id"]: r for r in new}}
     manifest = [by_id[r["id"]] for r in rows if r["id"] in by_id]
     _write_parquet(out / "manifest.parquet", manifest)

@@ -87,6 +87,11 @@ def _verbose_from_env() -> bool:
     return os.environ.get("MSDDA_VERBOSE", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def verbose_requested(args) -> bool:
+    """--verbose or MSDDA_VERBOSE=1: libraries, Ray included, may print (the Ray commands ask this)."""
+    return bool(getattr(args, "verbose", False)) or _verbose_from_env()
+
+
 # ---------------------------------------------------------------------- parsing helpers
 def parse_assignments(text: str | None, option: str) -> dict[str, float] | None:
     """'a=0.7,b=0.3' -> {'a': 0.7, 'b': 0.3}: the syntax, numbers and duplicate names of --weights and

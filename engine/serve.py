@@ -372,17 +372,20 @@ def run(args) -> int:
         from msdda.cli import CliError
 
         raise CliError(f"--max-steps {args.max_steps} is below the models' default of {spec.default_steps} steps")
-    _check_port_free(args.host, args.port)
+    if not os.environ.get("RAY_ADDRESS"):   # on a cluster the HTTP proxies listen on its nodes, not here
+        _check_port_free(args.host, args.port)
     require_ray()
+    from msdda.cli import verbose_requested
+
     stop = threading.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.getsignal(sig) for sig in signals}
-    started = False
+    session = None
     try:
-        from ray import serve
+        from ray import serve   # before start_ray silences stderr: Ray's loggers are made on import
 
-        started, where = start_ray(num_cpus=max(os.cpu_count() or 1, cpus * args.replicas),
-                                   metrics_port=args.metrics_port)
+        session = start_ray(num_cpus=max(os.cpu_count() or 1, cpus * args.replicas),
+                            metrics_port=args.metrics_port, verbose=verbose_requested(args))
         for sig in signals:   # after ray.init, whose core worker installs its own SIGTERM handler (it just dies)
             signal.signal(sig, lambda *_: stop.set())
         if not stop.is_set():
@@ -398,18 +401,19 @@ def run(args) -> int:
 
                 raise CliError(f"the server did not start: {deployment_error(serve) or one_line(exc)}") from None
             print(f"msdda serve: http://{args.host}:{args.port} (POST /v1/generate, GET /v1/models, GET /healthz); "
-                  f"{where}; Ctrl-C or SIGTERM stops it", flush=True)
+                  f"{session.where}; Ctrl-C or SIGTERM stops it", flush=True)
             stop.wait()
         print("msdda serve: stopping", flush=True)
     finally:
         try:
-            if started:
-                serve.shutdown()
-                stop_ray()
-            elif require_ray().is_initialized():
-                from ray import serve
-
-                serve.delete(APP_NAME)
+            if session is not None:
+                try:
+                    if session.owned:
+                        serve.shutdown()
+                    else:
+                        serve.delete(APP_NAME)
+                finally:
+                    stop_ray(session)    # after the local Ray's processes have exited, or off the cluster
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
