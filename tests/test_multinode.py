@@ -82,7 +82,6 @@ def test_batch_spreads_over_nodes_and_survives_a_node_removed(cluster, tmp_path)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "msdda.cli", "batch", "--input", str(jobs), "--out", str(out),
                "--concurrency", "2", "--num-cpus", "1", "--batch-size", "1"]
-    T0 = time.monotonic()
     proc = subprocess.Popen(command, env=_env(c, tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers = {n.node_id: n for n in c.worker_nodes}
     removed, before_removal = None, {}
@@ -94,7 +93,6 @@ def test_batch_spreads_over_nodes_and_survives_a_node_removed(cluster, tmp_path)
         if len(producing) >= 2 and victim is not None:
             c.remove_node(victim)        # its raylet, object store and the actor on it are killed
             removed, removed_at = victim.node_id, time.time()
-            print(f"TIMING removed at {time.monotonic() - T0:.1f}s, {len(before_removal)} recorded", file=sys.stderr)
             break
         time.sleep(0.2)
     try:
@@ -104,7 +102,6 @@ def test_batch_spreads_over_nodes_and_survives_a_node_removed(cluster, tmp_path)
             proc.kill()
     assert removed is not None, f"rows were not made on two nodes while the job ran: {before_removal}"
     assert len(before_removal) < ROWS
-    print(f"TIMING job ended at {time.monotonic() - T0:.1f}s rc={proc.returncode}", file=sys.stderr)
     if proc.returncode != 0:
         # Ray gave up on the lost actor's rows: the same command resumes the job, making only the missing rows
         rerun = subprocess.run(command, env=_env(c, tag), capture_output=True, text=True, timeout=WAIT_S)
@@ -167,7 +164,6 @@ def test_serve_two_replicas_on_two_nodes_keeps_answering(cluster):
         while not any("http://" in line for line in lines) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert any("http://" in line for line in lines), (lines, proc.poll(), proc.poll() is not None and proc.stderr.read())
-        print(f"TIMING serve up {time.monotonic() - deadline + WAIT_S:.1f}s", file=sys.stderr)
         assert [_generate(port, s)["seeds"] for s in range(4)] == [[s] for s in range(4)]
         replicas = _replica_nodes(tag)
         assert len(replicas) == 2 and len(set(replicas.values())) == 2, replicas    # one replica on each of two nodes
@@ -187,7 +183,6 @@ def test_serve_two_replicas_on_two_nodes_keeps_answering(cluster):
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 answered, failures = 0, failures + 1
                 time.sleep(0.5)
-        print(f"TIMING answered {time.monotonic() - deadline + WAIT_S:.1f}s after removal, {failures} failed", file=sys.stderr)
         assert answered == 4, f"serve stopped answering after a node was removed ({failures} failed requests)"
         assert proc.poll() is None
     finally:
