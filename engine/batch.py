@@ -341,7 +341,7 @@ def run(args) -> int:
         require_ray()
         import logging
 
-        import ray.data   # before ray_session silences stderr: Ray Data's loggers are made on import
+        import ray.data
 
         from msdda.cli import verbose_requested
 

@@ -336,13 +336,15 @@ def _positive(name: str, value, *, allow_zero=False) -> None:
         raise CliError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int, *, here: bool = True) -> None:
     import socket
 
     from msdda.cli import CliError
 
     if not 0 < port < 65536:
         raise CliError(f"--port must be in 1..65535, got {port}")
+    if not here:      # the HTTP proxies listen on the cluster's nodes, not on this machine
+        return
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -372,8 +374,7 @@ def run(args) -> int:
         from msdda.cli import CliError
 
         raise CliError(f"--max-steps {args.max_steps} is below the models' default of {spec.default_steps} steps")
-    if not os.environ.get("RAY_ADDRESS"):   # on a cluster the HTTP proxies listen on its nodes, not here
-        _check_port_free(args.host, args.port)
+    _check_port_free(args.host, args.port, here=not os.environ.get("RAY_ADDRESS"))
     require_ray()
     from msdda.cli import verbose_requested
 
@@ -382,7 +383,7 @@ def run(args) -> int:
     previous = {sig: signal.getsignal(sig) for sig in signals}
     session = None
     try:
-        from ray import serve   # before start_ray silences stderr: Ray's loggers are made on import
+        from ray import serve
 
         session = start_ray(num_cpus=max(os.cpu_count() or 1, cpus * args.replicas),
                             metrics_port=args.metrics_port, verbose=verbose_requested(args))
