@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from msdda.errors import is_out_of_memory, one_line, short_value
-from msdda.ray_runtime import ModelSpec, model_spec, require_ray, start_ray, stop_ray
+from msdda.ray_runtime import ModelSpec, model_spec, ray_session, require_ray
 from msdda.runfolder import RunFolder
 from msdda.validation import check_seed
 
@@ -69,7 +69,9 @@ def _manifest_schema():
         ("finished_at", pa.float64()),       # unix time the image was written
         ("error", pa.string()),              # the one-line reason when the row was refused or failed
         ("refused", pa.bool_()),             # refused as input (not a transient failure): a rerun skips it while
-    ])                                       # its job fields are unchanged
+                                             # its job fields are unchanged
+        ("node_id", pa.string()),            # the Ray node whose actor made it (on a cluster: which machine)
+    ])
 
 
 # ---------------------------------------------------------------------- jobs
@@ -310,7 +312,10 @@ class EngineWorker:
     """A ``map_batches`` callable class: each actor of the pool loads the Engine once and makes its batches."""
 
     def __init__(self, spec: ModelSpec, out_dir: str, exact: bool):
+        import ray
+
         self.engine = spec.load()
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.images = Path(out_dir) / "images"
         self.exact = exact
         self.backend = spec.backend
@@ -330,7 +335,7 @@ class EngineWorker:
         for row, result in zip(rows, results):
             rec = {**{k: row[k] for k in JOB_FIELDS}, "models": self.models, "backend": self.backend,
                    "exact_batching": self.exact, "batch_seconds": seconds, "image": None, "file_sha256": None,
-                   "engine_call_samples": None, "error": None, "refused": False}
+                   "engine_call_samples": None, "error": None, "refused": False, "node_id": self.node_id}
             if isinstance(result, Exception):
                 rec["error"] = one_line(result)
                 # a ValueError is the engine refusing the row's values: the same row would be refused again
@@ -443,13 +448,16 @@ def _make_rows(args, spec: ModelSpec, exact: bool, rows: list[dict], refused: li
     if todo:
         require_ray()
         folder.note_finished(RUN_INFO)     # images may appear from here on: the folder stays, resumable
-        started, where = start_ray(num_cpus=max(os.cpu_count() or 1, cpus * args.concurrency))
-        try:
-            import logging
+        import logging
 
-            import ray.data
+        import ray.data
 
-            print(f"msdda batch: {where}", flush=True)
+        from msdda.cli_common import verbose_requested
+
+        # The session ends (a local Ray stopped, its workers and actors exited) before the command returns.
+        with ray_session(num_cpus=max(os.cpu_count() or 1, cpus * args.concurrency),
+                         verbose=verbose_requested(args)) as session:
+            print(f"msdda batch: {session.where}", flush=True)
             logging.getLogger("ray.data").setLevel(logging.ERROR)   # progress is printed below, one line a part
             ray.data.DataContext.get_current().enable_progress_bars = False
             ds = ray.data.from_items(todo).map_batches(
@@ -461,9 +469,6 @@ def _make_rows(args, spec: ModelSpec, exact: bool, rows: list[dict], refused: li
                 _write_parquet(parts / f"part-{time.time_ns()}-{os.getpid()}.parquet", records)
                 new.extend(records)
                 print(f"msdda batch: {made + sum(r['error'] is None for r in new)}/{len(rows)} images", flush=True)
-        finally:
-            if started:
-                stop_ray()
     by_id = {**done, **{r["id"]: r for r in new}}
     manifest = [by_id[r["id"]] for r in rows if r["id"] in by_id] + refused
     _write_parquet(out / "manifest.parquet", manifest)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from msdda import batch, serve  # the Ray commands; Ray itself is imported only when they run
 from msdda.cli_common import (CliError, add_model_args, check_model_flags, default_sampling, parse_experts,
-                              resolve_models, torch_dtype, uses_zoo)
+                              resolve_models, torch_dtype, uses_zoo, verbose_requested)
 
 EXIT_BAD_INPUT = 2
 GRID = "grid.png"
@@ -78,10 +78,6 @@ def library_output(verbose: bool):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _verbose_from_env() -> bool:
-    return os.environ.get("MSDDA_VERBOSE", "").strip().lower() not in ("", "0", "false", "no")
 
 
 # ---------------------------------------------------------------------- parsing helpers
@@ -692,14 +688,14 @@ def main(argv=None) -> int:
     except CliError as exc:
         print(error_line(exc), file=sys.stderr)
         return EXIT_BAD_INPUT
-    with library_output(getattr(args, "verbose", False) or _verbose_from_env()), _sigterm_interrupts():
+    with library_output(verbose_requested(args)), _sigterm_interrupts():
         try:
             return COMMANDS[args.command](args)
         except KeyboardInterrupt:
             print("msdda: interrupted; run the same command again to continue", file=sys.stderr)
             return 130
         except Exception as exc:  # noqa: BLE001 -- LoadError, CliError, RunFolderError, OOM, Ray's wrappers...
-            if getattr(args, "verbose", False) or _verbose_from_env():
+            if verbose_requested(args):
                 import traceback
 
                 traceback.print_exc()

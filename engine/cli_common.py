@@ -5,6 +5,7 @@ import circle: tests/test_layering.py)."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 DTYPES = ("float32", "float16", "bfloat16")   # --dtype: torch dtype names
@@ -91,3 +92,9 @@ def check_model_flags(args) -> None:
         raise CliError("--onnx-dir runs exported ONNX files: add --backend onnxruntime (or tensorrt)")
     if not Path(args.onnx_dir).is_dir():
         raise CliError(f"--onnx-dir: {args.onnx_dir} is not a folder (write one with msdda export --out DIR)")
+
+
+def verbose_requested(args) -> bool:
+    """--verbose or MSDDA_VERBOSE=1: libraries, Ray included, may print (the Ray commands ask this too)."""
+    verbose_env = os.environ.get("MSDDA_VERBOSE", "").strip().lower() not in ("", "0", "false", "no")
+    return bool(getattr(args, "verbose", False)) or verbose_env

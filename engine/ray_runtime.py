@@ -6,12 +6,15 @@ Ray is imported only inside functions: ``import msdda.cli`` stays light, and Ray
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 from msdda.validation import DEFAULT_LIMITS, Limits
 
-__all__ = ["ModelSpec", "model_spec", "start_ray", "stop_ray", "require_ray"]
+__all__ = ["ModelSpec", "model_spec", "RaySession", "start_ray", "stop_ray", "ray_session", "require_ray"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,11 @@ def model_spec(args, *, threads: int, num_gpus: float, row_block: int | None,
     for name, path in [("--base", base), *((f"--expert {n}", p) for n, p in experts.items())]:
         if not os.environ.get("RAY_ADDRESS") and not os.path.exists(path):
             raise CliError(f"{name}: {path} does not exist")
+    if os.path.exists(base):
+        # A folder with no UNet is refused here, in a second, not by a Ray worker after Ray started (a minute)
+        from msdda.loading import unet_folder
+
+        unet_folder(base)
     default_steps, default_guidance = default_sampling(args)
     device = args.device or ("cuda" if num_gpus > 0 else "cpu")
     return ModelSpec(base=str(base), experts={n: str(p) for n, p in experts.items()}, backend=args.backend,
@@ -79,30 +87,115 @@ def require_ray():
     return ray
 
 
-def start_ray(*, num_cpus: int | None = None, metrics_port: int | None = None) -> tuple[bool, str]:
-    """Join the Ray this process already uses, or the cluster at $RAY_ADDRESS, or start a local one.
+class RaySession:
+    """The Ray one command uses, from ``start_ray``: ``owned`` when this command started a local Ray (stopped,
+    and its processes waited for, by ``stop_ray``), ``joined`` when it connected to the cluster at $RAY_ADDRESS
+    (disconnected by ``stop_ray``: the cluster then ends the job's actors), neither when the process already used
+    a Ray (left as it is). ``where`` says which Ray, its session folder and its metrics URL."""
 
-    Returns (started, where): started is True when this call started a local Ray (the caller then owns it and
-    stops it with ``stop_ray``); where says which Ray, its session folder and its Prometheus metrics URL.
+    def __init__(self, owned: bool, joined: bool, where: str, *, saved_stderr: int | None, known_pids: set):
+        self.owned, self.joined, self.where = owned, joined, where
+        self.saved_stderr = saved_stderr    # the real fd 2 while Ray's output goes to /dev/null (None: verbose)
+        self.known_pids = known_pids        # this process's children from before a local Ray started
+
+
+#: seconds ``stop_ray`` waits for a local Ray's processes to exit after ray.shutdown() before killing them
+PROCESS_EXIT_WAIT_S = 20.0
+
+
+def start_ray(*, num_cpus: int | None = None, metrics_port: int | None = None, verbose: bool = False) -> RaySession:
+    """Use the Ray this process already uses, or the cluster at $RAY_ADDRESS, or start a local one. End the
+    session with ``stop_ray`` (or use ``ray_session``).
+
+    Unless ``verbose``, Ray prints nothing until ``stop_ray``: its Python loggers are set to ERROR (the "Token
+    authentication is enabled" warning), the driver does not relay workers' output (log_to_driver), and file
+    descriptor 2 points to /dev/null, which is the only way to silence the C++ core worker's lines
+    (``core_worker.cc: ...``) and the coloured ``(raylet)`` lines the driver prints (``RAY_BACKEND_LOG_LEVEL``
+    itself prints a line). Python's ``sys.stderr`` object is left alone: msdda prints its one-line errors after
+    ``stop_ray``, and Ray's own log files (its session folder) keep everything.
     """
     ray = require_ray()
-    if ray.is_initialized():
-        return False, "Ray: the one this process already uses"
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level="warning")
-        return False, f"Ray: the cluster at {os.environ['RAY_ADDRESS']}"
-    options = {"_metrics_export_port": metrics_port} if metrics_port else {}
-    # address="local": a Ray of its own, even when someone's `ray start` cluster runs on this machine (ray.init()
-    # with no address would join that one: /tmp/ray/ray_current_cluster)
-    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                       logging_level="warning", **options)
-    info = context.address_info
-    return True, (f"Ray: local, session {info.get('session_dir')}; "
-                  f"metrics: http://{info.get('node_ip_address')}:{info.get('metrics_export_port')}/metrics")
+    import psutil
+
+    saved_stderr = None if verbose else _silence_stderr()
+    try:
+        level = logging.INFO if verbose else logging.ERROR
+        if ray.is_initialized():
+            return RaySession(False, False, "Ray: the one this process already uses", saved_stderr=saved_stderr,
+                              known_pids=set())
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=verbose, logging_level=level)
+            return RaySession(False, True, f"Ray: the cluster at {os.environ['RAY_ADDRESS']}",
+                              saved_stderr=saved_stderr, known_pids=set())
+        known = {p.pid for p in psutil.Process().children(recursive=True)}
+        options = {"_metrics_export_port": metrics_port} if metrics_port else {}
+        # address="local": a Ray of its own, even when someone's `ray start` cluster runs on this machine
+        # (ray.init() with no address would join that one: /tmp/ray/ray_current_cluster)
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose,
+                           logging_level=level, **options)
+        info = context.address_info
+        return RaySession(True, False, f"Ray: local, session {info.get('session_dir')}; metrics: "
+                                       f"http://{info.get('node_ip_address')}:{info.get('metrics_export_port')}/metrics",
+                          saved_stderr=saved_stderr, known_pids=known)
+    except BaseException:
+        if saved_stderr is not None:
+            _restore_stderr(saved_stderr)
+        raise
 
 
-def stop_ray() -> None:
-    """Stop the local Ray this process started: its raylet, GCS, workers and actors end with it."""
+def stop_ray(session: RaySession) -> None:
+    """End what ``start_ray`` began: stop a local Ray it started and return only once every process of it (GCS,
+    raylet, workers, actors) has exited; disconnect from a cluster it joined; then let Ray's output through
+    again."""
+    import psutil
     import ray
 
-    ray.shutdown()
+    try:
+        if session.owned:
+            started = [p for p in psutil.Process().children(recursive=True) if p.pid not in session.known_pids]
+            ray.shutdown()
+            _wait_for_exit(psutil, started)
+        elif session.joined:
+            ray.shutdown()
+    finally:
+        if session.saved_stderr is not None:
+            _restore_stderr(session.saved_stderr)
+            session.saved_stderr = None
+
+
+@contextlib.contextmanager
+def ray_session(*, num_cpus: int | None = None, metrics_port: int | None = None, verbose: bool = False):
+    """``start_ray`` ... ``stop_ray`` around a block; yields the ``RaySession``."""
+    session = start_ray(num_cpus=num_cpus, metrics_port=metrics_port, verbose=verbose)
+    try:
+        yield session
+    finally:
+        stop_ray(session)
+
+
+def _wait_for_exit(psutil, processes) -> None:
+    """Wait for the local Ray's processes (ray.shutdown() signals them but does not wait for workers); kill
+    what is left after ``PROCESS_EXIT_WAIT_S``."""
+    _, alive = psutil.wait_procs(processes, timeout=PROCESS_EXIT_WAIT_S)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _silence_stderr() -> int:
+    """Point fd 2 at /dev/null; returns a copy of the real one for ``_restore_stderr``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    return saved
+
+
+def _restore_stderr(saved: int) -> None:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)

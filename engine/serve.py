@@ -537,13 +537,15 @@ def _positive(name: str, value, *, allow_zero=False) -> None:
         raise CliError(f"{name} must be {'>= 0' if allow_zero else 'positive'}, got {value}")
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int, *, here: bool = True) -> None:
     import socket
 
     from msdda.cli_common import CliError
 
     if not 0 < port < 65536:
         raise CliError(f"--port must be in 1..65535, got {port}")
+    if not here:      # the HTTP proxies listen on the cluster's nodes, not on this machine
+        return
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -592,17 +594,19 @@ def run(args) -> int:
     import threading
 
     spec, settings, cpus = configure(args)
-    _check_port_free(args.host, args.port)
+    _check_port_free(args.host, args.port, here=not os.environ.get("RAY_ADDRESS"))
     require_ray()
+    from msdda.cli_common import verbose_requested
+
     stop = threading.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.getsignal(sig) for sig in signals}
-    started = False
+    session = None
     try:
         from ray import serve
 
-        started, where = start_ray(num_cpus=max(os.cpu_count() or 1, cpus * args.replicas),
-                                   metrics_port=args.metrics_port)
+        session = start_ray(num_cpus=max(os.cpu_count() or 1, cpus * args.replicas),
+                            metrics_port=args.metrics_port, verbose=verbose_requested(args))
         for sig in signals:   # after ray.init, whose core worker installs its own SIGTERM handler (it just dies)
             signal.signal(sig, lambda *_: stop.set())
         if not stop.is_set():
@@ -619,18 +623,19 @@ def run(args) -> int:
 
                 raise CliError(f"the server did not start: {deployment_error(serve) or one_line(exc)}") from None
             print(f"msdda serve: http://{args.host}:{args.port} (POST /v1/generate, GET /v1/models, GET /healthz); "
-                  f"{where}; Ctrl-C or SIGTERM stops it", flush=True)
+                  f"{session.where}; Ctrl-C or SIGTERM stops it", flush=True)
             stop.wait()
         print("msdda serve: stopping", flush=True)
     finally:
         try:
-            if started:
-                serve.shutdown()
-                stop_ray()
-            elif require_ray().is_initialized():
-                from ray import serve
-
-                serve.delete(APP_NAME)
+            if session is not None:
+                try:
+                    if session.owned:
+                        serve.shutdown()
+                    else:
+                        serve.delete(APP_NAME)
+                finally:
+                    stop_ray(session)    # after the local Ray's processes have exited, or off the cluster
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
