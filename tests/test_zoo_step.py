@@ -76,3 +76,18 @@ def test_step_flavour_paths():
     assert zoo.zoo_paths(flavour="default") == zoo.zoo_paths()
     with pytest.raises(ValueError, match="unknown zoo flavour"):
         zoo.zoo_paths(flavour="nope")
+
+
+@pytest.mark.parametrize("name", zoo.OBJECTIVES)
+def test_shipped_step_experts(name):
+    """The step flavour's experts ship as small safetensors UNets of the base's architecture."""
+    import json
+
+    folder = zoo.zoo_paths(flavour="step")[name] / "unet"
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    assert weights.is_file() and weights.stat().st_size <= 3.2e6
+    ignore = {"_name_or_path", "_diffusers_version"}
+    cfg = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k not in ignore}
+    base = {k: v for k, v in json.loads((zoo.zoo_paths()["base"] / "unet" / "config.json").read_text()).items()
+            if k not in ignore}
+    assert cfg == base
