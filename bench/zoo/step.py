@@ -318,6 +318,10 @@ def train_step_experts(out: Path, ckpt_dir: Path, *, zoo_root: Path = ZOO_DIR, n
     if not measure:
         return summary
     done = {n: out / n for n in OBJECTIVES if (out / n / "unet" / "config.json").exists()}
+    for n, folder in done.items():      # again here, sequentially: --fit-only runs in parallel can race on the file
+        fit = read_json(folder / "fit.json", {})
+        if "train_duration_s" in fit:
+            record_duration(out, f"step:{n}", fit["train_duration_s"])
     default = zoo_paths(zoo_root)
     members = {"base": default["base"], **{f"rl:{k}": default[k] for k in done}, **{f"step:{k}": p for k, p in done.items()}}
     # rewards of the base and the new experts only (the RL experts' are in the default zoo's rl_summary.json)
