@@ -236,8 +236,8 @@ def fit_expert(base_dir: Path, out: Path, ckpt_dir: Path, name: str, targets: di
         tm, tv = targets[f"{name}.mean"][idx], targets[f"{name}.var"][idx]
         opt.zero_grad(set_to_none=True)
         t = table.timesteps[i]
-        # the guided step, with the gradient through the conditional half only (half the backward pass; the
-        # null-class half, shared by every expert's guidance, is only moved through the shared weights)
+        # the guided step, with the gradient through the conditional half only: no backward pass through the
+        # null-class half, which moves only through the weights it shares with the conditional one
         with torch.no_grad():
             out_null = policy(x_t, t, class_labels=torch.full_like(labels, NULL_CLASS)).sample
         out_cond = policy(x_t, t, class_labels=labels).sample
