@@ -26,14 +26,17 @@ def test_weighted_moments_match_brute_force():
     for j in range(b):
         w = [math.exp(float(log_w[i, j])) for i in range(m)]
         w = [x / sum(w) for x in w]
-        assert_within(ess[j], torch.tensor(1.0 / sum(x * x for x in w), dtype=torch.float64), rounding_bound(m, 4 * m, torch.float64), "ess")
+        expected_ess = torch.tensor(1.0 / sum(x * x for x in w), dtype=torch.float64)
+        assert_within(ess[j], expected_ess, rounding_bound(m, 4 * m, torch.float64), "ess")
         for p in range(4):
             xs = [float(samples[i, j].flatten()[p]) for i in range(m)]
             mu = sum(wi * xi for wi, xi in zip(w, xs))
             v = sum(wi * (xi - mu) ** 2 for wi, xi in zip(w, xs))
             mag = sum(abs(xi) for xi in xs) + 1.0
-            assert_within(mean[j].flatten()[p], torch.tensor(mu, dtype=torch.float64), rounding_bound(mag, 4 * m, torch.float64), "mean")
-            assert_within(var[j].flatten()[p], torch.tensor(v, dtype=torch.float64), rounding_bound(mag * mag, 8 * m, torch.float64), "var")
+            assert_within(mean[j].flatten()[p], torch.tensor(mu, dtype=torch.float64),
+                          rounding_bound(mag, 4 * m, torch.float64), "mean")
+            assert_within(var[j].flatten()[p], torch.tensor(v, dtype=torch.float64),
+                          rounding_bound(mag * mag, 8 * m, torch.float64), "var")
 
 
 def test_ess_limits():
@@ -44,7 +47,8 @@ def test_ess_limits():
     one_hot = torch.full((6, 3), -1e4, dtype=torch.float64)
     one_hot[2] = 0.0
     mean, var, ess = weighted_moments(samples, one_hot)
-    assert torch.equal(mean, samples[2]) and torch.equal(var, torch.zeros_like(var)) and torch.equal(ess, torch.ones(3, dtype=torch.float64))
+    assert torch.equal(mean, samples[2]) and torch.equal(var, torch.zeros_like(var))
+    assert torch.equal(ess, torch.ones(3, dtype=torch.float64))
 
 
 def test_weighted_nll_is_the_weighted_proposal_nll_and_minimised_at_the_moments():

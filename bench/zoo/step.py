@@ -1,4 +1,5 @@
-"""Step-level aligned experts with a learned variance: the zoo's second flavour (``msdda.zoo.zoo_paths(flavour="step")``).
+"""Step-level aligned experts with a learned variance: the zoo's second flavour
+(``msdda.zoo.zoo_paths(flavour="step")``).
 
 The experts of rl.py are trained by trajectory-level policy gradient, which barely moves the variance channel, so
 their step Gaussians have nearly the base's variance and MSDDA's product equals averaging on them. This recipe
@@ -185,7 +186,8 @@ def build_targets(base_dir: Path, classifier_file: Path, scales: dict[str, float
             save_file(data, str(tmp))
             tmp.replace(path)
             log(f"step targets: chunk {c + 1} ({n} trajectories, {data['x_t'].shape[0]} states) in "
-                f"{time.time() - t0:.0f}s; ESS mean " + " ".join(f"{k} {data[f'{k}.ess'].mean():.2f}" for k in OBJECTIVES))
+                f"{time.time() - t0:.0f}s; ESS mean "
+                + " ".join(f"{k} {data[f'{k}.ess'].mean():.2f}" for k in OBJECTIVES))
         chunks.append(load_file(str(path)))
     return {k: torch.cat([ch[k] for ch in chunks]) for k in chunks[0]}
 
@@ -323,7 +325,8 @@ def train_step_experts(out: Path, ckpt_dir: Path, *, zoo_root: Path = ZOO_DIR, n
         if "train_duration_s" in fit:
             record_duration(out, f"step:{n}", fit["train_duration_s"])
     default = zoo_paths(zoo_root)
-    members = {"base": default["base"], **{f"rl:{k}": default[k] for k in done}, **{f"step:{k}": p for k, p in done.items()}}
+    members = {"base": default["base"], **{f"rl:{k}": default[k] for k in done},
+               **{f"step:{k}": p for k, p in done.items()}}
     # rewards of the base and the new experts only (the RL experts' are in the default zoo's rl_summary.json)
     summary["mean_rewards"] = mean_rewards({k: p for k, p in members.items() if not k.startswith("rl:")}, zoo_root,
                                            cfg, seed=seed)
@@ -367,7 +370,8 @@ def composition_gap(pairs: dict[str, tuple[Path, Path]], base_dir: Path, *, n: i
             oa, ob = guided_output(ua, x, t, labels, guidance_scale), guided_output(ub, x, t, labels, guidance_scale)
             (ma, va, _), (mb, vb, _) = gaussian_step(oa, x, table.scalars[i]), gaussian_step(ob, x, table.scalars[i])
             coeff = torch.tensor([[w, 1.0 - w]], dtype=torch.float64).expand(n, 2)
-            mu, prec, _, _ = product_moments_ref(torch.stack([ma, mb]).flatten(2), torch.stack([va, vb]).flatten(2), coeff)
+            mu, prec, _, _ = product_moments_ref(torch.stack([ma, mb]).flatten(2), torch.stack([va, vb]).flatten(2),
+                                                 coeff)
             m_mix, v_mix, _ = gaussian_step(w * oa + (1.0 - w) * ob, x, table.scalars[i])
             kl = gaussian_kl(m_mix.flatten(1).double(), v_mix.flatten(1).double(), mu, 1.0 / prec).sum(1)
             res[name][str(t)] = kl.mean().item()
