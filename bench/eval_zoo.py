@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from bench.quality.evaluate import evaluate  # noqa: E402
 from bench.quality.settings import MIN_HONEST_SAMPLES, STRATEGIES, EvalSettings, quick_settings  # noqa: E402
-from msdda.zoo import DEFAULT_STEPS  # noqa: E402
+from msdda.zoo import DEFAULT_STEPS, FLAVOURS, OBJECTIVES, zoo_paths  # noqa: E402
 
 ALIASES = {"oracles": "oracle", "morl": "oracle", "rg": "rgg"}
 
@@ -41,6 +41,11 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
                     help="generation backend (default torch; RGG and the timing pass always run on torch)")
     ap.add_argument("--zoo-root", default=None, help="model folder (default: the embedded zoo)")
+    ap.add_argument("--flavour", default="default", choices=FLAVOURS,
+                    help="which experts (msdda.zoo.zoo_paths; default: the RL experts; step: bench/zoo/step.py's)")
+    ap.add_argument("--combos", default=None,
+                    help="objective combinations, e.g. legible+bold,bold+compressible (default: every pair and the triple)")
+    ap.add_argument("--pair-step", type=float, default=None, help="weight grid step for pairs (default 0.1)")
     return ap.parse_args(argv)
 
 
@@ -49,6 +54,8 @@ def settings_from(args: argparse.Namespace) -> EvalSettings:
         settings = quick_settings(args.steps)
     else:
         settings = EvalSettings(samples=args.samples, steps=args.steps if args.steps is not None else DEFAULT_STEPS)
+    if args.pair_step is not None:
+        settings = replace(settings, pair_step=args.pair_step)
     return replace(settings, batch_size=args.batch_size) if args.batch_size else settings
 
 
@@ -76,8 +83,19 @@ def main(argv=None) -> int:
                      "intervals will be wide and the results say so in settings.samples")
             if settings.steps != DEFAULT_STEPS:
                 note(f"zoo eval: note: {settings.steps} steps instead of the zoo's {DEFAULT_STEPS}")
+        combos = None
+        if args.combos is not None:
+            combos = [tuple(o.strip() for o in c.split("+")) for c in args.combos.split(",") if c.strip()]
+            bad = [o for c in combos for o in c if o not in OBJECTIVES]
+            if bad or any(len(c) < 2 for c in combos):
+                raise ValueError(f"--combos: each combination joins at least two of {', '.join(OBJECTIVES)} "
+                                 f"with '+', got {args.combos!r}")
+        models = None
+        if args.flavour != "default":
+            paths = zoo_paths(args.zoo_root, flavour=args.flavour)
+            models = {k: paths[k] for k in OBJECTIVES}
         results = evaluate(out=out, settings=settings, strategies=strategies, quick=args.quick, device=args.device,
-                           zoo_root=args.zoo_root, backend=args.backend, log=note)
+                           zoo_root=args.zoo_root, models=models, combos=combos, backend=args.backend, log=note)
     except (ValueError, FileNotFoundError) as exc:
         print(f"eval_zoo: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@
     ckpt.py       resumable safetensors checkpoints
     train.py      the classifier and base stages, and the command line (bench/train_zoo.py)
     rl.py         the experts and MORL oracles: KL-regularised step-level RL
+    step.py       the "step" flavour's experts: the step-level optimum distilled by importance sampling
     readme.py     models/README.md
 
-Imports run one way: train -> rl -> diffusion, data, ckpt, common.
+Imports run one way: train -> step -> rl -> diffusion, data, ckpt, common.
 """

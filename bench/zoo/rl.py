@@ -328,13 +328,15 @@ def reevaluate(out: Path, stage: str, *, names=None, tiny=False, seed=0) -> None
 
 @torch.no_grad()
 def variance_stats(out: Path, *, n: int = 200, seed: int = 0, steps: int = DEFAULT_STEPS,
-                   guidance_scale: float = DEFAULT_GUIDANCE_SCALE) -> dict:
+                   guidance_scale: float = DEFAULT_GUIDANCE_SCALE, members: dict[str, Path] | None = None) -> dict:
     """Every member's step log-variance at the SAME states: x_t taken from base trajectories (seeded draw), each
     member evaluated there at the VAR_PROBE_T steps. Writes out/variance_stats.json:
-    {"mean_log_var": {member: {t: mean}}, "mean_abs_dlog_var": {"a|b": {t: mean |log var_a - log var_b|}}}."""
-    sched_cfg = json.loads((out / "base" / "scheduler" / "scheduler_config.json").read_text())
+    {"mean_log_var": {member: {t: mean}}, "mean_abs_dlog_var": {"a|b": {t: mean |log var_a - log var_b|}}}.
+    ``members`` ({name: model folder}, one named "base") defaults to out's zoo."""
+    if members is None:
+        members = {k: p for k, p in zoo_paths(out).items() if (p / "unet" / "config.json").exists()}
+    sched_cfg = json.loads((members["base"] / "scheduler" / "scheduler_config.json").read_text())
     table = StepTable(sched_cfg, steps)
-    members = {k: p for k, p in zoo_paths(out).items() if (p / "unet" / "config.json").exists()}
     models = {k: _load_unet(p / "unet").eval() for k, p in members.items()}
     labels = torch.arange(n) % NUM_CLASSES
     _, traj = rollout(models["base"], table, labels, guidance_scale, torch.Generator().manual_seed(seed + 999))

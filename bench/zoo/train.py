@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from msdda.zoo import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, NULL_CLASS, ZOO_DIR
+from msdda.zoo import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, NULL_CLASS, ZOO_DIR, flavour_dir
 
 from .ckpt import load_checkpoint, save_checkpoint
 from .common import format_seconds, log, read_json, record_duration, seeded_generator, write_card, write_json
@@ -296,8 +296,12 @@ def _default_ckpt_dir(out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python bench/train_zoo.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["classifier", "base", "expert", "oracle", "all"])
-    ap.add_argument("--out", type=Path, default=ZOO_DIR)
+    ap.add_argument("stage", choices=["classifier", "base", "expert", "oracle", "all", "step-expert"],
+                    help="step-expert: the step-level experts of bench/zoo/step.py (zoo flavour \"step\"; not in all)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: the package's zoo folder (step-expert: its \"step\" flavour folder)")
+    ap.add_argument("--zoo-root", type=Path, default=ZOO_DIR,
+                    help="step-expert only: the zoo whose base, classifier and reward scales it starts from")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (base/classifier) or RL iterations")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes, for tests")
     ap.add_argument("--name", nargs="*", default=None, help="expert objectives / oracle weights to build")
@@ -308,9 +312,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads (default 2, or $MSDDA_ZOO_THREADS); use 1 on a CPU shared with other jobs")
     ap.add_argument("--eval-only", action="store_true",
                     help="re-measure existing models (base / experts / oracles) and rewrite their cards")
+    ap.add_argument("--fit-only", action="store_true",
+                    help="step-expert only: fit, skip the measurements (run once more without it to measure)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    out = a.out
+    if a.stage == "step-expert":
+        from .step import train_step_experts
+
+        out = a.out or flavour_dir("step")
+        ckpt_dir = a.ckpt_dir or (_default_ckpt_dir(ZOO_DIR) if a.out is None else a.out / "_ckpt")
+        train_step_experts(out, ckpt_dir, zoo_root=a.zoo_root, names=a.name, steps=a.steps, tiny=a.tiny,
+                           seed=a.seed, force=a.force, measure=not a.fit_only)
+        return 0
+    out = a.out or ZOO_DIR
     ckpt_dir = a.ckpt_dir or _default_ckpt_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     kw = dict(steps=a.steps, tiny=a.tiny, seed=a.seed, force=a.force)

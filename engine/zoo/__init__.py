@@ -42,12 +42,28 @@ def oracle_name(w: float, pair: tuple[str, str] = ORACLE_PAIR) -> str:
 ORACLES: tuple[str, ...] = tuple(oracle_name(w) for w in ORACLE_WEIGHTS)
 
 
-def zoo_paths(root: str | Path | None = None) -> dict[str, Path]:
-    """{"base": ..., "legible": ..., "bold": ..., "compressible": ..., "morl_...": ...} -> model folders
-    (each holds a diffusers ``unet/`` subfolder; ``base`` also holds ``scheduler/``)."""
+#: zoo flavours: "default" (the RL experts above) and "step" (step-level experts with a learned variance, trained by
+#: bench/zoo/step.py; they live in models/step/ and share the default base, scheduler and classifier; no oracles)
+FLAVOURS: tuple[str, ...] = ("default", "step")
+
+
+def flavour_dir(flavour: str = "default", root: str | Path | None = None) -> Path:
+    """The folder holding a flavour's experts."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown zoo flavour {flavour!r}; expected one of {', '.join(FLAVOURS)}")
     root = Path(root) if root is not None else ZOO_DIR
-    names = ("base",) + OBJECTIVES + ORACLES
-    return {n: root / n for n in names}
+    return root if flavour == "default" else root / flavour
+
+
+def zoo_paths(root: str | Path | None = None, flavour: str = "default") -> dict[str, Path]:
+    """{"base": ..., "legible": ..., "bold": ..., "compressible": ..., "morl_...": ...} -> model folders
+    (each holds a diffusers ``unet/`` subfolder; ``base`` also holds ``scheduler/``). The "step" flavour has the
+    same base and its own experts, and no MORL oracles."""
+    experts = flavour_dir(flavour, root)
+    root = Path(root) if root is not None else ZOO_DIR
+    if flavour == "step":
+        return {"base": root / "base", **{n: experts / n for n in OBJECTIVES}}
+    return {n: root / n for n in ("base",) + OBJECTIVES + ORACLES}
 
 
 def scheduler_path(root: str | Path | None = None) -> Path:
@@ -60,5 +76,6 @@ def classifier_path(root: str | Path | None = None) -> Path:
 
 
 __all__ = ["ZOO_DIR", "OBJECTIVES", "ORACLE_PAIR", "ORACLE_WEIGHTS", "ORACLES", "DEFAULT_STEPS",
-           "DEFAULT_GUIDANCE_SCALE", "KL_BETA", "NULL_CLASS", "NUM_CLASSES", "oracle_name", "zoo_paths",
+           "DEFAULT_GUIDANCE_SCALE", "KL_BETA", "NULL_CLASS", "NUM_CLASSES", "FLAVOURS", "oracle_name", "flavour_dir",
+           "zoo_paths",
            "scheduler_path", "classifier_path"]
