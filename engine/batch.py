@@ -395,17 +395,6 @@ def owns_part(name: str) -> bool:
     return re.fullmatch(r"part-\d+-\d+\.parquet", name) is not None
 
 
-def _check_base_config(base: str) -> None:
-    """The base's UNet config, read and checked as the loader will (cheap: no weights), before Ray starts."""
-    from msdda.loading import LoadError, check_unet_config, read_json, unet_folder
-
-    try:
-        folder = unet_folder(base)
-        check_unet_config(read_json(folder / "config.json"), folder)
-    except LoadError as exc:
-        raise _bad(f"--base: {exc}") from None
-
-
 def run(args) -> int:
     """``msdda batch``: make every pending row, then write the manifest. Exit 2 when some rows were refused."""
     for name in ("concurrency", "batch_size"):
@@ -421,8 +410,6 @@ def run(args) -> int:
     spec = model_spec(args, threads=cpus, num_gpus=args.num_gpus, row_block=engine_row_block(args, args.batch_size))
     exact = batches_exactly(spec.row_block, args.batch_size)
     rows, refused = read_jobs(args.input, spec)
-    if rows and not os.environ.get("RAY_ADDRESS"):
-        _check_base_config(spec.base)      # a base that cannot load fails here in one line, not inside Ray
     out = Path(args.out)
     with RunFolder(out, run_info(spec, exact), owns_batch_file, manifest=RUN_INFO) as folder:
         images = folder.subfolder("images", owns_image)

@@ -63,10 +63,15 @@ def model_spec(args, *, threads: int, num_gpus: float, row_block: int | None,
         if not os.environ.get("RAY_ADDRESS") and not os.path.exists(path):
             raise CliError(f"{name}: {path} does not exist")
     if os.path.exists(base):
-        # A folder with no UNet is refused here, in a second, not by a Ray worker after Ray started (a minute)
-        from msdda.loading import unet_folder
+        # A base whose UNet config does not load is refused here, in a second (the config read and checked as the
+        # loader will, through the file rule; no weights), not by a Ray worker after Ray started (a minute)
+        from msdda.loading import LoadError, check_unet_config, read_json, unet_folder
 
-        unet_folder(base)
+        try:
+            folder = unet_folder(base)
+            check_unet_config(read_json(folder / "config.json"), folder)
+        except LoadError as exc:
+            raise CliError(f"--base: {exc}") from None
     default_steps, default_guidance = default_sampling(args)
     device = args.device or ("cuda" if num_gpus > 0 else "cpu")
     return ModelSpec(base=str(base), experts={n: str(p) for n, p in experts.items()}, backend=args.backend,

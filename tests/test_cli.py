@@ -3,6 +3,7 @@ temp files, OS errors), bounds checked before anything is loaded or written, and
 status 2."""
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -591,7 +592,8 @@ def test_one_line_even_with_library_warnings(models, tmp_path):
 @pytest.mark.parametrize("value, verbose", [("1", True), ("yes", True), ("0", False), ("", False)])
 def test_msdda_verbose_environment_variable(monkeypatch, value, verbose):
     monkeypatch.setenv("MSDDA_VERBOSE", value)
-    assert cli._verbose_from_env() is verbose
+    assert cli.verbose_requested(argparse.Namespace()) is verbose
+    assert cli.verbose_requested(argparse.Namespace(verbose=True))     # the flag wins over the variable
 
 
 def test_library_output_is_restored_after_main():
