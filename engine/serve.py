@@ -171,7 +171,7 @@ def parse_request(body: bytes, spec: ModelSpec, limits: Limits, *,
 
 def response_body(share, spec_models, call: dict) -> dict:
     """The JSON answer for one request's share of an engine call."""
-    from msdda.coalesce import encode_png
+    from msdda.atomic import encode_png
 
     body = {"seeds": share.seeds, "weights": share.weights, "strategy": share.strategy, "models": spec_models,
             "batch_size": share.batch_size, "steps": call["steps"], "guidance_scale": call["guidance_scale"],

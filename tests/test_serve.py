@@ -26,7 +26,8 @@ import uuid
 import pytest
 import torch
 
-from msdda.coalesce import encode_png, generate_many, merge_key
+from msdda.atomic import encode_png
+from msdda.coalesce import generate_many, merge_key
 from msdda.ray_runtime import ModelSpec
 from msdda.serve import DEFAULT_ROW_BLOCK, parse_request
 from msdda.validation import Limits
