@@ -71,12 +71,18 @@ def temp_file_target(filename: str) -> str | None:
     return m.group("target") if m else None
 
 
-def atomic_save_image(path, image) -> Path:
+def encode_png(image) -> bytes:
+    """PNG bytes of a PIL image (PIL's defaults): the one encoding of every image msdda writes or serves, so a
+    served, batch-made or CLI-written image compare byte for byte."""
     import io
 
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def atomic_save_image(path, image) -> Path:
+    return atomic_write_bytes(path, encode_png(image))
 
 
 # ---------------------------------------------------------------------- the files msdda may read

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from msdda.errors import is_out_of_memory, one_line, short_value
 from msdda.ray_runtime import ModelSpec, model_spec, ray_session, require_ray
-from msdda.runfolder import RunFolder
+from msdda.runfolder import RunFolder, image_intact
 from msdda.validation import check_seed
 
 __all__ = ["JOB_FIELDS", "add_command", "read_jobs", "pending_rows", "run", "EngineWorker"]
@@ -48,7 +48,6 @@ RUN_INFO = "run.json"          # the folder's msdda manifest: the models and set
 INT64 = (-2 ** 63, 2 ** 63 - 1)
 MAX_JOBS_BYTES = 1 << 30      # the largest jobs file read (the file rule: a regular file of bounded size)
 MAX_MANIFEST_BYTES = 1 << 32
-MAX_IMAGE_BYTES = 1 << 28
 # what one row's failure may raise while it is checked: each is that row's one line, never the whole file's
 ROW_ERRORS = (ValueError, TypeError, RecursionError, OverflowError)
 
@@ -250,24 +249,8 @@ def _read_records(out: Path) -> list[dict]:
 
 
 def _image_ok(path: Path, sha256: str | None) -> bool:
-    from msdda.atomic import read_regular
-
-    if sha256 is None:
-        return False
-    try:
-        data = read_regular(path, max_bytes=MAX_IMAGE_BYTES, follow=False)
-    except (OSError, ValueError):
-        return False
-    if hashlib.sha256(data).hexdigest() != sha256:
-        return False
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-        return True
-    except Exception:  # noqa: BLE001 -- anything PIL cannot decode is damaged
-        return False
+    """A row's image is done when its manifest records its hash and the file has exactly those bytes."""
+    return sha256 is not None and image_intact(path, sha256)
 
 
 def pending_rows(rows: list[dict], out: Path) -> tuple[list[dict], dict]:
@@ -325,7 +308,8 @@ class EngineWorker:
         import pyarrow as pa
 
         from msdda.atomic import atomic_write_bytes
-        from msdda.coalesce import encode_png, generate_many
+        from msdda.atomic import encode_png
+        from msdda.coalesce import generate_many
 
         rows = batch.to_pylist()
         start = time.perf_counter()

@@ -369,6 +369,7 @@ def _request(args, engine, sampling: dict, weights, num_images: int) -> dict:
 def _run_params(args, engine, request: dict, num_images: int) -> dict:
     """What defines the run's images; the same command again must give the same parameters."""
     import msdda
+    from msdda.validation import seed_list
 
     return {
         "command": "generate", "msdda_version": msdda.__version__,
@@ -379,7 +380,7 @@ def _run_params(args, engine, request: dict, num_images: int) -> dict:
         "scheduler": engine.scheduler, "steps": request["steps"],
         "eta": request["eta"] if engine.scheduler == "ddim" else None,     # DDPM has no eta
         "guidance_scale": request["guidance_scale"], "seed": args.seed,
-        "seeds": [args.seed + i for i in range(num_images)], "num_images": num_images,
+        "seeds": seed_list(args.seed, num_images), "num_images": num_images,
         "prompt": args.prompt, "class": args.class_label,
         **{k: getattr(args, k) for k in ("negative_prompt", "height", "width", "variant") if getattr(args, k) is not None},
     }
@@ -415,15 +416,17 @@ def generate_into(engine, run, request: dict, *, seed: int, num_images: int, bat
     grid and the finished manifest. Returns the names of the images made. Progress per ``msdda.progress``."""
     from msdda.progress import Progress
     from msdda.runfolder import image_intact
+    from msdda.validation import seed_list
 
     names = image_names(num_images)
+    seeds = seed_list(seed, num_images)
     recorded = _recorded_sha256(run.previous)
     todo = [i for i, name in enumerate(names) if not image_intact(run.path / name, recorded.get(name))]
     bar = Progress(len(todo) * request["steps"], desc, quiet=quiet)
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            out = engine.generate(**request, num_images=len(chunk), seed=[seed + i for i in chunk],
+            out = engine.generate(**request, num_images=len(chunk), seed=[seeds[i] for i in chunk],
                                   callback=lambda i, n: bar.update(1))
             for i, image in zip(chunk, out.images):
                 run.write_image(names[i], image)

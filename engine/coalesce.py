@@ -14,14 +14,15 @@ Engine (same machine, same thread count), which is how ``msdda serve`` and ``msd
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
-__all__ = ["Share", "encode_png", "generate_many", "merge_key", "per_sample_fields"]
+from msdda.validation import seed_list
+
+__all__ = ["Share", "generate_many", "merge_key", "per_sample_fields"]
 
 #: Engine.generate arguments that hold for a whole call: requests must agree on them to share one
 CALL_FIELDS = ("steps", "eta", "guidance_scale", "strategy", "output_type", "normalize", "expert_betas", "beta",
@@ -42,13 +43,6 @@ class Share:
     batch_size: int              # samples in the engine call that made them
 
 
-def encode_png(image) -> bytes:
-    """PNG bytes of a PIL image, encoded exactly as ``msdda generate`` writes its files (PIL's defaults), so a
-    served or batch-generated image and a file written by the CLI compare byte for byte."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
 
 # ---------------------------------------------------------------------- grouping
 def per_sample_fields(call: Mapping) -> dict | None:
@@ -64,7 +58,10 @@ def per_sample_fields(call: Mapping) -> dict | None:
         if value is None:
             continue
         if name == "seed" and isinstance(value, int) and not isinstance(value, bool):
-            value = [value + i for i in range(n)]           # the engine's rule: sample i gets seed + i
+            try:
+                value = seed_list(value, n)                 # the engine's rule for an int seed
+            except ValueError:
+                return None                                 # out of range: the engine refuses it alone
         elif isinstance(value, (list, tuple)):
             value = list(value)
         else:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from msdda.atomic import (MAX_JSON_BYTES, UnsafeFileError, atomic_save_image, atomic_write_json, open_regular,
-                          read_json, temp_file_target)
+                          read_json, read_regular, temp_file_target)
 
 __all__ = ["RunFolder", "RunFolderError", "LOCK_NAME", "MANIFEST", "check_target", "image_intact"]
 
@@ -118,24 +118,30 @@ def _remove_stale_temps(folder: Path, owns: Callable[[str], bool], manifest: str
             raise RunFolderError(_os_message("remove stale temp file", path, exc)) from None
 
 
+#: the largest image file msdda reads back to verify it
+MAX_IMAGE_BYTES = 1 << 28
+
+
 def image_intact(path: Path, sha256: str | None = None) -> bool:
-    """Whether ``path`` is a whole image: with ``sha256``, its bytes hash to it (exact); without, it decodes
-    completely (PNG chunk checksums verified and every pixel decoded, not just the header)."""
-    if not path.is_file():
+    """Whether ``path`` is a whole image msdda may trust: a regular file (not a link, through the file rule) of
+    bounded size that, with ``sha256``, hashes to it (exact: the bytes msdda wrote); without, decodes completely
+    (PNG chunk checksums verified and every pixel decoded, not just the header). The one image check of
+    generate, sweep and batch."""
+    import hashlib
+    import io
+
+    try:
+        data = read_regular(path, max_bytes=MAX_IMAGE_BYTES, follow=False)
+    except (OSError, ValueError):
         return False
     if sha256 is not None:
-        from msdda.loading import file_sha256
-
-        try:
-            return file_sha256(path) == sha256
-        except OSError:
-            return False
+        return hashlib.sha256(data).hexdigest() == sha256
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.verify()
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
         return True
     except Exception:  # PIL raises many types for damaged files (SyntaxError, OSError, ValueError...)

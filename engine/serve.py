@@ -171,7 +171,7 @@ def parse_request(body: bytes, spec: ModelSpec, limits: Limits, *,
 
 def response_body(share, spec_models, call: dict) -> dict:
     """The JSON answer for one request's share of an engine call."""
-    from msdda.coalesce import encode_png
+    from msdda.atomic import encode_png
 
     body = {"seeds": share.seeds, "weights": share.weights, "strategy": share.strategy, "models": spec_models,
             "batch_size": share.batch_size, "steps": call["steps"], "guidance_scale": call["guidance_scale"],
@@ -184,6 +184,24 @@ def response_body(share, spec_models, call: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- the Ray Serve application
+class SummedHistogram:
+    """A Ray Serve Histogram, plus a Counter of the exact sum of what it observed. Ray's metrics agent exports a
+    histogram's ``_sum`` rebuilt from its bucket counts, every observation at its bucket's midpoint (Ray's
+    OpenTelemetry recorder), so a mean read from ``_sum / _count`` is off; ``<name>_observed_sum_total /
+    <name>_count`` is exact. Built inside the replica (Ray's metrics need its process)."""
+
+    def __init__(self, name: str, description: str, boundaries):
+        from ray.serve.metrics import Counter, Histogram
+
+        self.histogram = Histogram(name, description=description, boundaries=boundaries)
+        self.total = Counter(f"{name}_observed_sum", description=f"The exact sum of {name}'s observations")
+
+    def observe(self, value: float) -> None:
+        self.histogram.observe(value)
+        if value > 0:                 # a Ray Counter takes positive increments only; 0 adds nothing anyway
+            self.total.inc(value)
+
+
 def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, num_cpus: float = 1,
               num_gpus: float = 0):
     """The bound Serve application: one deployment, ``replicas`` copies, each holding one Engine."""
@@ -209,7 +227,7 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
     @serve.ingress(api)
     class MsddaServer:
         def __init__(self):
-            from ray.serve.metrics import Counter, Histogram
+            from ray.serve.metrics import Counter
 
             from msdda.strategies import STRATEGIES
 
@@ -232,12 +250,11 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
                                     tag_keys=("route", "status"))
             self.errors = Counter("msdda_errors", description="Failed generate requests: bad_request (4xx) or "
                                   "engine (5xx)", tag_keys=("kind",))
-            self.latency = Histogram("msdda_request_latency_seconds", description="POST /v1/generate latency",
-                                     boundaries=LATENCY_BUCKETS_S)
-            self.batch_samples = Histogram("msdda_batch_samples", description="Samples per Engine.generate call",
-                                           boundaries=BATCH_BUCKETS)
-            self.batch_requests = Histogram("msdda_batch_requests", description="Requests per gathered batch",
-                                            boundaries=BATCH_BUCKETS)
+            self.latency = SummedHistogram("msdda_request_latency_seconds", "POST /v1/generate latency",
+                                           LATENCY_BUCKETS_S)
+            self.batch_samples = SummedHistogram("msdda_batch_samples", "Samples per Engine.generate call",
+                                                 BATCH_BUCKETS)
+            self.batch_requests = SummedHistogram("msdda_batch_requests", "Requests per gathered batch", BATCH_BUCKETS)
             self.scheduler = None
             if settings.batching == "step":
                 self._start_scheduler()
@@ -245,17 +262,16 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
         def _start_scheduler(self):
             import threading
 
-            from ray.serve.metrics import Counter, Gauge, Histogram
+            from ray.serve.metrics import Counter, Gauge
 
             from msdda.scheduler import StepScheduler
 
             self.running = Gauge("msdda_running_samples", description="Samples in the step scheduler's running set")
             self.waiting = Gauge("msdda_waiting_samples", description="Samples waiting for admission")
-            self.iteration_seconds = Histogram("msdda_iteration_seconds", description="Step scheduler iteration "
-                                               "time (one denoising step of every running sample)",
-                                               boundaries=ITERATION_BUCKETS_S)
-            self.iteration_rows = Histogram("msdda_iteration_samples", description="Samples stepped per iteration",
-                                            boundaries=BATCH_BUCKETS)
+            self.iteration_seconds = SummedHistogram("msdda_iteration_seconds", "Step scheduler iteration time (one "
+                                                     "denoising step of every running sample)", ITERATION_BUCKETS_S)
+            self.iteration_rows = SummedHistogram("msdda_iteration_samples", "Samples stepped per iteration",
+                                                  BATCH_BUCKETS)
             self.dropped = Counter("msdda_dropped_requests", description="Requests dropped before they finished: "
                                    "disconnect (the client went away) or timeout", tag_keys=("reason",))
             self.scheduler = StepScheduler(self.engine, max_rows=settings.running_budget,

@@ -118,8 +118,9 @@ def seed_list(seed, batch: int) -> list[int]:
             if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or not 0 <= int(s) < SEED_BOUND:
                 raise ValueError(f"seeds must be integers in [0, 2**63), got {s!r}")
         return [int(s) for s in seed]
-    first = check_seed(seed, batch)
-    return list(range(first, first + batch))
+    from msdda.kernels.args import make_seeds   # the rule "sample b gets seed + b" is the kernels' own
+
+    return make_seeds(check_seed(seed, batch), batch, "cpu").tolist()
 
 
 # ---------------------------------------------------------------------- weights and strengths

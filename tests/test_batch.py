@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from msdda import cli
-from msdda.coalesce import encode_png
+from msdda.atomic import encode_png
 
 ACTOR_THREADS = 1     # --num-cpus of the runs below, i.e. each actor's torch threads
 STEPS = 2

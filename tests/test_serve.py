@@ -26,7 +26,8 @@ import uuid
 import pytest
 import torch
 
-from msdda.coalesce import encode_png, generate_many, merge_key
+from msdda.atomic import encode_png
+from msdda.coalesce import generate_many, merge_key
 from msdda.ray_runtime import ModelSpec
 from msdda.serve import DEFAULT_ROW_BLOCK, parse_request
 from msdda.validation import Limits
@@ -428,6 +429,27 @@ def test_prometheus_metrics(server):
         time.sleep(1)
     missing = [w for w in wanted if w not in text]
     assert not missing, missing
+    # exact sums beside the histograms (Ray exports a histogram's _sum from bucket midpoints: a one-sample
+    # iteration counts 0.5 there): every iteration steps a whole number of samples, at least one
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        total = _metric(text, "ray_msdda_iteration_samples_observed_sum_total")
+        count = _metric(text, "ray_msdda_iteration_samples_count")
+        if total is not None and count:
+            break
+        time.sleep(1)
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+    assert total is not None and count, text[-2000:]
+    assert total == int(total) and total >= count, (total, count)
+    assert _metric(text, "ray_msdda_request_latency_seconds_observed_sum_total") > 0
+
+
+def _metric(text: str, name: str) -> float | None:
+    """The sum over label sets of one Prometheus series, or None when it is absent."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name + "{") or line.startswith(name + " ")]
+    return sum(values) if values else None
 
 
 @pytest.mark.slow
