@@ -48,7 +48,7 @@ def _user_env() -> dict:
 DIRECT = """
 import hashlib, json, sys, torch
 import msdda
-from msdda.coalesce import encode_png
+from msdda.atomic import encode_png
 from msdda.zoo import OBJECTIVES, zoo_paths
 torch.set_num_threads(int(sys.argv[1]))
 paths = zoo_paths()
