@@ -285,6 +285,8 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=float, default=0.2, help="mixed: small requests per second")
     p.add_argument("--duration-s", type=float, default=60.0, help="mixed: seconds of arrivals")
     p.add_argument("--mixed-experts", default="3", help="mixed: how many experts a request's weights use, e.g. 2,3")
+    p.add_argument("--max-running-samples", type=int, default=None,
+                   help="mixed: the step scheduler's --max-running-samples (default: the server's)")
     p.add_argument("--small-steps", default="20-50", help="mixed: the small requests' step range")
     p.add_argument("--large-at", default="5", help="mixed: arrival seconds of the 16-image requests")
     p.add_argument("--large-steps", type=int, default=200, help="mixed: the 16-image requests' steps")
@@ -362,6 +364,8 @@ def main_mixed(args) -> int:
                                   "--max-steps", str(max(args.large_steps, hi, 50))]
         if args.batch_wait_ms is not None:
             extra += ["--batch-wait-ms", str(args.batch_wait_ms)]
+        if name == "step" and args.max_running_samples is not None:
+            extra += ["--max-running-samples", str(args.max_running_samples)]
         proc, url, log = start_server(extra, args.threads, logs / f"{name}.log", args.startup_s)
         try:
             post(url, {**stream[0][2], "steps": 2}, args.request_timeout_s)          # warm-up, not counted
