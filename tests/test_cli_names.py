@@ -12,17 +12,13 @@ import torch
 
 from msdda import Engine, cli, zoo
 from msdda.loading import LoadError, sampling_defaults
-from tiny_models import make_tiny_unet2d, perturbed_copy
 
 FAST = ["--steps", "2", "--num-images", "2", "--batch-size", "2"]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("names")
-    base = make_tiny_unet2d(root / "base", learned_variance=True, num_class_embeds=11)
-    return base, {"a": perturbed_copy(base, root / "a", seed=1, scale=0.3),
-                  "b": perturbed_copy(base, root / "b", seed=2, scale=0.3)}
+def models(learned_variance_models):
+    return learned_variance_models
 
 
 @pytest.fixture(scope="module")

@@ -15,20 +15,18 @@ import torch
 from msdda.export import ExportError, export_unet_onnx, onnx_initializers, unet_export_spec, weights_hash
 from msdda.export.tensorrt import (ShapeProfile, TensorRTUnavailable, derive_profile, match_refit_weights,
                                    normalize_weight_name, onnx_io, tensorrt_cache_key)
-from tiny_models import make_tiny_unet2d, perturbed_copy
 from tolerance import assert_differ, assert_within, float_error, lower_precision_bound
 
 pytestmark = pytest.mark.slow   # the module builds ONNX graphs of its test UNets
 
 
 @pytest.fixture(scope="module")
-def graphs(tmp_path_factory):
+def graphs(tmp_path_factory, learned_variance_models):
     """ONNX exports of a base and an expert (class-conditional), plus a dynamic-H/W export of the base."""
     from diffusers import UNet2DModel
 
     root = tmp_path_factory.mktemp("trt")
-    base = make_tiny_unet2d(root / "base", learned_variance=True, num_class_embeds=11)
-    expert = perturbed_copy(base, root / "expert", seed=5, scale=0.3)
+    base, expert = learned_variance_models[0], learned_variance_models[1]["a"]
     a = UNet2DModel.from_pretrained(base / "unet")
     b = UNet2DModel.from_pretrained(expert / "unet")
     spec = unet_export_spec(a)
