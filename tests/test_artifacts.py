@@ -17,18 +17,14 @@ from msdda.export import WEIGHTS_KEY, ArtifactCache, ArtifactMismatch, OnnxSet, 
 from msdda.export.artifacts import onnx_metadata
 from msdda.hashing import file_sha256
 from msdda.loading import LoadError
-from tiny_models import make_tiny_unet2d, perturbed_copy
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(learned_variance_models):
     """A class-conditional base and two experts of its architecture, and the weights_hash of each UNet."""
     from diffusers import UNet2DModel
 
-    root = tmp_path_factory.mktemp("artifacts")
-    base = make_tiny_unet2d(root / "base", learned_variance=True, num_class_embeds=11)
-    experts = {"a": perturbed_copy(base, root / "a", seed=1, scale=0.3),
-               "b": perturbed_copy(base, root / "b", seed=2, scale=0.3)}
+    base, experts = learned_variance_models
     weights = {n: weights_hash(UNet2DModel.from_pretrained(p / "unet")) for n, p in {"base": base, **experts}.items()}
     return base, experts, weights
 

@@ -14,7 +14,6 @@ import msdda
 from msdda import zoo
 from msdda.backends import Conditioning
 from msdda.engine import in_row_blocks
-from tiny_models import make_tiny_sd_pipeline, perturbed_copy
 
 # Three requests as a server would see them: different sizes, labels, weights and seeds.
 REQUESTS = [
@@ -49,10 +48,8 @@ def test_a_request_gets_the_same_bits_alone_or_merged(zoo_engine, strategy):
     assert torch.equal(reordered[:2], merged[4:]) and torch.equal(reordered[2:5], merged[1:4])
 
 
-def test_text_prompts_and_decoding_are_batch_invariant(tmp_path):
-    base = make_tiny_sd_pipeline(tmp_path / "base")
-    experts = {"a": perturbed_copy(base, tmp_path / "a", seed=5, scale=0.2),
-               "b": perturbed_copy(base, tmp_path / "b", seed=6, scale=0.2)}
+def test_text_prompts_and_decoding_are_batch_invariant(tiny_sd_models):
+    base, experts = tiny_sd_models
     eng = msdda.Engine.from_pretrained(base, experts, row_block=2)
     kw = dict(steps=2, guidance_scale=3.0, negative_prompt="blurry", output_type="np")
     prompts, seeds = ["a cat", "a red cube", "a dog"], [7, 8, 9]

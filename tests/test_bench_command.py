@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from msdda import Engine, cli
-from tiny_models import make_tiny_sd_pipeline, make_tiny_sdxl_pipeline, perturbed_copy
+from tiny_models import perturbed_copy
 
 FAST = ["--steps", "1", "--warmup", "0", "--repeats", "2", "--quiet"]
 
@@ -93,9 +93,9 @@ def _bare_copy(pipe, dst):
 
 
 @pytest.fixture(scope="module")
-def sd_bare(tmp_path_factory):
+def sd_bare(tmp_path_factory, tiny_sd_models):
     root = tmp_path_factory.mktemp("bare")
-    pipe = make_tiny_sd_pipeline(root / "pipe")
+    pipe = tiny_sd_models[0]
     expert = perturbed_copy(pipe, root / "expert", seed=3, scale=0.3)
     return pipe, _bare_copy(pipe, root / "bare"), expert
 
@@ -144,8 +144,8 @@ def test_bench_and_generate_on_a_bare_unet(sd_bare, tmp_path, capsys):
     assert not (tmp_path / "g").exists()
 
 
-def test_bare_sdxl_unet_takes_pooled_embeds(tmp_path):
-    pipe = make_tiny_sdxl_pipeline(tmp_path / "pipe")
+def test_bare_sdxl_unet_takes_pooled_embeds(tmp_path, tiny_sdxl_models):
+    pipe = tiny_sdxl_models[0]
     full = Engine.from_pretrained(pipe)
     alone = Engine.from_pretrained(_bare_copy(pipe, tmp_path / "bare"))
     assert alone.bare_unet and alone.is_sdxl

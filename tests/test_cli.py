@@ -23,12 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    base = make_tiny_unet2d(root / "base", learned_variance=True, num_class_embeds=11)
-    a = perturbed_copy(base, root / "a", seed=1, scale=0.3)
-    b = perturbed_copy(base, root / "b", seed=2, scale=0.3)
-    return base, a, b
+def models(learned_variance_models):
+    base, experts = learned_variance_models
+    return base, experts["a"], experts["b"]
 
 
 def _args(models, out, *extra, num_images=3):

@@ -12,7 +12,7 @@ from msdda.kernels import compose_gaussians, compose_gaussians_ref, launch, phil
 from msdda.kernels.args import prepare_compose
 from msdda.kernels.errors import product_moments_ref
 
-from conftest import DEV, GPU  # noqa: E402,F401  (conftest's autouse fixture sets the default device)
+from device import DEV, GPU  # noqa: E402,F401  (conftest's autouse fixture sets the default device)
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

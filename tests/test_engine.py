@@ -8,7 +8,7 @@ import torch
 
 import msdda
 from msdda.loading import LoadError
-from tiny_models import make_tiny_sd_pipeline, make_tiny_unet2d, perturbed_copy
+from tiny_models import make_tiny_unet2d, perturbed_copy
 from threads import run_at_once
 from tolerance import assert_differ, assert_within, generate_float64, rounding_bound, twin_bound
 
@@ -16,13 +16,9 @@ STEPS = 4
 
 
 @pytest.fixture(scope="session")
-def pixel_models(tmp_path_factory):
+def pixel_models(learned_variance_models):
     """Class-conditional learned-variance base (DDPM) and two perturbed experts."""
-    root = tmp_path_factory.mktemp("pixel")
-    base = make_tiny_unet2d(root / "base", learned_variance=True, num_class_embeds=11)
-    experts = {"a": perturbed_copy(base, root / "a", seed=1, scale=0.3),
-               "b": perturbed_copy(base, root / "b", seed=2, scale=0.3)}
-    return base, experts
+    return learned_variance_models
 
 
 @pytest.fixture(scope="session")
@@ -36,11 +32,8 @@ def fixed_var_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def sd_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd")
-    base = make_tiny_sd_pipeline(root / "base")
-    return base, {"a": perturbed_copy(base, root / "a", seed=5, scale=0.2),
-                  "b": perturbed_copy(base, root / "b", seed=6, scale=0.2)}
+def sd_models(tiny_sd_models):
+    return tiny_sd_models
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,6 @@ import torch
 from msdda.export import (DEFAULT_TOLERANCE, ArtifactCache, ExportError, export_unet_onnx, onnx_for_unet,
                           onnx_initializers, unet_export_spec)
 from msdda.exporting import export_models
-from tiny_models import make_tiny_sd_pipeline, make_tiny_unet2d, perturbed_copy
 from tolerance import (TWIN_MULTIPLE, assert_error_below, assert_within, eps, float_error, lower_precision_bound,
                        twin_bound)
 
@@ -27,12 +26,10 @@ pytestmark = pytest.mark.slow   # every test exports ONNX graphs and verifies th
 
 
 @pytest.fixture(scope="module")
-def pixel(tmp_path_factory):
+def pixel(learned_variance_models):
     """A class-conditional, learned-variance tiny UNet2DModel folder and an expert of the same architecture."""
-    root = tmp_path_factory.mktemp("export_pixel")
-    base = make_tiny_unet2d(root / "base", learned_variance=True, num_class_embeds=11)
-    expert = perturbed_copy(base, root / "expert", seed=1, scale=0.3)
-    return base, expert
+    base, experts = learned_variance_models
+    return base, experts["a"]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +40,8 @@ def pixel_unet(pixel):
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    return make_tiny_sd_pipeline(tmp_path_factory.mktemp("export_sd") / "sd")
+def sd(tiny_sd_models):
+    return tiny_sd_models[0]
 
 
 def _io(path):

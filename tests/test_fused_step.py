@@ -20,7 +20,7 @@ from msdda.kernels import (
     raise_if_bad,
 )
 
-from conftest import DEV, GPU  # noqa: E402,F401  (conftest's autouse fixture sets the default device)
+from device import DEV, GPU  # noqa: E402,F401  (conftest's autouse fixture sets the default device)
 
 # Allowance beyond "2x the same-precision torch expression", relative to max |x_prev| (see test_compose.FLOOR)
 FLOOR = {torch.float32: 16 * torch.finfo(torch.float32).eps, torch.float16: torch.finfo(torch.float16).eps,

@@ -20,14 +20,26 @@ def gpu_check():
     return mod
 
 
-def test_kernel_cases_cover_the_targets(gpu_check):
+def test_kernel_cases_cover_the_targets_and_the_kernels_accept_them(gpu_check):
+    """Every row of the GPU run's roofline table, at a tiny spatial size but with its own K, channels, dtype,
+    variance kind and noise, built by the same case builder and verified against the plain reference as the GPU
+    run verifies it: a case the kernels refuse or get wrong fails here, not in a GPU session."""
     cases = list(gpu_check.kernel_cases())
     for kernel in ("compose", "fused_step"):
         mine = [c for c in cases if c["kernel"] == kernel]
-        assert {c["size"] for c in mine} == {"K=3 8x3x512x512", "K=2 8x4x128x128"}
+        assert {c["size"] for c in mine} == set(gpu_check.KERNEL_SIZES)
         assert {c["dtype"] for c in mine} == {"float32", "float16"}
         assert len({c["var"] for c in mine}) == 2  # per-element and per-expert variances
     assert {c["noise"] for c in cases if c["kernel"] == "compose"} == {"given", "philox"}
+    for case in cases:
+        K, (B, C, H, W) = case["K"], case["shape"]
+        assert K == int(case["size"].split()[0][2:]) and case["size"].endswith(f"{B}x{C}x{H}x{W}"), case
+        tiny = dict(case, shape=[2, C, 4, 4])
+        build = gpu_check._compose_case if case["kernel"] == "compose" else gpu_check._fused_case
+        sets, call, nbytes, check, _ = build(tiny, torch.device("cpu"), True)
+        err, tol, bad = check()
+        assert 0 <= err <= tol and bad == 0, (case, err, tol, bad)
+        assert call(sets[0]).shape == (2, C, 4, 4) and nbytes > 0
 
 
 def test_sections_run_on_cpu(gpu_check, tmp_path, capsys):
@@ -102,14 +114,26 @@ def test_e2e_section_runs_on_cpu(gpu_check, tmp_path):
     assert json.loads((tmp_path / "e2e.json").read_text())["checks"]["e2e"]["K"] == 2
 
 
-def test_e2e_settings_and_sd15_config(gpu_check):
-    """The GPU run's settings are the issue's: SD1.5's UNet (860M parameters at these configs), fp16, 50 DDIM
-    steps, CFG 7.5, batch 1 and 8; counted on the meta device (no memory)."""
-    from diffusers import UNet2DConditionModel
-
+def test_e2e_settings_and_sd15_networks_fit_together(gpu_check, tmp_path):
+    """The GPU run's settings are the issue's (fp16, 50 DDIM steps, CFG 7.5, batch 1 and 8), and the SD1.5
+    networks it builds (gpu_check.sd_models, the same call, on the meta device: no memory, no arithmetic) have
+    SD1.5's sizes and fit together: text states feed the UNet's cross-attention, the VAE's latents are the UNet's
+    input at 1/8 of 512 pixels, and one CFG step's shapes flow through the UNet and the VAE decoder."""
     s = gpu_check.e2e_settings(False, torch.device("cuda"))
     assert (s.spec, s.batches, s.steps, s.guidance, s.dtype) == ("sd15", (1, 8), 50, 7.5, torch.float16)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**gpu_check.SD15["unet"])
+    meta = torch.device("meta")
+    m = gpu_check.sd_models("sd15", meta, torch.float16, tmp_path)
+    unet = m.unets[0]
     assert 855e6 < sum(p.numel() for p in unet.parameters()) < 865e6
+    assert 120e6 < sum(p.numel() for p in m.text_encoder.parameters()) < 126e6      # CLIP ViT-L/14's text tower
+    assert 80e6 < sum(p.numel() for p in m.vae.parameters()) < 87e6
+    ids = m.tokenizer(["a cat", ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert ids.shape == (2, 77)
+    with torch.no_grad():
+        states = m.text_encoder(ids.to(meta)).last_hidden_state
+        latents = torch.empty(2, unet.config.in_channels, 64, 64, device=meta, dtype=torch.float16)
+        eps = unet(latents, torch.tensor([981, 981], device=meta), encoder_hidden_states=states).sample
+        image = m.vae.decode(eps[:1] / m.vae.config.scaling_factor).sample
     assert unet.config.cross_attention_dim == 768 and unet.config.sample_size == 64
+    assert states.shape == (2, 77, unet.config.cross_attention_dim)
+    assert eps.shape == latents.shape and image.shape == (1, 3, 512, 512) == (1, 3, *(m.vae.config.sample_size,) * 2)

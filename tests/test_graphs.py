@@ -19,25 +19,20 @@ import torch
 import msdda
 from msdda.backends import Conditioning
 from msdda.graphs import StepGraph, StepGraphCache, StepInputs, replay_eagerly, step_key
-from tiny_models import make_tiny_sd_pipeline, make_tiny_unet2d, perturbed_copy
 
 
 @pytest.fixture(scope="module")
-def pixel(tmp_path_factory):
+def pixel(learned_variance_models):
     """Class-conditional learned-range DDPM base and two experts (distinct variances)."""
-    root = tmp_path_factory.mktemp("graph_pixel")
-    base = make_tiny_unet2d(root / "base", learned_variance=True, num_class_embeds=11)
-    experts = {"a": perturbed_copy(base, root / "a", seed=1, scale=0.3),
-               "b": perturbed_copy(base, root / "b", seed=2, scale=0.3)}
+    base, experts = learned_variance_models
     return msdda.Engine.from_pretrained(base, experts)
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
+def sd(tiny_sd_models):
     """Text-conditioned tiny Stable Diffusion pipeline (DDIM) and one full-weight expert."""
-    root = tmp_path_factory.mktemp("graph_sd")
-    base = make_tiny_sd_pipeline(root / "base")
-    return msdda.Engine.from_pretrained(base, {"a": perturbed_copy(base, root / "a", seed=5, scale=0.2)})
+    base, experts = tiny_sd_models
+    return msdda.Engine.from_pretrained(base, {"a": experts["a"]})
 
 
 def _both(engine, **kw):

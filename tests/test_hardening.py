@@ -14,14 +14,12 @@ import pytest
 from msdda import cli
 from msdda.errors import MAX_ERROR_CHARS, one_line, short_value
 from msdda.runfolder import LOCK_NAME, RunFolder, RunFolderError
-from tiny_models import make_tiny_unet2d, perturbed_copy
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("harden")
-    base = make_tiny_unet2d(root / "base", learned_variance=True, num_class_embeds=11)
-    return base, perturbed_copy(base, root / "a", seed=1, scale=0.3)
+def models(learned_variance_models):
+    base, experts = learned_variance_models
+    return base, experts["a"]
 
 
 def _one_error_line(capsys, message="") -> str:
@@ -331,11 +329,11 @@ def test_negative_prompt_on_a_class_model_is_refused_everywhere(engine, models, 
 
 # ---------------------------------------------------------------------- LoRA messages
 @pytest.fixture(scope="module")
-def lora_base(tmp_path_factory):
-    from tiny_models import make_tiny_sd_pipeline, write_lora_adapter
+def lora_base(tmp_path_factory, tiny_sd_models):
+    from tiny_models import write_lora_adapter
 
     root = tmp_path_factory.mktemp("lora")
-    base = make_tiny_sd_pipeline(root / "base")
+    base = tiny_sd_models[0]
     return base, write_lora_adapter(base, root / "good", seed=1, rank=4) / "pytorch_lora_weights.safetensors"
 
 

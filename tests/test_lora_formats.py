@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import msdda
 from msdda.loading import LoadError
-from tiny_models import kohya_lora_keys, make_tiny_sd_pipeline, write_lora_adapter
+from tiny_models import kohya_lora_keys, write_lora_adapter
 
 STEPS = 3
 GUIDANCE = 4.0
@@ -22,9 +22,9 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
+def sd(tmp_path_factory, tiny_sd_models):
     root = tmp_path_factory.mktemp("loraformats")
-    base = make_tiny_sd_pipeline(root / "base")
+    base = tiny_sd_models[0]
     diffusers_dir = write_lora_adapter(base, root / "diffusers", seed=1, rank=4)
     state = load_file(diffusers_dir / DIFFUSERS_FILE)
     kohya_dir = root / "kohya"

@@ -12,7 +12,7 @@ import torch
 
 import msdda
 from msdda.backends import Conditioning
-from tiny_models import make_tiny_sd_pipeline, make_tiny_unet2d, perturbed_copy, write_lora_adapter
+from tiny_models import make_tiny_unet2d, perturbed_copy, write_lora_adapter
 from threads import run_at_once
 from tolerance import assert_differ, assert_within, generate_float64, twin_bound
 
@@ -20,9 +20,9 @@ SUBSETS = [(0, 1, 2), (1, 2), (2,), (0, 2), (2, 1)]
 
 
 @pytest.fixture(scope="module")
-def sd_lora(tmp_path_factory):
+def sd_lora(tmp_path_factory, tiny_sd_models):
     root = tmp_path_factory.mktemp("sdlora")
-    base = make_tiny_sd_pipeline(root / "base")
+    base = tiny_sd_models[0]
     experts = {"a": write_lora_adapter(base, root / "a", seed=1, rank=2),
                "b": write_lora_adapter(base, root / "b", seed=2, rank=4)}
     return base, experts

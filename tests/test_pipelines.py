@@ -11,16 +11,16 @@ from safetensors.torch import load_file, save_file
 
 import msdda
 from msdda.loading import LoadError
-from tiny_models import make_tiny_sd_pipeline, make_tiny_sdxl_pipeline, perturbed_copy, write_lora_adapter
+from tiny_models import write_lora_adapter
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
 TEXT_FILE = "text_encoder/model.safetensors"
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
+def sd(tmp_path_factory, tiny_sd_models):
     root = tmp_path_factory.mktemp("pipelines")
-    base = make_tiny_sd_pipeline(root / "base")
+    base = tiny_sd_models[0]
     lora = write_lora_adapter(base, root / "lora", seed=1, rank=4)
     return base, lora
 
@@ -125,11 +125,10 @@ def test_from_pipe_wraps_a_loaded_pipeline_without_copying(sd):
     assert torch.equal(wrapped.generate(**kw).latents, loaded.generate(**kw).latents)
 
 
-def test_from_pipe_sdxl_and_module_experts(tmp_path):
+def test_from_pipe_sdxl_and_module_experts(tiny_sdxl_models):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    base = make_tiny_sdxl_pipeline(tmp_path / "xl")
-    expert = perturbed_copy(base, tmp_path / "ex", seed=3, scale=0.05)
+    base, expert = tiny_sdxl_models
     pipe = StableDiffusionXLPipeline.from_pretrained(base)
     unet = UNet2DConditionModel.from_pretrained(expert / "unet")
     wrapped = msdda.Engine.from_pipe(pipe, experts={"x": unet})

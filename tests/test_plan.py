@@ -18,7 +18,7 @@ from msdda.kernels import (
     prepare_fused_step,
 )
 
-from conftest import DEV, GPU  # noqa: E402,F401
+from device import DEV, GPU  # noqa: E402,F401
 
 FLOOR32 = 16 * torch.finfo(torch.float32).eps  # as test_compose.FLOOR[float32]
 

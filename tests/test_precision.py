@@ -12,7 +12,6 @@ from safetensors.torch import save_file
 import msdda
 from msdda.graphs import StepGraphCache, replay_eagerly
 from msdda.precision import all_finite, default_dtype, stored_dtypes, vae_decode_dtype
-from tiny_models import make_tiny_sd_pipeline, make_tiny_sdxl_pipeline, perturbed_copy
 
 CUDA = torch.device("cuda")
 
@@ -64,10 +63,9 @@ def test_all_finite():
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    root = tmp_path_factory.mktemp("precision")
-    base = make_tiny_sd_pipeline(root / "base")
-    return base, {"a": perturbed_copy(base, root / "a", seed=5, scale=0.2)}
+def sd(tiny_sd_models):
+    base, experts = tiny_sd_models
+    return base, {"a": experts["a"]}
 
 
 def test_the_default_dtype_reads_the_unet_files_of_full_networks_only(sd, tmp_path):
@@ -120,10 +118,10 @@ def test_half_precision_end_to_end(sd, fp32_latents, dtype):
     assert torch.equal(eng.generate(output_type="latent", **KW).latents, out.latents)
 
 
-def test_an_xl_pipeline_decodes_with_an_upcast_vae(tmp_path):
+def test_an_xl_pipeline_decodes_with_an_upcast_vae(tiny_sdxl_models):
     """A float16 VAE with force_upcast in an SDXL model decodes in float32, as diffusers'
     StableDiffusionXLPipeline does; the UNets stay float16. (An SD model's VAE stays float16: the test above.)"""
-    base = msdda.loading.load_base(make_tiny_sdxl_pipeline(tmp_path / "xl"), torch.float16)
+    base = msdda.loading.load_base(tiny_sdxl_models[0], torch.float16)
     assert base.vae.config.force_upcast and base.vae.dtype == torch.float16
     eng = msdda.Engine(base, {}, dtype=torch.float16)
     assert eng.base.vae.dtype == torch.float32 and eng.dtype == torch.float16

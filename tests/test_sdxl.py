@@ -14,17 +14,16 @@ import pytest
 import torch
 
 import msdda
-from tiny_models import make_tiny_sdxl_pipeline, perturbed_copy, write_lora_adapter
+from tiny_models import write_lora_adapter
 
 pytestmark = pytest.mark.slow   # tiny SDXL pipelines, compared with diffusers
 
 STEPS = 3
 GUIDANCE = 5.0
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
+def sdxl(tmp_path_factory, tiny_sdxl_models):
     root = tmp_path_factory.mktemp("sdxl")
-    base = make_tiny_sdxl_pipeline(root / "base")
-    expert = perturbed_copy(base, root / "expert", seed=5, scale=0.05)
+    base, expert = tiny_sdxl_models
     lora = write_lora_adapter(base, root / "lora", seed=3, rank=4)
     return base, expert, lora
 

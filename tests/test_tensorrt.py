@@ -15,27 +15,26 @@ import torch
 from msdda.export import ExportError, export_unet_onnx, onnx_initializers, unet_export_spec, weights_hash
 from msdda.export.tensorrt import (ShapeProfile, TensorRTUnavailable, derive_profile, match_refit_weights,
                                    normalize_weight_name, onnx_io, tensorrt_cache_key)
-from tiny_models import make_tiny_unet2d, perturbed_copy
 from tolerance import assert_differ, assert_within, float_error, lower_precision_bound
 
 pytestmark = pytest.mark.slow   # the module builds ONNX graphs of its test UNets
 
 
 @pytest.fixture(scope="module")
-def graphs(tmp_path_factory):
+def graphs(tmp_path_factory, learned_variance_models):
     """ONNX exports of a base and an expert (class-conditional), plus a dynamic-H/W export of the base."""
     from diffusers import UNet2DModel
 
     root = tmp_path_factory.mktemp("trt")
-    base = make_tiny_unet2d(root / "base", learned_variance=True, num_class_embeds=11)
-    expert = perturbed_copy(base, root / "expert", seed=5, scale=0.3)
+    base, expert = learned_variance_models[0], learned_variance_models[1]["a"]
     a = UNet2DModel.from_pretrained(base / "unet")
     b = UNet2DModel.from_pretrained(expert / "unet")
     spec = unet_export_spec(a)
     return {"base": export_unet_onnx(a, root / "base.onnx", **spec).path,
             "expert": export_unet_onnx(b, root / "expert.onnx", **spec).path,
             "hw": export_unet_onnx(a, root / "hw.onnx", **spec, dynamic_hw=True, verify=False).path,
-            "weights": {"base": weights_hash(a), "expert": weights_hash(b)}, "spec": spec}
+            "weights": {"base": weights_hash(a), "expert": weights_hash(b)}, "spec": spec,
+            "folders": {"base": base, "expert": expert}}
 
 
 # ------------------------------------------------------------------------------------------ shapes and profiles
@@ -366,9 +365,7 @@ def _plans(graphs, cache, members=("base", "expert"), **kw):
 def nets(graphs):
     from diffusers import UNet2DModel
 
-    root = graphs["base"].parent
-    return {"base": UNet2DModel.from_pretrained(root / "base" / "unet").eval(),
-            "expert": UNet2DModel.from_pretrained(root / "expert" / "unet").eval()}
+    return {name: UNet2DModel.from_pretrained(folder / "unet").eval() for name, folder in graphs["folders"].items()}
 
 
 def _torch_out(net, x, t, labels, timesteps=None, *, twin=False):
@@ -449,7 +446,7 @@ def test_soup_and_graphed_sampler_with_the_test_double(fake_trt, graphs, nets, t
     _assert_matches_torch(got[0], soup, x, 99, labels)
 
     # the graphed loop (CFG, Philox noise, deferred validation) equals the eager loop step for step
-    sched_cfg = json.loads((graphs["base"].parent / "base" / "scheduler" / "scheduler_config.json").read_text())
+    sched_cfg = json.loads((graphs["folders"]["base"] / "scheduler" / "scheduler_config.json").read_text())
     timesteps, scalars = sch.step_plan(sch.schedule_from_diffusers_config(sched_cfg), 3, kind="ddpm")
     B = 1
     cond = Conditioning(class_labels=torch.tensor([10, 3]))            # unconditional half first
@@ -661,14 +658,14 @@ def test_engine_with_tensorrt_gets_its_plans_from_export(fake_trt, graphs, tmp_p
     Runtime backend (the same graphs) at least as closely as ONNX Runtime agrees with torch."""
     import msdda
 
-    root = graphs["base"].parent
+    folders = graphs["folders"]
     kw = dict(cache_dir=tmp_path / "c")
-    trt = msdda.Engine.from_pretrained(root / "base", {"expert": root / "expert"}, backend="tensorrt", device="cpu",
+    trt = msdda.Engine.from_pretrained(folders["base"], {"expert": folders["expert"]}, backend="tensorrt", device="cpu",
                                        batch=4, **kw)
     assert trt.backend.refit == "refit" and len(fake_trt.builds) == 1 and set(trt.backend._sets) == {4}
-    ort = msdda.Engine.from_pretrained(root / "base", {"expert": root / "expert"}, backend="onnxruntime", **kw)
+    ort = msdda.Engine.from_pretrained(folders["base"], {"expert": folders["expert"]}, backend="onnxruntime", **kw)
     assert trt.backend.onnx_paths == ort.backend.onnx_paths          # one export, shared through the cache
-    ref = msdda.Engine.from_pretrained(root / "base", {"expert": root / "expert"})
+    ref = msdda.Engine.from_pretrained(folders["base"], {"expert": folders["expert"]})
     # expert_betas: c = (0.4 base, 0.6 expert), so the soup really mixes two members
     gen = dict(class_labels=[1, 4], weights={"expert": 1.0}, expert_betas={"expert": 0.6}, num_images=2, steps=3,
                seed=9, guidance_scale=2.0, output_type="latent")
@@ -686,8 +683,8 @@ def test_engine_with_tensorrt_refuses_before_exporting_without_it(graphs, tmp_pa
 
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here")
-    root = graphs["base"].parent
+    folders = graphs["folders"]
     with pytest.raises(TensorRTUnavailable):
-        msdda.Engine.from_pretrained(root / "base", {"expert": root / "expert"}, backend="tensorrt",
+        msdda.Engine.from_pretrained(folders["base"], {"expert": folders["expert"]}, backend="tensorrt",
                                      cache_dir=tmp_path / "c")
     assert not (tmp_path / "c" / "onnx").exists()

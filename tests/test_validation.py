@@ -11,15 +11,12 @@ import torch
 import msdda
 from msdda import validation as v
 from msdda.loading import LoadError
-from tiny_models import damaged_copy, make_tiny_unet2d, perturbed_copy
+from tiny_models import damaged_copy
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("validation")
-    base = make_tiny_unet2d(root / "base", learned_variance=True, num_class_embeds=11)
-    return base, {"a": perturbed_copy(base, root / "a", seed=1, scale=0.3),
-                  "b": perturbed_copy(base, root / "b", seed=2, scale=0.3)}
+def models(learned_variance_models):
+    return learned_variance_models
 
 
 @pytest.fixture(scope="module")

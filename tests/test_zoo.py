@@ -27,15 +27,40 @@ def _load(path):
 # the shipped zoo
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_zoo_api():
+def test_zoo_objectives_are_what_the_rewards_compute():
+    """Each objective names a reward function, and its shipped expert is the zoo's best at that reward (its
+    metrics.json records every reward on its samples); on real digits from the zoo's data each reward moves the
+    way its objective says; autograd agrees with DIFFERENTIABLE; the defaults are the ones the experts were
+    evaluated with."""
+    from bench.zoo.data import train_val_split
+
     paths = zoo.zoo_paths()
     assert tuple(paths) == EXPECTED_MEMBERS
-    assert zoo.OBJECTIVES == ("legible", "bold", "compressible")
-    assert set(zoo.OBJECTIVES) == set(R.REWARDS)
-    assert R.DIFFERENTIABLE == {"legible", "bold"}
-    assert zoo.DEFAULT_STEPS == 50 and zoo.DEFAULT_GUIDANCE_SCALE > 1.0
-    assert zoo.scheduler_path() == zoo.ZOO_DIR / "base" / "scheduler"
     assert all(p.parent == zoo.ZOO_DIR for p in paths.values())
+    assert zoo.scheduler_path() == paths["base"] / "scheduler"
+    assert (zoo.scheduler_path() / "scheduler_config.json").is_file()
+    assert zoo.OBJECTIVES == ("legible", "bold", "compressible") and set(zoo.OBJECTIVES) == set(R.REWARDS)
+    metrics = {n: json.loads((paths[n] / "metrics.json").read_text()) for n in zoo.OBJECTIVES}
+    for objective in zoo.OBJECTIVES:
+        assert set(metrics[objective]["rewards"]) == set(R.REWARDS), objective
+        assert max(zoo.OBJECTIVES, key=lambda n: metrics[n]["rewards"][objective]["mean"]) == objective
+        assert metrics[objective]["eval_steps"] == zoo.DEFAULT_STEPS == 50
+        assert metrics[objective]["guidance_scale"] == zoo.DEFAULT_GUIDANCE_SCALE > 1.0
+
+    _, (digits, labels) = train_val_split()
+    digits, labels = digits[:32], labels[:32]
+    # legible: the requested digit is more probable than the next one
+    assert (R.legible(digits, labels) > R.legible(digits, (labels + 1) % 10)).float().mean() >= 0.9
+    # bold: thicker strokes (a 3x3 maximum filter) are more ink
+    thick = torch.nn.functional.max_pool2d(digits, 3, stride=1, padding=1)
+    assert (R.bold(thick, labels) > R.bold(digits, labels)).all()
+    # compressible: the same digits with pixel noise cost more PNG bytes
+    noisy = (digits + 0.5 * torch.randn(digits.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    assert (R.compressible(noisy, labels) < R.compressible(digits, labels)).all()
+    assert R.DIFFERENTIABLE < set(R.REWARDS)
+    x = digits[:2].clone().requires_grad_(True)
+    for name, reward in R.REWARDS.items():
+        assert reward(x, labels[:2]).requires_grad == (name in R.DIFFERENTIABLE), name
 
 
 @pytest.fixture(scope="module")
