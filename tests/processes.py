@@ -38,3 +38,18 @@ def processes_with(name: str, value: str) -> list[str]:
                 continue
             found.append(pid)
     return found
+
+
+def tagged(tag: str) -> list[str]:
+    """Pids of the processes whose environment carries ``MSDDA_TEST_TAG=tag``: a server or job a test started, and
+    everything its Ray started."""
+    return processes_with("MSDDA_TEST_TAG", tag)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -24,6 +24,7 @@ import torch
 
 from msdda import cli
 from msdda.atomic import encode_png
+from processes import tagged
 
 ACTOR_THREADS = 1     # --num-cpus of the runs below, i.e. each actor's torch threads
 STEPS = 2
@@ -33,18 +34,6 @@ def _rows(n: int, start: int = 0) -> list[dict]:
     return [{"id": f"img-{i:02d}", "class": i % 10, "seed": 1000 + i, "steps": STEPS + (i % 2),
              "weights": {"legible": round((i % 5) / 4, 2), "bold": round(1 - (i % 5) / 4, 2)}}
             for i in range(start, start + n)]
-
-
-def _processes_tagged(tag: str) -> list[str]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                if f"MSDDA_TEST_TAG={tag}".encode() in fh.read():
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +51,9 @@ def ray_address():
     yield context.address_info["address"]
     ray.shutdown()
     deadline = time.monotonic() + 30
-    while [p for p in _processes_tagged(tag) if p != str(os.getpid())] and time.monotonic() < deadline:
+    while tagged(tag) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert [p for p in _processes_tagged(tag) if p != str(os.getpid())] == []
+    assert tagged(tag) == []
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,10 @@ import pytest
 import torch
 
 from msdda import Engine, cli
+from cli_checks import one_error_line
 from tiny_models import perturbed_copy
 
 FAST = ["--steps", "1", "--warmup", "0", "--repeats", "2", "--quiet"]
-
-
-def _one_error_line(capsys, message: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("msdda: error:") and message in lines[0], err
-    return lines[0]
 
 
 @pytest.fixture
@@ -80,7 +74,7 @@ def test_bench_refuses_bad_flags_before_loading(tmp_path, capsys, monkeypatch):
                            (["--repeats", "0"], "--repeats must be >= 1"),
                            (["--out", str(tmp_path)], "is a folder")]:
         assert cli.main(["bench", *extra]) == 2
-        _one_error_line(capsys, message)
+        one_error_line(capsys, message)
 
 
 # ---------------------------------------------------------------------- a text UNet folder alone
@@ -140,7 +134,7 @@ def test_bench_and_generate_on_a_bare_unet(sd_bare, tmp_path, capsys):
     assert {r["strategy"] for r in record["results"]} == {"msdda", "expert:e"}
     capsys.readouterr()
     assert cli.main(["generate", *args, "--prompt", "a cat", "--out", str(tmp_path / "g")]) == 2
-    _one_error_line(capsys, "without a text encoder")
+    one_error_line(capsys, "without a text encoder")
     assert not (tmp_path / "g").exists()
 
 

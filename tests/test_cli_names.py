@@ -12,6 +12,7 @@ import torch
 
 from msdda import Engine, cli, zoo
 from msdda.loading import LoadError, sampling_defaults
+from cli_checks import one_error_line
 
 FAST = ["--steps", "2", "--num-images", "2", "--batch-size", "2"]
 
@@ -25,13 +26,6 @@ def models(learned_variance_models):
 def zoo_engine():
     paths = zoo.zoo_paths()
     return Engine.from_pretrained(paths["base"], {n: paths[n] for n in zoo.OBJECTIVES[:2]})
-
-
-def _one_error_line(capsys, message: str) -> str:
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("msdda: error:") and message in lines[0], err
-    return lines[0]
 
 
 @pytest.fixture
@@ -147,10 +141,10 @@ def test_generate_onnx_dir_matches_the_python_onnx_dir(models, tmp_path, monkeyp
 
 def test_onnx_dir_flag_checks(no_loading, tmp_path, capsys):
     assert cli.main(["generate", "--class", "3", "--onnx-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    _one_error_line(capsys, "add --backend onnxruntime")
+    one_error_line(capsys, "add --backend onnxruntime")
     assert cli.main(["generate", "--class", "3", "--backend", "onnxruntime", "--onnx-dir", str(tmp_path / "none"),
                      "--out", str(tmp_path / "o")]) == 2
-    _one_error_line(capsys, "is not a folder")
+    one_error_line(capsys, "is not a folder")
 
 
 # ---------------------------------------------------------------------- checks before loading
@@ -164,7 +158,7 @@ def test_onnx_dir_flag_checks(no_loading, tmp_path, capsys):
 ])
 def test_names_and_classes_are_refused_before_loading(no_loading, tmp_path, capsys, command, extra, message):
     assert cli.main([command, *extra, "--out", str(tmp_path / "o")]) == 2
-    _one_error_line(capsys, message)
+    one_error_line(capsys, message)
     assert not (tmp_path / "o").exists()
 
 
@@ -173,7 +167,7 @@ def test_unknown_expert_of_named_models_is_refused_before_loading(no_loading, mo
     flags = ["--base", str(base), *(f"--expert={n}={p}" for n, p in experts.items())]
     assert cli.main(["generate", *flags, "--class", "1", "--weights", "a=0.5,c=0.5",
                      "--out", str(tmp_path / "o")]) == 2
-    _one_error_line(capsys, "unknown expert 'c'")
+    one_error_line(capsys, "unknown expert 'c'")
 
 
 # ---------------------------------------------------------------------- progress in logs

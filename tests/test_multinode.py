@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ import uuid
 import pyarrow.parquet as pq
 import pytest
 
-from processes import process_environ, process_title, processes_with
+from processes import free_port, process_environ, process_title, processes_with
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils")
 
@@ -125,12 +124,6 @@ def test_batch_spreads_over_nodes_and_survives_a_node_removed(cluster, tmp_path)
     assert list((out / "manifest.parts").iterdir()) == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _generate(port: int, seed: int) -> dict:
     body = json.dumps({"class_labels": seed % 10, "steps": 2, "seed": seed}).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/generate", data=body,
@@ -147,7 +140,7 @@ def _replica_nodes(tag: str) -> dict[str, str]:
 
 def test_serve_two_replicas_on_two_nodes_keeps_answering(cluster):
     c, tag = cluster
-    port = _free_port()
+    port = free_port()
     # Every node here has the address 127.0.0.1, so only one Serve proxy can bind the port: Serve is started
     # with its proxy on the head alone (on a real cluster each node's proxy binds its own address).
     subprocess.run([sys.executable, "-c", "import ray; from ray import serve; ray.init(); serve.start("

@@ -10,18 +10,12 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import json
-import os
-import queue
 import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 
 import pytest
 import torch
@@ -31,97 +25,21 @@ from msdda.coalesce import generate_many, merge_key
 from msdda.ray_runtime import ModelSpec
 from msdda.serve import DEFAULT_ROW_BLOCK, parse_request
 from msdda.validation import Limits
+from processes import tagged
+from serving import ServeProcess
 
 SERVER_THREADS = 2           # the server's --num-cpus, i.e. its torch threads; direct calls here use the same
-STARTUP_S = 240              # Ray + Serve + one replica loading the zoo, on a busy 2-core machine
 
 
 # ---------------------------------------------------------------------- helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _processes_tagged(tag: str) -> list[str]:
-    """Processes whose environment carries this test's tag: the server and everything its Ray started."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                if f"MSDDA_TEST_TAG={tag}".encode() not in fh.read():
-                    continue
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
-            found.append(f"{pid}: {cmdline[:100]}")
-        except OSError:      # gone meanwhile, or not ours to read
-            continue
-    return found
-
-
-class Server:
-    def __init__(self, tmp_path):
-        self.tag = uuid.uuid4().hex
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, MSDDA_TEST_TAG=self.tag, PYTHONUNBUFFERED="1")
-        self.log = open(tmp_path / "server.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "msdda.cli", "serve", "--port", str(self.port), "--num-cpus", str(SERVER_THREADS),
-             "--batch-wait-ms", "500", "--max-batch-size", "16", "--max-steps", "60", "--max-images", "4"],
-            env=env, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True)
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.banner = self._wait_banner()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    def _wait_banner(self) -> str:
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=1)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            if line.startswith("msdda serve: http"):
-                return line
-        self.stop()
-        pytest.fail(f"msdda serve did not start; see {self.log.name}")
-
-    def request(self, method: str, path: str, body=None, raw: bytes | None = None):
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"content-type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=300) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-        self.log.close()
+SERVER_FLAGS = ["--batch-wait-ms", "500", "--max-batch-size", "16", "--max-steps", "60", "--max-images", "4"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("serve"))
+    srv = ServeProcess(tmp_path_factory.mktemp("serve"), SERVER_FLAGS, threads=SERVER_THREADS)
     yield srv
-    srv.stop()
-    deadline = time.monotonic() + 30
-    while _processes_tagged(srv.tag) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _processes_tagged(srv.tag)
+    srv.close()
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +210,7 @@ def test_bad_requests_get_422_and_the_server_stays_up(server):
         ({"class_labels": 3, "strategy": "best"}, None, "unknown strategy"),
     ]
     for body, raw, fragment in bad:
-        status, answer = server.request("POST", "/v1/generate", body, raw)
+        status, answer = server.request("POST", "/v1/generate", body, raw=raw)
         assert status == 422, (body, raw, answer)
         assert list(answer) == ["error"] and fragment in answer["error"] and "\n" not in answer["error"]
     status, answer = server.request("POST", "/v1/generate", {"class_labels": 3, "steps": 2, "seed": 4})
@@ -454,10 +372,10 @@ def _metric(text: str, name: str) -> float | None:
 
 @pytest.mark.slow
 def test_sigterm_stops_the_server_and_its_ray(server):
-    assert _processes_tagged(server.tag)             # the server and its Ray are running
+    assert tagged(server.tag)             # the server and its Ray are running
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(90) == 0
     deadline = time.monotonic() + 30
-    while _processes_tagged(server.tag) and time.monotonic() < deadline:
+    while tagged(server.tag) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _processes_tagged(server.tag) == []
+    assert tagged(server.tag) == []

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,27 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from processes import free_port, tagged
+
 STARTUP_S = 240
 BODY = {"class_labels": 3, "weights": {"legible": 0.5, "bold": 0.5}, "steps": 2, "seed": 1}
 SERVE = str(Path(sys.executable).with_name("serve"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tagged(tag: str) -> list[str]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                if f"MSDDA_TEST_TAG={tag}".encode() in fh.read():
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
 
 
 def _post(url: str, body: dict, timeout: float = 120):
@@ -76,9 +59,9 @@ def _stop(proc: subprocess.Popen, tag: str, sig=signal.SIGINT) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
     deadline = time.monotonic() + 30
-    while _tagged(tag) and time.monotonic() < deadline:
+    while tagged(tag) and time.monotonic() < deadline:
         time.sleep(0.5)
-    left = _tagged(tag)
+    left = tagged(tag)
     for pid in left:                       # our own leftovers only (tagged by this test's environment)
         try:
             os.kill(int(pid), signal.SIGKILL)
@@ -111,7 +94,7 @@ class RayHolder:
     ``serve start --http-port`` would be; a process of ours, so it is stopped and checked for leftovers)."""
 
     def __init__(self, tmp_path: Path):
-        self.port, self.tag = _free_port(), uuid.uuid4().hex
+        self.port, self.tag = free_port(), uuid.uuid4().hex
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp_path / "holder.log"
         with open(self.log, "w") as err:

@@ -15,25 +15,19 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import queue
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
 
 import pytest
 
 from msdda.serve import DEFAULT_ROW_BLOCK
+from serving import ServeProcess
 
 # One torch thread: on a loaded 2-core machine two OpenMP threads were measured 14x slower than one (load average
 # 22: a 4-step request 24.3 s vs 1.8 s), which would swamp the costs the latency bound compares.
 SERVER_THREADS = 1
-STARTUP_S = 240
 # The same two experts, so the small request's samples join the large one's network call (a third row block)
 # instead of a call of their own: requests over different expert sets share iterations, not calls.
 LARGE = {"class_labels": 1, "num_images": 16, "steps": 300, "seed": 100, "weights": {"legible": 0.3, "bold": 0.7}}
@@ -72,83 +66,16 @@ def direct_generate(calls: list[dict]) -> list[dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tagged(tag: str) -> list[str]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                if f"MSDDA_TEST_TAG={tag}".encode() in fh.read():
-                    found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
-class Server:
-    def __init__(self, tmp_path, flags):
-        self.tag, self.port = uuid.uuid4().hex, _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(tmp_path / "server.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "msdda.cli", "serve", "--port", str(self.port), "--num-cpus", str(SERVER_THREADS),
-             *flags], env=dict(_user_env(), MSDDA_TEST_TAG=self.tag, PYTHONUNBUFFERED="1"),
-            stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True)
-        lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            try:
-                if lines.get(timeout=1).startswith("msdda serve: http"):
-                    return
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-        self.stop()
-        pytest.fail(f"msdda serve did not start; see {self.log.name}")
-
-    def request(self, method: str, path: str, body=None, timeout=300):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"content-type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    def models(self) -> dict:
-        return self.request("GET", "/v1/models")[1]
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(30)
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # a budget of 16 running samples: a request holds at most 8 (16 network rows under CFG, one row block), so a
     # large request is admitted in slices and an iteration beside it costs two blocks, not three (see
     # docs/serving-scheduler.md, "What bounds the latency")
-    srv = Server(tmp_path_factory.mktemp("serve_step"), ["--max-images", "16", "--max-steps", "300",
-                                                         "--max-timeout-s", "120", "--max-running-samples", "16"])
+    srv = ServeProcess(tmp_path_factory.mktemp("serve_step"), ["--max-images", "16", "--max-steps", "300",
+                                                               "--max-timeout-s", "120", "--max-running-samples", "16"],
+                       threads=SERVER_THREADS, env=_user_env())
     yield srv
-    srv.stop()
-    deadline = time.monotonic() + 30
-    while _tagged(srv.tag) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _tagged(srv.tag)
+    srv.close()
 
 
 def _wait_for(predicate, timeout: float, what: str):
