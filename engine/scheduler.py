@@ -121,12 +121,17 @@ class StepScheduler:
     called from any thread; ``iteration`` from one thread at a time (``run_until`` is that loop)."""
 
     def __init__(self, engine, *, max_rows: int, max_rows_per_request: int | None = None,
-                 on_iteration: Callable[[dict], None] | None = None):
+                 reserved_rows: int | None = None, on_iteration: Callable[[dict], None] | None = None):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.engine = engine
         self.max_rows = int(max_rows)
         self.max_rows_per_request = int(max_rows_per_request or max(1, self.max_rows // 2))
+        # The last ``reserved_rows`` places of the budget are for small requests (at most that many samples):
+        # however many large requests run, a small one that arrives finds room at the next iteration.
+        self.reserved_rows = int(self.max_rows // 4 if reserved_rows is None else reserved_rows)
+        if not 0 <= self.reserved_rows < self.max_rows:
+            raise ValueError(f"reserved_rows must be in 0..{self.max_rows - 1}, got {self.reserved_rows}")
         self.on_iteration = on_iteration
         # per-sample timesteps into one network call: the torch and ONNX Runtime backends take them; TensorRT's
         # engines bind one timestep per call, so there samples are grouped by timestep too
@@ -210,18 +215,27 @@ class StepScheduler:
             elif t.deadline is not None and now >= t.deadline:
                 self._fail(job, DeadlineExceeded("the request's timeout passed before it finished"))
 
+    def is_small(self, job: "_Job") -> bool:
+        """Whether a request may use the reserved places of the budget (it has at most that many samples)."""
+        return job.ticket.size <= self.reserved_rows
+
     def _admit(self) -> None:
         """FCFS by sample: each waiting request in arrival order takes what the budget and its own cap allow; one
-        at its cap (a large request admitted in slices) lets the next ones in."""
+        at its cap (a large request admitted in slices) lets the next ones in. Large requests together hold at
+        most ``max_rows - reserved_rows`` places, so the reserve stays free for small requests."""
         budget = self.max_rows - len(self._running)
+        large_room = self.max_rows - self.reserved_rows - sum(not self.is_small(s.job) for s in self._running)
         for job in list(self._waiting):
             if budget <= 0:
                 break
             if job.run is None and not self._start(job):
                 continue                # answered already: refused, or run whole in its turn (a soup)
-            take = min(budget, self.max_rows_per_request - job.running, job.ticket.size - job.admitted)
+            room = budget if self.is_small(job) else min(budget, large_room)
+            take = min(room, self.max_rows_per_request - job.running, job.ticket.size - job.admitted)
             if take <= 0:
                 continue
+            if not self.is_small(job):
+                large_room -= take
             run = job.run
             for b in range(job.admitted, job.admitted + take):
                 self._running.append(_Sample(job, b, 0, run.x_T[b:b + 1],

@@ -277,7 +277,8 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
             self.scheduler = StepScheduler(self.engine, max_rows=settings.running_budget,
                                            on_iteration=self._observe_iteration)
             self.info.update(max_running_samples=self.scheduler.max_rows,
-                             max_rows_per_request=self.scheduler.max_rows_per_request)
+                             max_rows_per_request=self.scheduler.max_rows_per_request,
+                             reserved_for_small_requests=self.scheduler.reserved_rows)
             self._stop = threading.Event()
             threading.Thread(target=self.scheduler.run_until, args=(self._stop,), name="msdda-step-scheduler",
                              daemon=True).start()

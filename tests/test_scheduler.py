@@ -120,3 +120,30 @@ def test_plain_engine_equals_generate_to_float32_rounding():
 def test_default_budget_is_whole_row_blocks_with_room_beside_a_full_request():
     assert default_max_rows(16, 16) == 32 and default_max_rows(16, 4) == 32 and default_max_rows(None, 40) == 80
     assert default_max_rows(6, 16) % 6 == 0 and default_max_rows(6, 16) >= 32
+
+
+def test_the_reserve_keeps_room_for_a_small_request_beside_large_ones(exact_engine):
+    """Two large requests would fill the budget with their shares (2 + 2 of 4); the reserve (1 place) keeps the
+    second to 1, so a 1-image request that arrives next starts at the next iteration and is answered after its
+    own 2 steps, while the large ones still run. With no reserve it waits for a slice to finish."""
+    large = {"class_labels": 1, "weights": {"legible": 0.5, "bold": 0.5}, "num_images": 3, "steps": 6,
+             "guidance_scale": 2.0, "output_type": "latent"}
+    small = {"class_labels": 2, "weights": {"legible": 0.5, "bold": 0.5}, "steps": 2, "seed": 20,
+             "guidance_scale": 2.0, "output_type": "latent"}
+    for reserved, small_answered in ((1, True), (0, False)):
+        sched = StepScheduler(exact_engine, max_rows=4, max_rows_per_request=2, reserved_rows=reserved)
+        bigs = [sched.submit(dict(large, seed=10)), sched.submit(dict(large, seed=30))]
+        sched.iteration()
+        assert sched.counts()["running_samples"] == 4 - reserved          # large ones hold the rest
+        ticket = sched.submit(small)
+        for _ in range(2):
+            sched.iteration()
+        assert ticket.done.is_set() is small_answered, reserved
+        assert not any(t.done.is_set() for t in bigs)
+        while sched.has_work():
+            sched.iteration()
+        assert ticket.error is None and all(t.error is None for t in bigs)
+        direct = exact_engine.generate(**small)
+        assert torch.equal(ticket.result.latents, direct.latents)          # exact whatever ran beside it
+    with pytest.raises(ValueError, match="reserved_rows"):
+        StepScheduler(exact_engine, max_rows=4, reserved_rows=4)

@@ -98,6 +98,7 @@ def _timed(server, body) -> float:
 def test_models_report_the_scheduler(server):
     info = server.models()
     assert info["batching"] == "step" and info["max_running_samples"] == 16 and info["max_rows_per_request"] == 8
+    assert info["reserved_for_small_requests"] == 4
     assert info["max_timeout_s"] == 120 and info["running_samples"] == 0 and info["waiting_samples"] == 0
 
 
