@@ -18,6 +18,7 @@ import pytest
 
 from msdda import cli
 from tiny_models import damaged_copy, make_tiny_unet2d, perturbed_copy
+from cli_checks import one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,13 +34,6 @@ def _args(models, out, *extra, num_images=3):
     return ["generate", "--base", str(base), "--expert", f"a={a}", "--expert", f"b={b}", "--class", "3",
             "--steps", "2", "--num-images", str(num_images), "--batch-size", "2", "--guidance-scale", "2",
             "--out", str(out), *extra]
-
-
-def _one_error_line(capsys, message="") -> str:
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("msdda: error:") and message in lines[0], err
-    return lines[0]
 
 
 def _snapshot(folder: Path) -> dict:
@@ -104,7 +98,7 @@ def test_sweep_writes_grids_and_summary_and_reruns_as_a_noop(models, tmp_path, c
     capsys.readouterr()
     # a generate pointed at the sweep's folder is another run
     assert cli.main(_args(models, out)) == 2
-    _one_error_line(capsys, "holds a different run")
+    one_error_line(capsys, "holds a different run")
 
 
 # ---------------------------------------------------------------------- resume and finished folders
@@ -180,7 +174,7 @@ def test_other_run_in_same_folder_is_refused(models, tmp_path, capsys):
     before = _snapshot(out)
     capsys.readouterr()
     assert cli.main(_args(models, out, "--weights", "a=0.6,b=0.4")) == 2
-    line = _one_error_line(capsys, "holds a different run")
+    line = one_error_line(capsys, "holds a different run")
     assert "weights" in line and "images" not in line and "sha256" not in line
     assert _snapshot(out) == before
 
@@ -196,7 +190,7 @@ def test_other_run_in_same_folder_is_refused(models, tmp_path, capsys):
 def test_error_after_loading_leaves_no_folder_and_corrected_command_works(models, tmp_path, capsys, extra, message):
     out = tmp_path / "parent" / "x"
     assert cli.main(_args(models, out, *extra)) == 2
-    _one_error_line(capsys, message)
+    one_error_line(capsys, message)
     assert not (tmp_path / "parent").exists()            # not the folder, not the parent it would have made
     assert cli.main(_args(models, out)) == 0
 
@@ -205,7 +199,7 @@ def test_error_leaves_a_users_empty_folder_empty(models, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     assert cli.main(_args(models, out, "--weights", "a=0.5,b=0.5", "--expert-betas", "a=40,b=40")) == 2
-    _one_error_line(capsys, "infeasible composition")
+    one_error_line(capsys, "infeasible composition")
     assert out.is_dir() and list(out.iterdir()) == []
 
 
@@ -220,7 +214,7 @@ def test_users_file_in_fresh_folder_is_left_alone(models, tmp_path, capsys, cont
         Image.new("L", (8, 8), 128).save(out / "00000.png")
     before = _snapshot(out)
     assert cli.main(_args(models, out)) == 2
-    _one_error_line(capsys, "holds no msdda manifest")
+    one_error_line(capsys, "holds no msdda manifest")
     assert _snapshot(out) == before                       # not even a lock file was created
 
 
@@ -231,7 +225,7 @@ def test_foreign_or_damaged_manifest_is_refused(models, tmp_path, capsys, conten
     (out / "manifest.json").write_bytes(content)
     before = _snapshot(out)
     assert cli.main(_args(models, out)) == 2
-    _one_error_line(capsys, "damaged or was not written by msdda")
+    one_error_line(capsys, "damaged or was not written by msdda")
     assert _snapshot(out) == before
 
 
@@ -239,9 +233,9 @@ def test_out_is_a_file(models, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert cli.main(_args(models, blocker)) == 2
-    _one_error_line(capsys, "not a folder")
+    one_error_line(capsys, "not a folder")
     assert cli.main(_args(models, blocker / "sub")) == 2
-    _one_error_line(capsys, str(blocker))
+    one_error_line(capsys, str(blocker))
     assert blocker.read_text() == "x"
 
 
@@ -277,7 +271,7 @@ def test_os_error_on_first_write_is_one_line_and_leaves_nothing(models, tmp_path
     out = tmp_path / "o"
     _fail_png_writes(monkeypatch, err)
     assert cli.main(_args(models, out)) == 2
-    _one_error_line(capsys, f"cannot write {out / '00000.png'}: {os.strerror(err)}")
+    one_error_line(capsys, f"cannot write {out / '00000.png'}: {os.strerror(err)}")
     assert not out.exists()
 
 
@@ -285,12 +279,12 @@ def test_os_error_midway_keeps_finished_images_and_resumes(models, tmp_path, cap
     out = tmp_path / "o"
     _fail_png_writes(monkeypatch, errno.ENOSPC, after=2)  # the first batch (2 images) lands, the third fails
     assert cli.main(_args(models, out)) == 2
-    _one_error_line(capsys, "No space left on device")
+    one_error_line(capsys, "No space left on device")
     assert sorted(p.name for p in out.iterdir()) == [".msdda.lock", "00000.png", "00001.png", "manifest.json"]
     manifest = (out / "manifest.json").read_bytes()
     assert json.loads(manifest)["complete"] is False
     assert cli.main(_args(models, out)) == 2              # still full: the resumed folder's manifest is unchanged
-    _one_error_line(capsys, "No space left on device")
+    one_error_line(capsys, "No space left on device")
     assert (out / "manifest.json").read_bytes() == manifest and _temp_files(out) == []
     monkeypatch.undo()
     assert cli.main(_args(models, out)) == 0
@@ -305,7 +299,7 @@ def test_cannot_create_folder_is_one_line(models, tmp_path, capsys, monkeypatch)
 
     _patched_os(monkeypatch, rf, mkdir=mkdir)
     assert cli.main(_args(models, tmp_path / "o")) == 2
-    _one_error_line(capsys, f"cannot create folder {tmp_path / 'o'}: Read-only file system")
+    one_error_line(capsys, f"cannot create folder {tmp_path / 'o'}: Read-only file system")
 
 
 def _can_mount_read_only(tmp_path) -> bool:
@@ -454,7 +448,7 @@ def test_bad_input_after_loading_exits_2_with_one_line(models, tmp_path, capsys,
         i = argv.index("--class")
         del argv[i:i + 2]
     assert cli.main(argv) == 2
-    _one_error_line(capsys, message)
+    one_error_line(capsys, message)
     assert not (tmp_path / "x").exists()
 
 
@@ -506,7 +500,7 @@ def no_loading(monkeypatch):
 ])
 def test_bad_input_is_refused_before_loading(no_loading, tmp_path, capsys, command, extra, message):
     assert cli.main([command, "--class", "3", *extra, "--out", str(tmp_path / "o")]) == 2
-    _one_error_line(capsys, message)
+    one_error_line(capsys, message)
     assert not (tmp_path / "o").exists()
 
 
@@ -515,28 +509,28 @@ def test_cuda_without_cuda_is_one_line(no_loading, tmp_path, capsys):
 
     if torch.cuda.is_available():
         assert cli.main(["generate", "--device", f"cuda:{torch.cuda.device_count()}", "--out", str(tmp_path)]) == 2
-        _one_error_line(capsys, "CUDA device(s) present")
+        one_error_line(capsys, "CUDA device(s) present")
     else:
         assert cli.main(["generate", "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
-        _one_error_line(capsys, "no CUDA device is available")
+        one_error_line(capsys, "no CUDA device is available")
 
 
 def test_foreign_folder_is_refused_before_loading(no_loading, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert cli.main(["generate", "--class", "3", "--out", str(tmp_path)]) == 2
-    _one_error_line(capsys, "holds no msdda manifest")
+    one_error_line(capsys, "holds no msdda manifest")
 
 
 def test_missing_and_incompatible_models_exit_2(models, tmp_path, capsys):
     base, a, b = models
     assert cli.main(["generate", "--base", str(tmp_path / "nope"), "--class", "1", "--out", str(tmp_path / "o")]) == 2
-    _one_error_line(capsys, "model folder not found")
+    one_error_line(capsys, "model folder not found")
     other = make_tiny_unet2d(tmp_path / "other", learned_variance=False, num_class_embeds=11)
     assert cli.main(["generate", "--base", str(base), "--expert", f"o={other}", "--class", "1",
                      "--out", str(tmp_path / "o")]) == 2
-    _one_error_line(capsys, "different output channels")
+    one_error_line(capsys, "different output channels")
     assert cli.main(["generate", "--base", str(base), "--expert", "broken", "--out", str(tmp_path / "o")]) == 2
-    _one_error_line(capsys, "expected NAME=PATH")
+    one_error_line(capsys, "expected NAME=PATH")
     assert not (tmp_path / "o").exists()
 
 
@@ -554,7 +548,7 @@ def test_damaged_configs_are_one_line_load_errors(models, tmp_path, capsys, wher
     broken = damaged_copy(models[0], tmp_path / "broken", where, content)
     t0 = time.monotonic()
     assert cli.main(["generate", "--base", str(broken), "--class", "1", "--out", str(tmp_path / "o")]) == 2
-    line = _one_error_line(capsys, message)
+    line = one_error_line(capsys, message)
     assert str(broken / where) in line
     assert not (tmp_path / "o").exists()
     assert time.monotonic() - t0 < 120    # a guard against the old minutes-long loop, not a timing assertion
@@ -623,13 +617,13 @@ def test_text_pipeline_run_and_one_line_error(tmp_path, capsys):
             "--out", str(tmp_path / "o")]
     capsys.readouterr()
     assert cli.main([*args, "--class", "1"]) == 2
-    _one_error_line(capsys, "this base is text-conditioned: pass --prompt")
+    one_error_line(capsys, "this base is text-conditioned: pass --prompt")
     assert cli.main([*args, "--prompt", "a cat"]) == 0
     before = _snapshot(tmp_path / "o")
     assert cli.main([*args, "--prompt", "a cat"]) == 0
     assert _snapshot(tmp_path / "o") == before and capsys.readouterr().err == ""
     assert cli.main([*args, "--prompt", "a dog"]) == 2
-    _one_error_line(capsys, "holds a different run (differs in: prompt)")
+    one_error_line(capsys, "holds a different run (differs in: prompt)")
 
 
 def test_help_is_complete():
@@ -665,7 +659,7 @@ def test_export_writes_verified_onnx_and_manifest(models, tmp_path):
 ])
 def test_export_bad_input_exits_2_and_creates_no_folder(models, tmp_path, capsys, make_args, message):
     assert cli.main(["export", *make_args(models, tmp_path), "--out", str(tmp_path / "o")]) == 2
-    _one_error_line(capsys, message)
+    one_error_line(capsys, message)
     assert not (tmp_path / "o").exists()
 
 
@@ -673,4 +667,4 @@ def test_export_unwritable_out_exits_2(models, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     assert cli.main(["export", "--base", str(models[0]), "--out", str(blocker / "engines")]) == 2
-    _one_error_line(capsys)
+    one_error_line(capsys)

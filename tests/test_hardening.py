@@ -14,20 +14,13 @@ import pytest
 from msdda import cli
 from msdda.errors import MAX_ERROR_CHARS, one_line, short_value
 from msdda.runfolder import LOCK_NAME, RunFolder, RunFolderError
+from cli_checks import one_error_line
 
 
 @pytest.fixture(scope="module")
 def models(learned_variance_models):
     base, experts = learned_variance_models
     return base, experts["a"]
-
-
-def _one_error_line(capsys, message="") -> str:
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("msdda: error:") and message in lines[0], err
-    assert len(lines[0]) <= MAX_ERROR_CHARS
-    return lines[0]
 
 
 def _tree(folder: Path) -> dict:
@@ -59,12 +52,12 @@ def test_export_refuses_a_folder_of_user_files_untouched(models, tmp_path, capsy
     out = _user_folder(tmp_path / "mine")
     before = _tree(out)
     assert _export(models, out) == 2
-    _one_error_line(capsys, "was not written by msdda")       # their manifest.json is no msdda manifest
+    one_error_line(capsys, "was not written by msdda")       # their manifest.json is no msdda manifest
     assert _tree(out) == before
     (out / "manifest.json").unlink()
     before = _tree(out)
     assert _export(models, out) == 2
-    _one_error_line(capsys, "not empty")
+    one_error_line(capsys, "not empty")
     assert _tree(out) == before
 
 
@@ -76,7 +69,7 @@ def test_export_refuses_a_generate_run_folder(models, tmp_path, capsys):
     capsys.readouterr()
     before = _tree(run)
     assert _export(models, run) == 2
-    _one_error_line(capsys, "differs in: command")
+    one_error_line(capsys, "differs in: command")
     assert _tree(run) == before
 
 
@@ -89,7 +82,7 @@ def test_export_into_its_own_folder_again_and_locked(models, tmp_path, capsys):
     capsys.readouterr()
     with RunFolder(out, {"command": "export"}, lambda n: False):      # a concurrent run holds the lock
         assert _export(models, out) == 2
-        _one_error_line(capsys, "another msdda run is writing")
+        one_error_line(capsys, "another msdda run is writing")
 
 
 # ---------------------------------------------------------------------- the folder rule: batch
@@ -112,12 +105,12 @@ def test_batch_refuses_a_folder_of_user_files_untouched(refused_jobs, tmp_path, 
     (out / "images" / ".x.png.abcdefgh.tmp").write_text("the user's file named like a temp file")
     before = _tree(out)
     assert _batch(refused_jobs, out) == 2
-    _one_error_line(capsys, "was not written by msdda")      # their run.json is no msdda manifest
+    one_error_line(capsys, "was not written by msdda")      # their run.json is no msdda manifest
     assert _tree(out) == before
     (out / "run.json").unlink()
     before = _tree(out)
     assert _batch(refused_jobs, out) == 2
-    _one_error_line(capsys, "not empty")
+    one_error_line(capsys, "not empty")
     assert _tree(out) == before
 
 
@@ -136,7 +129,7 @@ def test_batch_never_writes_through_a_symlinked_subfolder(refused_jobs, tmp_path
         real.symlink_to(elsewhere, target_is_directory=True)
         before = _tree(elsewhere), _tree(out)
         assert _batch(refused_jobs, out) == 2
-        _one_error_line(capsys, "is a symbolic link")
+        one_error_line(capsys, "is a symbolic link")
         assert (_tree(elsewhere), _tree(out)) == before
         real.unlink()
         real.mkdir()
@@ -148,7 +141,7 @@ def test_batch_folder_is_locked_and_specials_refused(refused_jobs, tmp_path, cap
     capsys.readouterr()
     with RunFolder(out, {}, lambda n: False, manifest="run.json"):        # another batch holds the folder
         assert _batch(refused_jobs, out) == 2
-        _one_error_line(capsys, "another msdda run is writing")
+        one_error_line(capsys, "another msdda run is writing")
     (out / "manifest.parquet").unlink()
     os.mkfifo(out / "manifest.parquet")                        # a FIFO where a manifest is read: no hang
     done = []
@@ -180,7 +173,7 @@ def test_generate_refuses_special_files_in_one_line(models, tmp_path, capsys, sp
     worker.start()
     worker.join(120)
     assert done == [2], f"generate hung on {special}"
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert any(w in line for w in ("named pipe", "symbolic link", "device", "not a regular file")), line
     assert sorted(p.name for p in out.iterdir()) == [target.name] and (tmp_path / "theirs").exists() \
         if special == "symlink_lock" else True
@@ -249,10 +242,10 @@ def test_main_turns_an_unexpected_exception_into_one_line(monkeypatch, capsys):
 
     monkeypatch.setitem(cli.COMMANDS, "export", boom)
     assert cli.main(["export", "--out", "x"]) == 2
-    assert "out of memory" in _one_error_line(capsys)
+    assert "out of memory" in one_error_line(capsys)
     monkeypatch.setitem(cli.COMMANDS, "export", lambda args: [][1])
     assert cli.main(["export", "--out", "x"]) == 1
-    assert "IndexError" in _one_error_line(capsys)
+    assert "IndexError" in one_error_line(capsys)
 
 
 def test_short_value_bounds_any_value():
@@ -324,7 +317,7 @@ def test_negative_prompt_on_a_class_model_is_refused_everywhere(engine, models, 
     base, a = models
     assert cli.main(["generate", "--base", str(base), "--class", "1", "--negative-prompt", "x", "--steps", "2",
                      "--out", str(tmp_path / "o")]) == 2
-    _one_error_line(capsys, "--negative-prompt is for text-conditioned bases")
+    one_error_line(capsys, "--negative-prompt is for text-conditioned bases")
 
 
 # ---------------------------------------------------------------------- LoRA messages
@@ -375,7 +368,7 @@ def test_lora_refusals_are_one_line_naming_the_file(lora_base, tmp_path, capsys,
     capsys.readouterr()
     assert cli.main(["generate", "--base", str(base), "--expert", f"x={folder}", "--prompt", "a", "--steps", "2",
                      "--num-images", "1", "--out", str(tmp_path / "o")]) == 2
-    _one_error_line(capsys, message[:20])            # and nothing of diffusers' own printed before it
+    one_error_line(capsys, message[:20])            # and nothing of diffusers' own printed before it
     assert not (tmp_path / "o").exists()
 
 
@@ -425,5 +418,5 @@ def test_export_replaces_links_in_its_folder_never_their_targets(models, tmp_pat
     (out / LOCK_NAME).symlink_to(outside)
     capsys.readouterr()
     assert _export(models, out) == 2
-    _one_error_line(capsys, "symbolic link")
+    one_error_line(capsys, "symbolic link")
     assert outside.read_bytes() == b"the user's file outside --out"
