@@ -46,6 +46,10 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--combos", default=None,
                     help="objective combinations, e.g. legible+bold,bold+compressible (default: every pair and the triple)")
     ap.add_argument("--pair-step", type=float, default=None, help="weight grid step for pairs (default 0.1)")
+    ap.add_argument("--reuse-from", action="append", default=[], metavar="DIR",
+                    help="another evaluation's --out folder: its points with this run's fingerprint (same settings, "
+                         "same model files for that point, e.g. the base, CoDe, RGG and the oracles of the other "
+                         "flavour) are copied instead of recomputed (repeatable)")
     return ap.parse_args(argv)
 
 
@@ -95,7 +99,8 @@ def main(argv=None) -> int:
             paths = zoo_paths(args.zoo_root, flavour=args.flavour)
             models = {k: paths[k] for k in OBJECTIVES}
         results = evaluate(out=out, settings=settings, strategies=strategies, quick=args.quick, device=args.device,
-                           zoo_root=args.zoo_root, models=models, combos=combos, backend=args.backend, log=note)
+                           zoo_root=args.zoo_root, models=models, combos=combos, backend=args.backend,
+                           reuse_from=args.reuse_from, log=note)
     except (ValueError, FileNotFoundError) as exc:
         print(f"eval_zoo: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import msdda
 from bench import eval_zoo
 from bench.quality import grids, pareto, samplers, scoring
 from bench.quality.evaluate import RESULTS_JSON, RESULTS_MD, evaluate
+from bench.quality.points import Evaluator, Item, resolve_models
 from bench.quality.settings import STRATEGIES, EvalSettings
 from msdda.kernels import fused_expert_step_ref, philox_normal
 from msdda.sampling import sample
@@ -272,6 +273,38 @@ def test_end_to_end_every_strategy_then_resume(tiny_zoo, tmp_path):
     m3 = [p for p in third["combinations"]["legible+bold"]["strategies"]["msdda"]["points"]
           if p["weights"] == {"legible": 0.5, "bold": 0.5}][0]
     assert m1["mean"] == m3["mean"]                     # the same computation in the same process: to the bit
+
+
+def test_points_are_shared_by_the_models_they_use_and_legacy_records_are_read(tiny_zoo, tmp_path):
+    """--reuse-from: another evaluation's point is taken exactly when its fingerprint is this run's, i.e. the
+    same settings and the same files for the models that point uses. Here run B swaps the legible expert for
+    another file: the base, CoDe (steered base) and msdda at bold = 1 are reused, the points that weight the
+    swapped expert are recomputed. A record with the pre-scoping fingerprint (every model the Engine held) is
+    still read, and rewritten with the scoped one."""
+    kw = dict(settings=SMALL, zoo_root=tiny_zoo, combos=[PAIR], strategies=["base", "code", "msdda"],
+              timing=False, plots=False, **QUIET)
+    a = evaluate(out=tmp_path / "a", **kw)
+    assert len(a["run"]["computed"]) == 1 + 3 + 3
+    b = evaluate(out=tmp_path / "b", models={"legible": tiny_zoo / "compressible"}, reuse_from=[tmp_path / "a"], **kw)
+    assert sorted(b["run"]["computed"]) == ["msdda/legible-0.5000_bold-0.5000", "msdda/legible-1.0000"]
+    assert len(b["run"]["skipped"]) == 5
+    (cache_a,) = (tmp_path / "a" / "cache").iterdir()
+    cache_b = tmp_path / "b" / "cache" / cache_a.name
+    for key in b["run"]["skipped"]:
+        name = key.replace("/", "__") + ".json"
+        rec_a, rec_b = (json.loads((c / name).read_text()) for c in (cache_a, cache_b))
+        assert rec_b["reused_from"] == str(cache_a) and rec_b["rewards"] == rec_a["rewards"]
+
+    paths = resolve_models(tiny_zoo, None, PAIR, [])
+    ev = Evaluator(paths, SMALL)
+    item = Item("msdda", (("bold", 1.0),))                    # uses base and bold, not legible
+    path = cache_a / "msdda__bold-1.0000.json"
+    rec = json.loads(path.read_text())
+    assert rec["fingerprint"] == ev.fingerprint(item) != ev.legacy_fingerprint("msdda")
+    path.write_text(json.dumps({**rec, "fingerprint": ev.legacy_fingerprint("msdda")}))
+    again = evaluate(out=tmp_path / "a", **{**kw, "strategies": ["msdda"]})
+    assert again["run"]["computed"] == []
+    assert json.loads(path.read_text())["fingerprint"] == ev.fingerprint(item)
 
 
 @pytest.mark.slow

@@ -62,14 +62,17 @@ def evaluate(*, out: str | Path, settings: EvalSettings | None = None, zoo_root:
              reward_fns: Mapping[str, Callable] | None = None, differentiable=None,
              reward_scales: Mapping[str, float] | None = None, classifier_file: str | Path | None = None,
              device: str = "cpu", progress: bool = True, timing: bool = True, plots: bool = True,
-             quick: bool = False, backend: str = "torch", log=print) -> dict:
+             quick: bool = False, backend: str = "torch", reuse_from: Sequence[str | Path] = (), log=print) -> dict:
     """Run (or resume) the evaluation into the folder ``out`` (see the module docstring for what it writes).
 
     zoo_root / models: where the models are (``models`` {zoo name: folder} overrides single entries);
     strategies: a subset of STRATEGIES (default all); combos: the objective combinations (default every pair and
     the triple); reward_fns / differentiable / reward_scales: override the zoo's rewards (tests); reward_scales
     default: the zoo's ``base/metrics.json`` (else 1 for every reward, recorded in the results); backend: the
-    Engine backend for generation (RGG and the timing pass always use torch). Returns the
+    Engine backend for generation (RGG and the timing pass always use torch); reuse_from: other evaluations'
+    folders whose points are read (and copied into ``out``) where their fingerprint is this run's, i.e. the
+    same settings and the same model files for that point (the base, CoDe, RGG and the oracles are shared by
+    the zoo's flavours). Returns the
     results dict plus ``"run": {"computed": [...], "skipped": [...]}`` for this call.
     """
     settings = settings or EvalSettings()
@@ -113,8 +116,8 @@ def evaluate(*, out: str | Path, settings: EvalSettings | None = None, zoo_root:
 
     records, todo, skipped = {}, [], []
     for key, it in unique.items():
-        rec = read_cache(cache_path(cache_dir, it), ev.fingerprint(it.strategy))
-        if rec is not None and rec.get("n") == settings.samples:
+        rec = _cached_record(ev, it, cache_dir, [Path(d) / "cache" / cache_dir.name for d in reuse_from])
+        if rec is not None:
             records[key] = rec
             skipped.append(key)
         else:
@@ -147,6 +150,27 @@ def evaluate(*, out: str | Path, settings: EvalSettings | None = None, zoo_root:
     atomic_write_json(json_path, results)
     atomic_write_bytes(md_path, markdown(results).encode())
     return {**results, "run": {"computed": computed, "skipped": skipped}}
+
+
+def _cached_record(ev: Evaluator, item: Item, cache_dir: Path, others: Sequence[Path]) -> dict | None:
+    """An item's finished record: from this run's cache, else from another evaluation's cache with the same
+    fingerprint (copied here, marked ``reused_from``), else None. A record written with the fingerprint
+    before it was scoped to the item's own models is accepted and rewritten with the scoped one."""
+    own, n = cache_path(cache_dir, item), ev.settings.samples
+    fp = ev.fingerprint(item)
+    rec = read_cache(own, fp)
+    if rec is None:
+        rec = read_cache(own, ev.legacy_fingerprint(item.strategy))
+        if rec is not None and rec.get("n") == n:
+            atomic_write_json(own, {**rec, "fingerprint": fp})
+    for other in others:
+        if rec is not None:
+            break
+        rec = read_cache(cache_path(other, item), fp)
+        if rec is not None and rec.get("n") == n:
+            rec = {**rec, "reused_from": str(other)}
+            atomic_write_json(own, rec)
+    return rec if rec is not None and rec.get("n") == n else None
 
 
 def _find_models(zoo_root, models, objectives, oracles) -> dict[str, Path]:

@@ -176,17 +176,37 @@ class Evaluator:
     def backend_of(self, strategy: str) -> str:
         return "torch" if strategy == "rgg" else self.backend
 
-    def fingerprint(self, strategy: str) -> str:
-        """Everything an item's numbers depend on (not the backend: the backends agree to float rounding)."""
+    def models_of(self, item: Item) -> dict[str, str]:
+        """{name: sha256} of the models an item's samples come from: the base, plus the experts it weights
+        (msdda, mpa, soup) or its oracle. CoDe and RGG steer the base with the rewards, so they use no expert."""
+        names = ["base"]
+        if item.strategy in ENGINE_STRATEGIES:
+            names += sorted(item.wdict())
+        elif item.strategy == "oracle":
+            names.append(item.oracle)
+        return {n: self.models[n] for n in names}
+
+    def fingerprint(self, item: Item) -> str:
+        """Everything an item's numbers depend on (not the backend: the backends agree to float rounding), so
+        a point is shared by every evaluation whose models it uses are the same files (e.g. CoDe, RGG, the base
+        and the oracles between the zoo's flavours, which share the base)."""
+        return fingerprint(self._fingerprint_fields(item.strategy, self.models_of(item)))
+
+    def legacy_fingerprint(self, strategy: str) -> str:
+        """The fingerprint points were written with before it was scoped to an item's own models (every model
+        the Engine held): accepted when read back, so the committed caches stay valid."""
+        return fingerprint(self._fingerprint_fields(strategy, self.models))
+
+    def _fingerprint_fields(self, strategy: str, models: Mapping[str, str]) -> dict:
         s = self.settings
         common = dict(samples=s.samples, steps=s.steps, guidance_scale=s.guidance_scale, seed=s.seed,
-                      scheduler=self.engine.scheduler, dtype=str(self.engine.dtype), models=self.models,
+                      scheduler=self.engine.scheduler, dtype=str(self.engine.dtype), models=dict(models),
                       rewards=sorted(self.reward_fns), rewards_id=self.rewards_id)
         if strategy == "code":
             common.update(code=(s.code_candidates, s.code_block), scales=self.reward_scales)
         if strategy == "rgg":
             common.update(rgg=s.rgg(), scales=self.reward_scales)
-        return fingerprint(common)
+        return common
 
     def generate(self, item: Item, seeds: Sequence[int], labels: Sequence[int], backend: str | None = None,
                  steps: int | None = None) -> torch.Tensor:
@@ -235,7 +255,7 @@ class Evaluator:
             if on_chunk is not None:
                 on_chunk(len(idx))
         record = {"key": item.key, "strategy": item.strategy, "weights": item.wdict(), "oracle": item.oracle,
-                  "fingerprint": self.fingerprint(item.strategy), "n": s.samples, "rewards": rewards,
+                  "fingerprint": self.fingerprint(item), "n": s.samples, "rewards": rewards,
                   "backend": self.backend_of(item.strategy),
                   "generation_seconds": gen_seconds, "seconds_per_image": gen_seconds / s.samples,
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
