@@ -9,11 +9,11 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy: `import msdda.kernels` must not pull in diffusers
-    if name in ("Engine", "GenerateOutput"):
+    if name in ("Engine", "GenerateOutput", "Request", "MicroConditioning"):
         from msdda import engine
 
         return getattr(engine, name)
     raise AttributeError(f"module 'msdda' has no attribute {name!r}")
 
 
-__all__ = ["Engine", "GenerateOutput", "__version__"]
+__all__ = ["Engine", "GenerateOutput", "MicroConditioning", "Request", "__version__"]

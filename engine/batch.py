@@ -217,19 +217,6 @@ def read_jobs(path, spec: ModelSpec) -> tuple[list[dict], list[dict]]:
     return rows, refused
 
 
-def row_call(row: dict) -> dict:
-    """One job row as ``Engine.generate`` keyword arguments."""
-    call = {"num_images": 1, "seed": row["seed"], "steps": row["steps"], "guidance_scale": row["guidance_scale"],
-            "eta": row["eta"], "strategy": row["strategy"], "output_type": "pil"}
-    if row["prompt"] is not None:
-        call["prompt"] = row["prompt"]
-    if row["class"] is not None:
-        call["class_labels"] = row["class"]
-    if row["weights"] is not None:
-        call["weights"] = json.loads(row["weights"])
-    return call
-
-
 # ---------------------------------------------------------------------- manifest and resume
 def _read_records(out: Path) -> list[dict]:
     """Manifest records from the final manifest and any parts a killed run left, oldest first."""
@@ -310,10 +297,18 @@ class EngineWorker:
         from msdda.atomic import atomic_write_bytes
         from msdda.atomic import encode_png
         from msdda.coalesce import generate_many
+        from msdda.request import Request
 
         rows = batch.to_pylist()
         start = time.perf_counter()
-        results = generate_many(self.engine, [row_call(r) for r in rows])
+        checked = []                     # each row's Request, or the ValueError that refused it
+        for row in rows:
+            try:
+                checked.append(Request.from_job_row(row, self.engine))
+            except ValueError as exc:
+                checked.append(exc)
+        made = iter(generate_many(self.engine, [c for c in checked if isinstance(c, Request)]))
+        results = [c if isinstance(c, ValueError) else next(made) for c in checked]
         seconds = time.perf_counter() - start
         records = []
         for row, result in zip(rows, results):

@@ -122,16 +122,13 @@ def run_benchmark(engine, settings: BenchSettings = BenchSettings(),
         for strategy in runs:
             kwargs = dict(cond, strategy=strategy, num_images=batch, steps=steps, guidance_scale=guidance,
                           seed=settings.seed, output_type=output_type)
-            engine.check_request(**{k: v for k, v in kwargs.items() if k not in
-                                    ("negative_prompt_embeds", "pooled_prompt_embeds",
-                                     "negative_pooled_prompt_embeds")})
-            calls[batch, strategy] = kwargs
+            calls[batch, strategy] = engine.check_request(**kwargs)
 
-    def timed(kwargs) -> float:
+    def timed(request) -> float:
         if cuda:
             torch.cuda.synchronize(engine.device)
         start = time.perf_counter()
-        engine.generate(**kwargs)
+        engine.generate(request)
         if cuda:
             torch.cuda.synchronize(engine.device)
         return time.perf_counter() - start

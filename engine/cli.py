@@ -349,38 +349,28 @@ def _conditioning_kwargs(args, engine) -> dict:
     return size
 
 
-def _request(args, engine, sampling: dict, weights, num_images: int) -> dict:
-    """The keyword arguments of every ``engine.generate`` call of this run, checked by the Engine's own
-    ``check_request`` (conditioning, strategy, weights and betas against the loaded experts, steps against the
-    schedule) before any output exists."""
-    from msdda.validation import check_expert_betas, check_weights
-
-    cond = _conditioning_kwargs(args, engine)
-    if weights is not None:
-        check_weights(weights, engine.experts, option="--weights")
-    if sampling["expert_betas"] is not None:
-        check_expert_betas(sampling["expert_betas"], engine.experts, option="--expert-betas")
-    request = dict(cond, weights=weights, **sampling)
-    engine.check_request(num_images=num_images, seed=args.seed,
-                         **{k: v for k, v in request.items() if k != "negative_prompt"})
-    return request
+def _request(args, engine, sampling: dict, weights, num_images: int):
+    """The run's ``msdda.Request``: every image i with seed ``--seed`` + i, checked once by the Engine
+    (conditioning, strategy, weights and betas against the loaded experts, steps against the schedule) before
+    any output exists. ``generate_into`` runs it in chunks (``Request.take``) without checking again."""
+    return engine.check_request(**_conditioning_kwargs(args, engine), weights=weights, num_images=num_images,
+                                seed=args.seed, **sampling)
 
 
-def _run_params(args, engine, request: dict, num_images: int) -> dict:
+def _run_params(args, engine, request, sampling: dict, weights) -> dict:
     """What defines the run's images; the same command again must give the same parameters."""
     import msdda
-    from msdda.validation import seed_list
 
     return {
         "command": "generate", "msdda_version": msdda.__version__,
         "models": [{"name": m.name, "path": m.path, "sha256": m.sha256} for m in engine.models],
-        "weights": request["weights"], "normalize": request["normalize"], "expert_betas": request["expert_betas"],
-        "strategy": request["strategy"], "backend": args.backend, "device": args.device,
+        "weights": weights, "normalize": sampling["normalize"], "expert_betas": sampling["expert_betas"],
+        "strategy": sampling["strategy"], "backend": args.backend, "device": args.device,
         "dtype": str(engine.dtype).removeprefix("torch."), "dtype_default": engine.dtype_default,
-        "scheduler": engine.scheduler, "steps": request["steps"],
-        "eta": request["eta"] if engine.scheduler == "ddim" else None,     # DDPM has no eta
-        "guidance_scale": request["guidance_scale"], "seed": args.seed,
-        "seeds": seed_list(args.seed, num_images), "num_images": num_images,
+        "scheduler": engine.scheduler, "steps": request.steps,
+        "eta": request.eta if engine.scheduler == "ddim" else None,     # DDPM has no eta
+        "guidance_scale": request.guidance_scale, "seed": args.seed,
+        "seeds": list(request.seeds), "num_images": request.batch,
         "prompt": args.prompt, "class": args.class_label,
         **{k: getattr(args, k) for k in ("negative_prompt", "height", "width", "variant") if getattr(args, k) is not None},
     }
@@ -410,24 +400,21 @@ def _recorded_sha256(previous: dict | None) -> dict:
             if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)}
 
 
-def generate_into(engine, run, request: dict, *, seed: int, num_images: int, batch_size: int, desc: str,
-                  quiet: bool = False) -> list[str]:
-    """Make every image of the run that is missing or damaged in ``run`` (each with its own seed), then the
-    grid and the finished manifest. Returns the names of the images made. Progress per ``msdda.progress``."""
+def generate_into(engine, run, request, *, batch_size: int, desc: str, quiet: bool = False) -> list[str]:
+    """Make every image of the checked ``request`` that is missing or damaged in ``run`` (image i is sample i,
+    with its own seed), then the grid and the finished manifest. Returns the names of the images made.
+    Progress per ``msdda.progress``."""
     from msdda.progress import Progress
     from msdda.runfolder import image_intact
-    from msdda.validation import seed_list
 
-    names = image_names(num_images)
-    seeds = seed_list(seed, num_images)
+    names = image_names(request.batch)
     recorded = _recorded_sha256(run.previous)
     todo = [i for i, name in enumerate(names) if not image_intact(run.path / name, recorded.get(name))]
-    bar = Progress(len(todo) * request["steps"], desc, quiet=quiet)
+    bar = Progress(len(todo) * request.steps, desc, quiet=quiet)
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            out = engine.generate(**request, num_images=len(chunk), seed=[seeds[i] for i in chunk],
-                                  callback=lambda i, n: bar.update(1))
+            out = engine.generate(request.take(chunk), callback=lambda i, n: bar.update(1))
             for i, image in zip(chunk, out.images):
                 run.write_image(names[i], image)
     finally:
@@ -490,10 +477,9 @@ def cmd_generate(args) -> int:
     check_target(out, owns_generate_file)                     # refuse a foreign folder before loading models
     engine = _engine(args, limits)
     request = _request(args, engine, sampling, weights, num_images)
-    params = _run_params(args, engine, request, num_images)
+    params = _run_params(args, engine, request, sampling, weights)
     with RunFolder(out, params, owns_generate_file) as run:
-        made = generate_into(engine, run, request, seed=args.seed, num_images=num_images, batch_size=args.batch_size,
-                             desc="generate", quiet=args.quiet)
+        made = generate_into(engine, run, request, batch_size=args.batch_size, desc="generate", quiet=args.quiet)
     if run.resumed and not made:
         print(f"{out} already holds this run, verified: {num_images} images, {out / GRID}, {out / 'manifest.json'}")
     else:
@@ -529,7 +515,7 @@ def cmd_sweep(args) -> int:
         w = round(j / (points - 1), 6)
         weights = {pair[0]: w, pair[1]: round(1 - w, 6)}
         request = _request(args, engine, sampling, weights, num_images)
-        plan.append((f"w{w:.2f}", weights, request, _run_params(args, engine, request, num_images)))
+        plan.append((f"w{w:.2f}", weights, request, _run_params(args, engine, request, sampling, weights)))
     root_params = {**plan[0][3], "command": "sweep", "pair": pair, "points": points, "weights": None}
     with RunFolder(out_root, root_params, owns_sweep_file) as root:
         summary = {"pair": pair, "points": []}
@@ -537,9 +523,8 @@ def cmd_sweep(args) -> int:
             point = RunFolder(out_root / label, params, owns_generate_file)
             try:
                 with point:
-                    generate_into(engine, point, request, seed=args.seed, num_images=num_images,
-                                  batch_size=args.batch_size, desc=f"{pair[0]}={weights[pair[0]]:.2f}",
-                                  quiet=args.quiet)
+                    generate_into(engine, point, request, batch_size=args.batch_size,
+                                  desc=f"{pair[0]}={weights[pair[0]]:.2f}", quiet=args.quiet)
             finally:
                 if point.finished or point.resumed:
                     root.note_finished(label)

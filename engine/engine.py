@@ -7,6 +7,8 @@ calls from several threads.
 from __future__ import annotations
 
 import functools
+import inspect
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -29,15 +31,16 @@ from msdda.loading import (MAX_SAMPLE_SIZE, TIME_IDS, BaseModel, LoadError, Lora
                            load_expert_weights, merged_network, pooled_embeds_width, sampling_defaults,
                            unet_weight_files)
 from msdda.precision import all_finite, default_dtype, vae_decode_dtype
+from msdda.request import NO_MICRO, MicroConditioning, Request
 from msdda.sampling import Denoise, sample
 from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
 from msdda.validation import (DEFAULT_LIMITS, Limits, batch_size, batch_tensor, check_class_labels, check_device,
                               check_eta, check_expert_name, check_generator, check_guidance_scale, check_image_size,
-                              check_int, check_noise, check_num_images_per_prompt, check_size_pair, check_steps,
+                              check_int, check_noise, check_num_images_per_prompt, check_steps,
                               check_strategy, check_variant, negative_prompt_rows, per_sample, per_sample_weights,
                               prompt_rows, real_tensor, seed_list)
 
-__all__ = ["Engine", "GenerateOutput", "CheckedRequest", "Limits", "SampleRun"]
+__all__ = ["Engine", "GenerateOutput", "Request", "MicroConditioning", "CheckedRequest", "Limits", "SampleRun"]
 
 log = logging.getLogger("msdda")
 
@@ -52,17 +55,9 @@ class GenerateOutput:
     strategy: str = "msdda"
 
 
-@dataclass(frozen=True)
-class CheckedRequest:
-    """The validated, per-sample form of one ``generate`` call's arguments (see ``Engine.check_request``)."""
-    batch: int
-    steps: int
-    eta: float
-    guidance_scale: float
-    seeds: list[int]
-    weights: list[dict]
-    plan: Plan
-    latent_size: tuple[int, int] = (0, 0)
+#: the name ``check_request``'s result had before it became ``msdda.Request`` (kept for one release)
+CheckedRequest = Request
+_REQUEST_TOKENS = itertools.count(1)      # each Engine's token: a Request is trusted by the Engine that checked it
 
 
 @dataclass(frozen=True)
@@ -70,7 +65,7 @@ class SampleRun:
     """One ``generate`` call prepared by ``Engine.start``: what its step loop reads. Per sample b: x_T[b],
     seeds[b], step_coeff[b], mix_coeff[b]; the conditioning's rows b (and B + b, the unconditional half first,
     under cfg). error_count: the deferred bad-element counter of its steps (int32 [1] on the device)."""
-    request: CheckedRequest
+    request: Request
     cond: Conditioning
     cfg: bool
     timesteps: tuple[int, ...]
@@ -106,6 +101,7 @@ class Engine:
         # Batch invariance: every network call (UNets, text encoders, VAE) sees exactly row_block rows
         # (``in_row_blocks``), so a sample's bits do not depend on the other samples of its call.
         self.row_block = None if row_block is None else check_int("row_block", row_block, lo=1)
+        self.request_token = next(_REQUEST_TOKENS)
         if not isinstance(limits, Limits):
             raise ValueError(f"limits must be a msdda.validation.Limits, not {limits!r}")
         self.limits = limits
@@ -320,10 +316,14 @@ class Engine:
                  target_size=None) -> torch.Tensor:
         """SDXL's micro-conditioning [rows, 6]: original size, crop top-left, target size in pixels; the sizes
         default to the image's (height, width), as in StableDiffusionXLPipeline."""
+        micro = MicroConditioning.checked(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                                          target_size=target_size)
+        return self._time_ids(rows, latent_size, micro.sizes())
+
+    def _time_ids(self, rows: int, latent_size: tuple[int, int], sizes: tuple) -> torch.Tensor:
+        original_size, crops_coords_top_left, target_size = sizes
         pixels = (latent_size[0] * self.vae_scale_factor, latent_size[1] * self.vae_scale_factor)
-        values = (check_size_pair("original_size", original_size or pixels, lo=1)
-                  + check_size_pair("crops_coords_top_left", crops_coords_top_left)
-                  + check_size_pair("target_size", target_size or pixels, lo=1))
+        values = tuple(original_size or pixels) + tuple(crops_coords_top_left) + tuple(target_size or pixels)
         assert len(values) == TIME_IDS
         return torch.tensor([values], dtype=self.dtype, device=self.device).repeat(rows, 1)
 
@@ -347,35 +347,51 @@ class Engine:
         per sample, 0..num_classes - 2). Unconditional bases take nothing. Anything else is a ValueError.
         """
         if self.is_text:
+            micro = MicroConditioning.checked(
+                original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                negative_original_size=negative_original_size,
+                negative_crops_coords_top_left=negative_crops_coords_top_left,
+                negative_target_size=negative_target_size) if self.is_sdxl else NO_MICRO
             return self._text_conditioning(
                 batch, cfg, prompt=prompt, prompt_embeds=prompt_embeds, negative_prompt=negative_prompt,
                 negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
                 pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                latent_size=latent_size or tuple(self.sample_shape[1:]), micro=dict(
-                    original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size),
-                negative_micro=dict(original_size=negative_original_size,
-                                    crops_coords_top_left=negative_crops_coords_top_left,
-                                    target_size=negative_target_size))
+                latent_size=latent_size or tuple(self.sample_shape[1:]), micro=micro)
+        labels = self.check_label_conditioning(batch, prompt=prompt, prompt_embeds=prompt_embeds,
+                                               negative_prompt=negative_prompt,
+                                               negative_prompt_embeds=negative_prompt_embeds, class_labels=class_labels)
+        return self._label_conditioning(labels, cfg)
+
+    def check_label_conditioning(self, batch: int, *, prompt=None, prompt_embeds=None, negative_prompt=None,
+                                 negative_prompt_embeds=None, class_labels=None) -> tuple[int, ...] | None:
+        """A class-conditional or unconditional base's conditioning arguments checked: the class label of each of
+        ``batch`` samples (None for an unconditional base). Prompts are refused on these bases."""
         if prompt is not None or prompt_embeds is not None:
             raise ValueError("this base is not text-conditioned: use class_labels= (or nothing), not a prompt")
+        if negative_prompt is not None or negative_prompt_embeds is not None:
+            # the CLI, the server and the API refuse it alike: a class or unconditional base has no negative prompt
+            raise ValueError("negative_prompt is for text-conditioned bases")
         if self.num_classes:
             if class_labels is None:
                 raise ValueError(f"this base is class-conditional: pass class_labels= (0..{self.num_classes - 2})")
-            labels = torch.as_tensor(per_sample(class_labels, batch, "class_labels"), dtype=torch.int64)
-            if bool(((labels < 0) | (labels > self.num_classes - 2)).any()):
-                raise ValueError(f"class labels must lie in 0..{self.num_classes - 2} (class {self.num_classes - 1} "
-                                 "is the null class used for guidance)")
-            labels = labels.to(self.device)
-            if cfg:
-                labels = torch.cat([torch.full_like(labels, self.num_classes - 1), labels])
-            return Conditioning(class_labels=labels)
+            return tuple(check_class_labels(per_sample(class_labels, batch, "class_labels"), self.num_classes))
         if class_labels is not None:
             raise ValueError("this base is unconditional: class_labels are not accepted")
-        return Conditioning()
+        return None
+
+    def _label_conditioning(self, labels: Sequence[int] | None, cfg: bool) -> Conditioning:
+        """Checked class labels (or None: unconditional) as the networks' conditioning; under ``cfg`` the null
+        class's rows first."""
+        if labels is None:
+            return Conditioning()
+        labels = torch.tensor(list(labels), dtype=torch.int64, device=self.device)
+        if cfg:
+            labels = torch.cat([torch.full_like(labels, self.num_classes - 1), labels])
+        return Conditioning(class_labels=labels)
 
     def _text_conditioning(self, batch, cfg, *, prompt, prompt_embeds, negative_prompt, negative_prompt_embeds,
                            num_images_per_prompt, pooled_prompt_embeds, negative_pooled_prompt_embeds, latent_size,
-                           micro, negative_micro) -> Conditioning:
+                           micro: MicroConditioning) -> Conditioning:
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("pass prompt= or prompt_embeds=, not both")
         if self.is_sdxl and prompt_embeds is not None and pooled_prompt_embeds is None:
@@ -389,8 +405,7 @@ class Engine:
             return self._bare_conditioning(
                 batch, cfg, per_prompt, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latent_size=latent_size, micro=micro,
-                negative_micro=negative_micro)
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, latent_size=latent_size, micro=micro)
         if prompt_embeds is None:
             if prompt is None:
                 raise ValueError("this base is text-conditioned: pass prompt= or prompt_embeds=")
@@ -422,12 +437,11 @@ class Engine:
         if cfg and negative_hidden.shape != hidden.shape:
             raise ValueError(f"negative_prompt_embeds {tuple(negative_hidden.shape)} and prompt_embeds "
                              f"{tuple(hidden.shape)} differ in shape")
-        return self._text_cond(batch, cfg, hidden, negative_hidden, pooled, negative_pooled, latent_size, micro,
-                               negative_micro)
+        return self._text_cond(batch, cfg, hidden, negative_hidden, pooled, negative_pooled, latent_size, micro)
 
     def _bare_conditioning(self, batch, cfg, per_prompt, *, prompt, negative_prompt, prompt_embeds,
                            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, latent_size,
-                           micro, negative_micro) -> Conditioning:
+                           micro: MicroConditioning) -> Conditioning:
         """A text UNet without its text stack: the caller's embeddings, checked against the UNet's widths."""
         why = "this base is a UNet folder without a text encoder"
         if prompt is not None or negative_prompt is not None:
@@ -458,19 +472,19 @@ class Engine:
             raise ValueError(f"negative_prompt_embeds {tuple(negative_hidden.shape)} and prompt_embeds "
                              f"{tuple(hidden.shape)} differ in shape")
         return self._text_cond(batch, cfg, hidden, negative_hidden, rows.get("pooled_prompt_embeds"),
-                               rows.get("negative_pooled_prompt_embeds"), latent_size, micro, negative_micro)
+                               rows.get("negative_pooled_prompt_embeds"), latent_size, micro)
 
-    def _text_cond(self, batch, cfg, hidden, negative_hidden, pooled, negative_pooled, latent_size, micro,
-                   negative_micro) -> Conditioning:
+    def _text_cond(self, batch, cfg, hidden, negative_hidden, pooled, negative_pooled, latent_size,
+                   micro: MicroConditioning) -> Conditioning:
         """The UNet's conditioning from encoded text (and, for SDXL, pooled text and micro-conditioning)."""
         if not self.is_sdxl:
             return Conditioning(encoder_hidden_states=torch.cat([negative_hidden, hidden]) if cfg else hidden)
-        time_ids = self.time_ids(batch, latent_size, **micro)
+        time_ids = self._time_ids(batch, latent_size, micro.sizes())
         if not cfg:
             return Conditioning(encoder_hidden_states=hidden, text_embeds=pooled, time_ids=time_ids)
         # as StableDiffusionXLPipeline: the negative half takes the same time ids unless both negative sizes given
-        negative_ids = self.time_ids(batch, latent_size, **negative_micro) \
-            if negative_micro["original_size"] is not None and negative_micro["target_size"] is not None else time_ids
+        negative_ids = self._time_ids(batch, latent_size, micro.sizes(negative=True)) if micro.has_negative \
+            else time_ids
         return Conditioning(encoder_hidden_states=torch.cat([negative_hidden, hidden]),
                             text_embeds=torch.cat([negative_pooled, pooled]), time_ids=torch.cat([negative_ids, time_ids]))
 
@@ -487,13 +501,16 @@ class Engine:
             batch = len(weights) if isinstance(weights, (list, tuple)) else 1
         elif isinstance(weights, (list, tuple)) and len(weights) != batch:
             raise ValueError(f"weights has {len(weights)} entries for {batch} samples")
+        strategy = check_strategy(strategy, self.experts)
         per_sample_w = per_sample_weights(weights, batch, self.experts, strategy)
-        if per_sample_w:
-            coeff = coefficient_matrix(per_sample_w, self.members, normalize=normalize, expert_betas=expert_betas,
-                                       beta=beta)
-        else:  # a single network (base / expert:NAME) needs no weights
-            coeff = torch.zeros(batch, len(self.members), dtype=torch.float64)
-        return resolve(strategy, self.members, coeff)
+        return resolve(strategy, self.members, self._coefficients(per_sample_w, batch, normalize, expert_betas, beta))
+
+    def _coefficients(self, per_sample_w: list[dict], batch: int, normalize: bool, expert_betas, beta) -> torch.Tensor:
+        """c [batch, members] from per-sample weights (zeros for a single network, which needs none)."""
+        if not per_sample_w:
+            return torch.zeros(batch, len(self.members), dtype=torch.float64)
+        return coefficient_matrix(per_sample_w, self.members, normalize=normalize, expert_betas=expert_betas,
+                                  beta=beta)
 
     def step_tables(self, steps: int, eta: float = 1.0) -> tuple[tuple[int, ...], tuple[StepScalars, ...]]:
         """(timesteps, StepScalars per step) of this Engine's scheduler, computed on the host once per
@@ -525,17 +542,8 @@ class Engine:
         return denoise
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompt=None, prompt_embeds=None, negative_prompt_embeds=None, class_labels=None, *,
-                 weights=None, num_images: int = 1, steps: int | None = None, eta: float = 1.0,
-                 guidance_scale: float | None = None,
-                 seed=0, strategy: str = "msdda", latents=None, noise=None, output_type: str = "pil",
-                 negative_prompt=None, normalize: bool = False, expert_betas: Mapping[str, float] | None = None,
-                 beta: float = 1.0, callback: Callable[[int, int], None] | None = None,
-                 num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
-                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, original_size=None,
-                 crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
-                 negative_crops_coords_top_left=(0, 0), negative_target_size=None,
-                 generator=None, num_inference_steps: int | None = None) -> GenerateOutput:
+    def generate(self, *args, request: Request | None = None, callback: Callable[[int, int], None] | None = None,
+                 **kwargs) -> GenerateOutput:
         """Generate samples, composing the experts per ``strategy``.
 
         The batch follows diffusers: ``prompt`` a string or a list of prompts, ``num_images_per_prompt`` images
@@ -559,19 +567,11 @@ class Engine:
         alone (``bare_unet``) takes ``prompt_embeds`` (and ``negative_prompt_embeds`` for guidance; SDXL also
         ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds``), never ``prompt``, and returns latents
         (``output_type="latent"``: it has no VAE).
+
+        Or pass a checked ``msdda.Request`` (``engine.check_request(...)``, positionally or as ``request=``):
+        it runs as it is, unchecked. ``callback(i, steps)`` is called after each step.
         """
-        run = self.start(prompt, prompt_embeds, negative_prompt_embeds, class_labels, weights=weights,
-                         num_images=num_images, steps=steps, eta=eta, guidance_scale=guidance_scale, seed=seed,
-                         strategy=strategy, latents=latents, noise=noise, output_type=output_type,
-                         negative_prompt=negative_prompt, normalize=normalize, expert_betas=expert_betas, beta=beta,
-                         num_images_per_prompt=num_images_per_prompt, height=height, width=width,
-                         pooled_prompt_embeds=pooled_prompt_embeds,
-                         negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, original_size=original_size,
-                         crops_coords_top_left=crops_coords_top_left, target_size=target_size,
-                         negative_original_size=negative_original_size,
-                         negative_crops_coords_top_left=negative_crops_coords_top_left,
-                         negative_target_size=negative_target_size, generator=generator,
-                         num_inference_steps=num_inference_steps)
+        run = self.start(*args, request=request, **kwargs)
         plan, cond, cfg, timesteps, scalars, seed_tensor, x, noise, step_coeff, mix_coeff, error_count, g = (
             run.request.plan, run.cond, run.cfg, run.timesteps, run.scalars, run.seeds, run.x_T, run.noise,
             run.step_coeff, run.mix_coeff, run.error_count, run.guidance)
@@ -612,58 +612,60 @@ class Engine:
             raise self.infeasible(plan, exc) from None
         return self.finish(run, x0)
 
-    def start(self, prompt=None, prompt_embeds=None, negative_prompt_embeds=None, class_labels=None, *,
-              weights=None, num_images: int = 1, steps: int | None = None, eta: float = 1.0,
-              guidance_scale: float | None = None,
-              seed=0, strategy: str = "msdda", latents=None, noise=None, output_type: str = "pil",
-              negative_prompt=None, normalize: bool = False, expert_betas: Mapping[str, float] | None = None,
-              beta: float = 1.0, num_images_per_prompt: int = 1, height: int | None = None,
-              width: int | None = None, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
-              original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
-              negative_crops_coords_top_left=(0, 0), negative_target_size=None, generator=None,
-              num_inference_steps: int | None = None) -> "SampleRun":
+    def start(self, *args, request: Request | None = None, **kwargs) -> "SampleRun":
         """Everything ``generate`` computes before its first step, for the same arguments (less ``callback``):
-        the checked request, conditioning, schedule tables, x_T, coefficients. ``generate`` is ``start``, the
-        step loop (``denoiser`` + ``combine_step``), then ``finish``; a step scheduler (``msdda.scheduler``)
+        the conditioning, schedule tables, x_T and coefficients of a checked request. ``generate`` is ``start``,
+        the step loop (``denoiser`` + ``combine_step``), then ``finish``; a step scheduler (``msdda.scheduler``)
         runs the same pieces with the samples of many runs interleaved."""
-        req = self.check_request(weights=weights, num_images=num_images, steps=steps, eta=eta,
-                                 guidance_scale=guidance_scale, seed=seed, strategy=strategy, latents=latents,
-                                 output_type=output_type, normalize=normalize, expert_betas=expert_betas, beta=beta,
-                                 class_labels=class_labels, prompt=prompt, prompt_embeds=prompt_embeds,
-                                 num_images_per_prompt=num_images_per_prompt, height=height, width=width,
-                                 generator=generator, num_inference_steps=num_inference_steps)
-        batch, steps, eta, guidance_scale, seeds, plan = (
-            req.batch, req.steps, req.eta, req.guidance_scale, req.seeds, req.plan)
-        if not self.is_text and (negative_prompt is not None or negative_prompt_embeds is not None):
-            # the CLI, the server and the API refuse it alike: a class or unconditional base has no negative prompt
-            raise ValueError("negative_prompt is for text-conditioned bases")
-
-        cfg = self.uses_guidance(guidance_scale)
-        cond = self.conditioning(batch, cfg=cfg, prompt=prompt, prompt_embeds=prompt_embeds,
-                                 negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
-                                 class_labels=class_labels, num_images_per_prompt=num_images_per_prompt,
-                                 pooled_prompt_embeds=pooled_prompt_embeds,
-                                 negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                                 latent_size=req.latent_size, original_size=original_size,
-                                 crops_coords_top_left=crops_coords_top_left, target_size=target_size,
-                                 negative_original_size=negative_original_size,
-                                 negative_crops_coords_top_left=negative_crops_coords_top_left,
-                                 negative_target_size=negative_target_size)
-        timesteps, scalars = self.step_tables(steps, eta)
-        seed_tensor = torch.tensor(seeds, dtype=torch.int64, device=self.device)
-        x = self._initial_latents(latents, seed_tensor, batch, req.latent_size)
-        if noise is not None:
-            noise = check_noise(noise, steps, x).to(self.device, self.dtype)
-
+        req = self._request_of(args, request, kwargs)
+        batch = req.batch
+        cfg = self.uses_guidance(req.guidance_scale)
+        if self.is_text:
+            prompt = list(req.prompt) if isinstance(req.prompt, tuple) else req.prompt
+            negative = list(req.negative_prompt) if isinstance(req.negative_prompt, tuple) else req.negative_prompt
+            cond = self._text_conditioning(
+                batch, cfg, prompt=prompt, prompt_embeds=req.prompt_embeds, negative_prompt=negative,
+                negative_prompt_embeds=req.negative_prompt_embeds, num_images_per_prompt=req.num_images_per_prompt,
+                pooled_prompt_embeds=req.pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=req.negative_pooled_prompt_embeds, latent_size=req.latent_size,
+                micro=req.micro)
+        else:
+            cond = self._label_conditioning(req.class_labels, cfg)
+        timesteps, scalars = self.step_tables(req.steps, req.eta)
+        seed_tensor = torch.tensor(req.seeds, dtype=torch.int64, device=self.device)
+        if req.latents is None:
+            x = philox_normal(seed_tensor, 0, (self.sample_shape[0], *req.latent_size)).to(self.device, self.dtype)
+        else:
+            x = req.latents.to(self.device, self.dtype)
+        noise = None if req.noise is None else req.noise.to(self.device, self.dtype)
+        plan = req.plan
         step_coeff = (plan.coeff if plan.kind == "product" else torch.ones(batch, 1, dtype=torch.float64))
         step_coeff = step_coeff.to(self.device, torch.float32)
         mix_coeff = plan.coeff.to(self.device, torch.float32)
         error_count = torch.zeros(1, dtype=torch.int32, device=self.device)
-        g = float(guidance_scale) if cfg else None
-
+        g = float(req.guidance_scale) if cfg else None
         return SampleRun(request=req, cond=cond, cfg=cfg, timesteps=tuple(timesteps), scalars=tuple(scalars),
                          seeds=seed_tensor, x_T=x, noise=noise, step_coeff=step_coeff, mix_coeff=mix_coeff,
-                         error_count=error_count, guidance=g, output_type=output_type, strategy=strategy)
+                         error_count=error_count, guidance=g, output_type=req.output_type, strategy=req.strategy)
+
+    def _request_of(self, args: tuple, request, kwargs: dict) -> Request:
+        """The checked Request of a ``generate`` / ``start`` call: the one given (checked by this Engine), or one
+        checked now from generate's arguments."""
+        if args and isinstance(args[0], Request):
+            if request is not None:
+                raise ValueError("pass one Request, positionally or as request=, not both")
+            request, args = args[0], args[1:]
+        if request is None:
+            return self.check_request(*args, **kwargs)
+        if args or kwargs:
+            raise ValueError("pass a Request or generate's arguments, not both")
+        if not isinstance(request, Request):
+            raise ValueError(f"request must be a msdda.Request (from engine.check_request(...)), got "
+                             f"{type(request).__name__}")
+        if request.checked_by != self.request_token:
+            raise ValueError("this Request was checked by another Engine: check it with this one "
+                             "(engine.check_request(...))")
+        return request
 
     def combine_step(self, run: "SampleRun", raw: torch.Tensor, x_t: torch.Tensor, i: int, rows=None, *,
                      error_count: torch.Tensor | None = None) -> torch.Tensor:
@@ -691,18 +693,24 @@ class Engine:
 
     def finish(self, run: "SampleRun", x0: torch.Tensor) -> GenerateOutput:
         """``generate``'s result for ``run`` from its final latents x_0 (decoded per ``run.output_type``)."""
-        return GenerateOutput(images=self.decode(x0, run.output_type), latents=x0, seeds=run.request.seeds,
-                              weights=run.request.weights, strategy=run.strategy)
+        return GenerateOutput(images=self.decode(x0, run.output_type), latents=x0, seeds=list(run.request.seeds),
+                              weights=list(run.request.weights), strategy=run.strategy)
 
-    def check_request(self, *, weights=None, num_images=1, steps=None, eta=1.0, guidance_scale=None, seed=0,
-                      strategy="msdda", latents=None, output_type="pil", normalize=False, expert_betas=None,
-                      beta=1.0, class_labels=None, prompt=None, prompt_embeds=None, num_images_per_prompt=1,
-                      height=None, width=None, generator=None, num_inference_steps=None) -> CheckedRequest:
-        """Validate ``generate``'s arguments without running anything (the checks ``generate`` itself runs
-        first), so that a caller, such as the CLI, can refuse bad input before it creates any output.
-        ``class_labels`` (optional here) are checked against a class-conditional base's range; ``prompt`` (a
-        list sets the batch) and ``height``/``width`` against the base. ``steps`` / ``guidance_scale`` None:
-        the model's defaults (``default_steps``, ``default_guidance_scale``)."""
+    def check_request(self, prompt=None, prompt_embeds=None, negative_prompt_embeds=None, class_labels=None, *,
+                      weights=None, num_images: int = 1, steps: int | None = None, eta: float = 1.0,
+                      guidance_scale: float | None = None, seed=0, strategy: str = "msdda", latents=None, noise=None,
+                      output_type: str = "pil", negative_prompt=None, normalize: bool = False,
+                      expert_betas: Mapping[str, float] | None = None, beta: float = 1.0,
+                      num_images_per_prompt: int = 1, height: int | None = None, width: int | None = None,
+                      pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, original_size=None,
+                      crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+                      negative_crops_coords_top_left=(0, 0), negative_target_size=None, generator=None,
+                      num_inference_steps: int | None = None) -> Request:
+        """``generate``'s arguments checked against this Engine (its experts, limits, conditioning and schedule)
+        without running anything: the ``msdda.Request`` that ``generate`` / ``start`` then run as it is. A caller
+        such as the CLI refuses bad input with it before it creates any output. ``steps`` / ``guidance_scale``
+        None: the model's defaults (``default_steps``, ``default_guidance_scale``). Text prompts are checked
+        against the base when they are encoded (``start``)."""
         if output_type not in ("pil", "pt", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'pt', 'np' or 'latent', not {output_type!r}")
         if self.bare_unet and prompt is not None:
@@ -725,12 +733,39 @@ class Engine:
                            num_images_per_prompt=num_images_per_prompt, prompt_embeds=prompt_embeds)  # anything is built
         seeds = seed_list(seed, batch)
         per_sample_w = per_sample_weights(weights, batch, self.experts, strategy)
-        plan = self.plan(strategy, per_sample_w or None, batch=batch, normalize=normalize, expert_betas=expert_betas,
-                         beta=beta)
-        if class_labels is not None and self.num_classes:
-            check_class_labels(per_sample(class_labels, batch, "class_labels"), self.num_classes)
-        return CheckedRequest(batch=batch, steps=steps, eta=eta, guidance_scale=guidance_scale, seeds=seeds,
-                              weights=per_sample_w, plan=plan, latent_size=latent_size)
+        coeff = self._coefficients(per_sample_w, batch, normalize, expert_betas, beta)
+        micro, labels = NO_MICRO, None
+        if self.is_text:
+            check_num_images_per_prompt(num_images_per_prompt, self.limits)
+            if self.is_sdxl:
+                micro = MicroConditioning.checked(
+                    original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                    negative_original_size=negative_original_size,
+                    negative_crops_coords_top_left=negative_crops_coords_top_left,
+                    negative_target_size=negative_target_size)
+        else:
+            labels = self.check_label_conditioning(batch, prompt=prompt, prompt_embeds=prompt_embeds,
+                                                   negative_prompt=negative_prompt,
+                                                   negative_prompt_embeds=negative_prompt_embeds,
+                                                   class_labels=class_labels)
+        shape = (batch, self.sample_shape[0], *latent_size)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+            if not bool(torch.isfinite(latents).all()):
+                raise ValueError("latents contain NaN or Inf")
+        if noise is not None:
+            noise = check_noise(noise, steps, torch.empty(shape, device="meta"))
+        return Request(
+            batch=batch, seeds=tuple(seeds), weights=tuple(per_sample_w), strategy=strategy, coefficients=coeff,
+            members=self.members, plan=resolve(strategy, self.members, coeff), steps=steps, eta=eta,
+            guidance_scale=guidance_scale, latent_size=latent_size, output_type=output_type,
+            prompt=tuple(prompt) if isinstance(prompt, list) else prompt,
+            negative_prompt=tuple(negative_prompt) if isinstance(negative_prompt, list) else negative_prompt,
+            num_images_per_prompt=num_images_per_prompt, class_labels=labels, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, micro=micro, latents=latents, noise=noise,
+            checked_by=self.request_token)
 
     def latent_size(self, height=None, width=None) -> tuple[int, int]:
         """The latent (height, width) of ``height`` x ``width``-pixel images (None: the UNet's sample_size);
@@ -743,17 +778,6 @@ class Engine:
                              f"({default[0] * self.vae_scale_factor}x{default[1] * self.vae_scale_factor} pixels); "
                              "use backend='torch' for other sizes")
         return size
-
-    def _initial_latents(self, latents, seed_tensor: torch.Tensor, batch: int, latent_size=None) -> torch.Tensor:
-        shape = (self.sample_shape[0], *(latent_size or self.sample_shape[1:]))
-        if latents is None:
-            return philox_normal(seed_tensor, 0, shape).to(self.device, self.dtype)
-        latents = real_tensor(latents, "latents")
-        if tuple(latents.shape) != (batch, *shape):
-            raise ValueError(f"latents must have shape {(batch, *shape)}, got {tuple(latents.shape)}")
-        if not bool(torch.isfinite(latents).all()):
-            raise ValueError("latents contain NaN or Inf")
-        return latents.to(self.device, self.dtype)
 
     def _rows(self, call: Callable) -> Callable:
         """``call`` (x [N, ...], *args, Conditioning? -> [K, N, ...]) in blocks of ``row_block`` rows, or as it
@@ -808,6 +832,22 @@ class Engine:
 
 
 # ---------------------------------------------------------------------- helpers
+def _generate_signature() -> inspect.Signature:
+    """What help(Engine.generate) and editors show: check_request's arguments, plus ``request=`` and ``callback=``
+    (generate takes them as ``*args, **kwargs`` so that the argument list is written once)."""
+    checked = inspect.signature(Engine.check_request)
+    extra = [inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Request | None"),
+             inspect.Parameter("callback", inspect.Parameter.KEYWORD_ONLY, default=None,
+                               annotation="Callable[[int, int], None] | None")]
+    return checked.replace(parameters=[*checked.parameters.values(), *extra], return_annotation="GenerateOutput")
+
+
+Engine.generate.__signature__ = _generate_signature()
+Engine.start.__signature__ = _generate_signature().replace(
+    parameters=[q for q in _generate_signature().parameters.values() if q.name != "callback"],
+    return_annotation="SampleRun")
+
+
 def in_row_blocks(call: Callable, block: int) -> Callable:
     """``call(x [N, ...], *args) -> [K, N, ...]`` evaluated on blocks of exactly ``block`` rows: x's rows and
     those of every tensor in a Conditioning argument are cut into consecutive blocks, the last padded with copies

@@ -1,4 +1,4 @@
-"""Step-level continuous batching: many ``Engine.generate`` requests interleaved one denoising step at a time.
+"""Step-level continuous batching: many checked ``Request``s interleaved one denoising step at a time.
 
 A diffusion step is an iteration (as a token is in an LLM server). The scheduler keeps a running set of
 samples, each with its own request, step index, latents, seed, coefficients and conditioning rows, and every
@@ -20,7 +20,7 @@ iterations. A ``soup`` request (its network is built for its weights) takes a tu
 
 Exactness: on a batch-invariant Engine (``row_block`` set) every network call computes a row from that row alone,
 the step is elementwise per sample, and the noise is keyed by the sample's seed, so each request's result is
-bit-identical to ``engine.generate(**call)`` alone, whatever joined or left around it (tested). On a plain
+bit-identical to ``engine.generate(request)`` alone, whatever joined or left around it (tested). On a plain
 Engine a row's last bits depend on the call's row count, so results equal ``generate``'s to float32 rounding
 of the network outputs, propagated through the steps.
 
@@ -33,13 +33,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 
 from msdda.backends import Conditioning
-from msdda.coalesce import per_sample_fields
 from msdda.kernels import raise_if_bad
+from msdda.request import Request
 
 __all__ = ["Cancelled", "DeadlineExceeded", "StepScheduler", "Ticket", "default_max_rows"]
 
@@ -63,10 +63,10 @@ def default_max_rows(row_block: int | None, max_images: int) -> int:
 class Ticket:
     """One submitted request. ``result`` (a ``GenerateOutput``) or ``error`` once ``done`` is set."""
 
-    def __init__(self, call: Mapping, deadline: float | None, size: int):
-        self.call = dict(call)
+    def __init__(self, request: Request, deadline: float | None):
+        self.request = request
         self.deadline = deadline          # time.monotonic() value, or None
-        self.size = size                  # samples (known before the request is started)
+        self.size = request.batch         # samples
         self.done = threading.Event()
         self.result = None
         self.error: BaseException | None = None
@@ -143,12 +143,14 @@ class StepScheduler:
         self.iterations = 0
 
     # ------------------------------------------------------------------ submission
-    def submit(self, call: Mapping, *, timeout_s: float | None = None) -> Ticket:
-        """Queue ``Engine.generate(**call)``; the ticket is answered when it finishes, fails or is dropped."""
-        spread = per_sample_fields(call)
-        size = len(spread["seed"]) if spread else 1
+    def submit(self, request: Request, *, timeout_s: float | None = None) -> Ticket:
+        """Queue a request checked by this scheduler's Engine (``engine.check_request(...)`` or a
+        ``Request.from_*``); the ticket is answered when it finishes, fails or is dropped."""
+        if not isinstance(request, Request) or request.checked_by != self.engine.request_token:
+            raise ValueError("submit takes a msdda.Request checked by this scheduler's Engine "
+                             "(engine.check_request(...))")
         deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
-        job = _Job(Ticket(call, deadline, size))
+        job = _Job(Ticket(request, deadline))
         with self._wake:
             self._incoming.append(job)
             self._wake.notify()
@@ -247,23 +249,21 @@ class StepScheduler:
                 self._waiting.remove(job)
 
     def _start(self, job: _Job) -> bool:
-        """Prepare the head request (checks, conditioning, x_T): True when it joins the running set, False when
+        """Prepare the head request (conditioning, x_T): True when it joins the running set, False when
         it was answered here (refused, or run whole in its turn) and left the queue."""
         try:
             with torch.inference_mode():
-                run = self.engine.start(**job.ticket.call)
+                run = self.engine.start(job.ticket.request)
             if run.request.plan.kind == "soup":       # its own network per weight vector: a turn of its own
                 self._waiting.remove(job)
                 job.ticket.batch_size = run.request.batch
-                job.ticket._settle(self.engine.generate(**job.ticket.call))
+                job.ticket._settle(self.engine.generate(job.ticket.request))
                 return False
         except Exception as exc:  # noqa: BLE001 -- this request's error, answered to it alone
             if job in self._waiting:
                 self._waiting.remove(job)
             job.ticket._settle(error=exc)
             return False
-        if run.request.batch != job.ticket.size:    # e.g. a prompt list that sets the batch: trust the engine
-            job.ticket.size = run.request.batch
         job.run = run
         job.x0 = [None] * run.request.batch
         return True

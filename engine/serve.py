@@ -13,7 +13,7 @@ Two schedulers (``--batching``). ``step`` (the default): step-level continuous b
 running samples, whatever request, step count or weights they have; a request joins at the next iteration and
 leaves when done, when its client disconnects or when its ``timeout_s`` passes. ``gather``: concurrent requests
 are gathered by ``@serve.batch`` and run by ``msdda.coalesce.generate_many`` to their end: requests that agree on
-the per-call arguments share one ``Engine.generate`` call; a failing request is split off so it fails alone.
+the whole-call fields share one ``Engine.generate`` call; a failing request is split off so it fails alone.
 With exact batching (the default) the replica's Engine is batch-invariant (``row_block``, see
 ``msdda.coalesce``), so under either scheduler every response is bit-identical to ``Engine.generate`` of that
 request alone on an Engine built the same way. ``app_builder`` is the Ray Serve application builder
@@ -123,11 +123,12 @@ def request_model():
 
 def parse_request(body: bytes, spec: ModelSpec, limits: Limits, *,
                   max_prompt_chars: int = HttpLimits.max_prompt_chars) -> dict:
-    """The HTTP body as ``Engine.generate`` keyword arguments, or ValueError with one line (at most 300
-    characters: a refused value is quoted by a short prefix).
+    """The HTTP body as ``Engine.check_request`` keyword arguments (plus the server's ``timeout_s``), or
+    ValueError with one line (at most 300 characters: a refused value is quoted by a short prefix).
 
-    Only the JSON shape, the prompt length and the serving limits are checked here; the values (expert names,
-    weights, labels, steps >= 1, ...) are the engine's to judge, so its own message reaches the client."""
+    Only the JSON shape, the prompt length and this server's per-request limits are checked here; the values
+    (expert names, weights, labels, steps >= 1, ...) are the engine's to judge (the replica builds the
+    ``msdda.Request`` with ``check_request``), so its own message reaches the client."""
     from pydantic import ValidationError
 
     try:
@@ -169,14 +170,14 @@ def parse_request(body: bytes, spec: ModelSpec, limits: Limits, *,
     return call
 
 
-def response_body(share, spec_models, call: dict) -> dict:
-    """The JSON answer for one request's share of an engine call."""
+def response_body(share, spec_models, request) -> dict:
+    """The JSON answer for one request's (a checked ``msdda.Request``) share of an engine call."""
     from msdda.atomic import encode_png
 
     body = {"seeds": share.seeds, "weights": share.weights, "strategy": share.strategy, "models": spec_models,
-            "batch_size": share.batch_size, "steps": call["steps"], "guidance_scale": call["guidance_scale"],
-            "eta": call["eta"]}
-    if call["output_type"] == "latent":
+            "batch_size": share.batch_size, "steps": request.steps, "guidance_scale": request.guidance_scale,
+            "eta": request.eta}
+    if request.output_type == "latent":
         body["latents"] = share.latents.float().cpu().tolist()
     else:
         body["images"] = [base64.b64encode(encode_png(im)).decode() for im in share.images]
@@ -294,7 +295,7 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
             if getattr(self, "scheduler", None) is not None:
                 self._stop.set()
 
-        async def _generate_stepped(self, call: dict, timeout_s: float | None):
+        async def _generate_stepped(self, checked, timeout_s: float | None):
             """The request through the step scheduler: a Share, or the exception that ended it."""
             from msdda.coalesce import Share
 
@@ -305,7 +306,7 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
                 loop.call_soon_threadsafe(lambda: answered.done() or answered.set_result(ticket))
 
             cap = settings.max_timeout_s
-            ticket = self.scheduler.submit(call, timeout_s=cap if timeout_s is None else min(timeout_s, cap))
+            ticket = self.scheduler.submit(checked, timeout_s=cap if timeout_s is None else min(timeout_s, cap))
             ticket.add_done_callback(settle)
             try:
                 await answered
@@ -319,7 +320,7 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
                     self.dropped.inc(tags={"reason": "timeout"})
                 return ticket.error
             out = ticket.result
-            images = None if call["output_type"] == "latent" else list(out.images)
+            images = None if checked.output_type == "latent" else list(out.images)
             return Share(images, out.latents, list(out.seeds), list(out.weights), out.strategy, ticket.batch_size)
 
         def _answer(self, route: str, status: int, body: dict):
@@ -327,14 +328,14 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
             return JSONResponse(body, status_code=status)
 
         @serve.batch(max_batch_size=settings.max_batch_size, batch_wait_timeout_s=settings.batch_wait_s)
-        async def _generate_batch(self, calls: list) -> list:
-            self.batch_requests.observe(len(calls))
-            return await asyncio.to_thread(self._generate_many, calls)
+        async def _generate_batch(self, requests: list) -> list:
+            self.batch_requests.observe(len(requests))
+            return await asyncio.to_thread(self._generate_many, requests)
 
-        def _generate_many(self, calls: list) -> list:
+        def _generate_many(self, requests: list) -> list:
             from msdda.coalesce import generate_many
 
-            results = generate_many(self.engine, calls)
+            results = generate_many(self.engine, requests)
             calls_seen = set()    # shares of one engine call are views of the same latents: observe it once
             for r in results:
                 if not isinstance(r, Exception) and r.latents.untyped_storage().data_ptr() not in calls_seen:
@@ -359,14 +360,15 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
                 return self._answer("/v1/generate", exc.status, {"error": one_line(exc)})
             try:
                 call = parse_request(body, spec, settings.limits, max_prompt_chars=settings.http.max_prompt_chars)
+                timeout_s = call.pop("timeout_s", None)
+                checked = self.engine.check_request(**call)      # the one check; nothing after it checks again
             except ValueError as exc:
                 self.errors.inc(tags={"kind": "bad_request"})
                 return self._answer("/v1/generate", 422, {"error": one_line(exc)})
-            timeout_s = call.pop("timeout_s", None)
             if self.scheduler is not None:
-                result = await self._generate_stepped(call, timeout_s)
+                result = await self._generate_stepped(checked, timeout_s)
             else:
-                result = await self._generate_batch(call)
+                result = await self._generate_batch(checked)
             self.latency.observe(time.perf_counter() - start)
             if isinstance(result, DeadlineExceeded):
                 self.errors.inc(tags={"kind": "timeout"})
@@ -379,7 +381,7 @@ def build_app(spec: ModelSpec, settings: ServeSettings, *, replicas: int = 1, nu
                 return self._answer("/v1/generate", 500,
                                     {"error": one_line(f"engine failure: {type(result).__name__}: {one_line(result)}")})
             try:
-                body = await asyncio.to_thread(response_body, result, self.models, call)
+                body = await asyncio.to_thread(response_body, result, self.models, checked)
             except Exception as exc:  # noqa: BLE001 -- encoding failed: still one JSON line, and the server stays up
                 self.errors.inc(tags={"kind": "engine"})
                 return self._answer("/v1/generate", 500, {"error": one_line(f"encoding failure: {one_line(exc)}")})

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from msdda.validation import (STRATEGIES, check_beta, check_expert_betas, check_strategy, check_weights,
+from msdda.validation import (STRATEGIES, check_beta, check_expert_betas, check_weights,
                               normalized_weights)
 
 __all__ = ["STRATEGIES", "Plan", "coefficient_matrix", "resolve", "mix_outputs"]
@@ -56,10 +56,10 @@ def coefficient_matrix(weights: Sequence[Mapping[str, float]], members: Sequence
 
 
 def resolve(strategy: str, members: Sequence[str], coeff: torch.Tensor) -> Plan:
-    """Turn a strategy name and the full coefficient matrix [B, M] into a Plan."""
+    """Turn a strategy name (checked: ``msdda.validation.check_strategy``) and the full coefficient matrix
+    [B, M] into a Plan."""
     batch = coeff.shape[0]
     one = torch.ones(batch, 1, dtype=torch.float64)
-    check_strategy(strategy, members[1:])
     if strategy == "base":
         return Plan("single", (0,), one)
     if strategy.startswith("expert:"):

@@ -24,9 +24,9 @@ def generate_calls(monkeypatch):
     calls = []
     real = Engine.generate
 
-    def logged(self, *args, **kwargs):
-        calls.append((kwargs["strategy"], kwargs["num_images"]))
-        return real(self, *args, **kwargs)
+    def logged(self, request, **kwargs):       # msdda bench runs checked Requests
+        calls.append((request.strategy, request.batch))
+        return real(self, request, **kwargs)
 
     monkeypatch.setattr(Engine, "generate", logged)
     return calls

@@ -309,11 +309,8 @@ def test_from_pretrained_type_errors_are_value_errors(base, experts, message):
 def test_negative_prompt_on_a_class_model_is_refused_everywhere(engine, models, tmp_path, capsys):
     with pytest.raises(ValueError, match="negative_prompt is for text-conditioned bases"):
         engine.generate(class_labels=1, steps=2, negative_prompt="blurry")
-    from msdda.coalesce import generate_many
-
-    [result] = generate_many(engine, [{"class_labels": 1, "steps": 2, "negative_prompt": "blurry",
-                                       "output_type": "latent"}])                 # the server's path
-    assert isinstance(result, ValueError) and "negative_prompt is for text-conditioned" in str(result)
+    with pytest.raises(ValueError, match="negative_prompt is for text-conditioned bases"):
+        engine.check_request(class_labels=1, steps=2, negative_prompt="blurry", output_type="latent")  # serve, batch
     base, a = models
     assert cli.main(["generate", "--base", str(base), "--class", "1", "--negative-prompt", "x", "--steps", "2",
                      "--out", str(tmp_path / "o")]) == 2

@@ -118,7 +118,7 @@ LAYERS = (
      "msdda.sampling", "msdda.progress"),
     ("msdda.export",),
     ("msdda.loading", "msdda.strategies", "msdda.lora", "msdda.conditioning", "msdda.backends"),
-    ("msdda.backend_artifacts", "msdda.graphs"),
+    ("msdda.backend_artifacts", "msdda.graphs", "msdda.request"),
     ("msdda.engine", "msdda"),
     ("msdda.runfolder", "msdda.exporting", "msdda.coalesce", "msdda.zoo", "msdda.benchmark", "msdda.http_limits",
      "msdda.scheduler"),

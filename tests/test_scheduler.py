@@ -51,7 +51,7 @@ def _drive(engine, stream, **kwargs):
     while it < 100 and (sched.has_work() or any(t is None for t in tickets)):
         for k, (at, call) in enumerate(stream):
             if at == it:
-                tickets[k] = sched.submit(call)
+                tickets[k] = sched.submit(engine.check_request(**call))
         infos.append(sched.iteration())
         it += 1
     assert all(t.done.is_set() for t in tickets)
@@ -80,22 +80,29 @@ def test_bad_requests_fail_alone(exact_engine):
              "guidance_scale": 2.0}),
         (1, {"class_labels": 0, "weights": {"legible": 0.5, "bold": 0.5}, "steps": 2, "guidance_scale": 2.0,
              "expert_betas": {"legible": 50, "bold": 50, "compressible": 50}}),             # infeasible
-        (1, {"class_labels": 0, "weights": {"typo": 1.0}, "steps": 2}),                   # unknown expert
     ]
     tickets, _ = _drive(exact_engine, stream, max_rows=8)
     assert "infeasible composition" in str(tickets[1].error)
     with pytest.raises(ValueError) as direct_error:
         exact_engine.generate(**stream[1][1])
     assert str(tickets[1].error) == str(direct_error.value)
-    assert "unknown expert 'typo'" in str(tickets[2].error)
     assert torch.equal(tickets[0].result.latents, exact_engine.generate(**stream[0][1]).latents)
+    # bad arguments never reach the scheduler: the one check refuses them, and submit takes only checked requests
+    with pytest.raises(ValueError, match="unknown expert 'typo'"):
+        exact_engine.check_request(class_labels=0, weights={"typo": 1.0}, steps=2)
+    sched = StepScheduler(exact_engine, max_rows=8)
+    with pytest.raises(ValueError, match="submit takes a msdda.Request"):
+        sched.submit({"class_labels": 0, "steps": 2})
+    with pytest.raises(ValueError, match="submit takes a msdda.Request"):
+        sched.submit(_zoo().check_request(class_labels=0, steps=2))        # another Engine's
 
 
 def test_cancel_and_deadline_leave_at_the_next_iteration(exact_engine):
     sched = StepScheduler(exact_engine, max_rows=8)
-    big = sched.submit({"class_labels": 1, "num_images": 3, "steps": 50, "guidance_scale": 2.0})
-    late = sched.submit({"class_labels": 2, "steps": 50, "guidance_scale": 2.0}, timeout_s=0.0)
-    small = sched.submit({"class_labels": 3, "steps": 2, "guidance_scale": 2.0, "strategy": "base"})
+    check = exact_engine.check_request
+    big = sched.submit(check(class_labels=1, num_images=3, steps=50, guidance_scale=2.0))
+    late = sched.submit(check(class_labels=2, steps=50, guidance_scale=2.0), timeout_s=0.0)
+    small = sched.submit(check(class_labels=3, steps=2, guidance_scale=2.0, strategy="base"))
     info = sched.iteration()
     assert isinstance(late.error, DeadlineExceeded) and info["rows"] == 4        # big 3 + small 1
     big.cancel()
@@ -132,10 +139,10 @@ def test_the_reserve_keeps_room_for_a_small_request_beside_large_ones(exact_engi
              "guidance_scale": 2.0, "output_type": "latent"}
     for reserved, small_answered in ((1, True), (0, False)):
         sched = StepScheduler(exact_engine, max_rows=4, max_rows_per_request=2, reserved_rows=reserved)
-        bigs = [sched.submit(dict(large, seed=10)), sched.submit(dict(large, seed=30))]
+        bigs = [sched.submit(exact_engine.check_request(**large, seed=seed)) for seed in (10, 30)]
         sched.iteration()
         assert sched.counts()["running_samples"] == 4 - reserved          # large ones hold the rest
-        ticket = sched.submit(small)
+        ticket = sched.submit(exact_engine.check_request(**small))
         for _ in range(2):
             sched.iteration()
         assert ticket.done.is_set() is small_answered, reserved

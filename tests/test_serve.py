@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from msdda.atomic import encode_png
-from msdda.coalesce import generate_many, merge_key
+from msdda.coalesce import generate_many
+from msdda.request import Request
 from msdda.ray_runtime import ModelSpec
 from msdda.serve import DEFAULT_ROW_BLOCK, parse_request
 from msdda.validation import Limits
@@ -64,16 +65,24 @@ def _direct(engine, call: dict):
 
 
 # ---------------------------------------------------------------------- without Ray: coalescing
-def test_merge_key_groups_only_requests_that_can_share_a_call():
-    a = dict(class_labels=3, weights={"x": 1.0}, seed=1, steps=2, guidance_scale=2.0)
-    assert merge_key(a) == merge_key({**a, "class_labels": [4, 5], "num_images": 2, "seed": 9,
-                                      "weights": {"y": 1.0}})
+def test_merge_key_groups_only_requests_that_can_share_a_call(zoo_engine):
+    check = zoo_engine.check_request
+    a = dict(class_labels=3, weights={"legible": 1.0}, seed=1, steps=2, guidance_scale=2.0)
+    key = check(**a).merge_key
+    assert key is not None
+    assert check(**{**a, "class_labels": [4, 5], "num_images": 2, "seed": 9, "weights": {"bold": 1.0}}).merge_key == key
     for change in ({"steps": 3}, {"guidance_scale": 1.5}, {"eta": 0.0}, {"strategy": "mpa"},
-                   {"output_type": "latent"}, {"expert_betas": {"x": 2.0}}, {"normalize": True}):
-        assert merge_key({**a, **change}) != merge_key(a), change
-    assert merge_key({**a, "class_labels": [1, 2, 3], "num_images": 2}) is None     # the engine will refuse it
-    assert merge_key({**a, "latents": torch.zeros(1)}) is None                         # not a mergeable argument
-    assert merge_key({**a, "strategy": "soup"}) == merge_key({**a, "strategy": "soup", "weights": {"y": 1.0}})
+                   {"output_type": "latent"}):
+        assert check(**{**a, **change}).merge_key != key, change
+    # betas and normalisation are folded into each sample's coefficients: they do not split a call
+    assert check(**a, expert_betas={"legible": 2.0, "bold": 1.0, "compressible": 1.0}).merge_key == key
+    assert check(**a, latents=torch.zeros(1, zoo_engine.sample_shape[0], *zoo_engine.latent_size())).merge_key is None
+    assert check(**{**a, "strategy": "soup"}).merge_key == check(**{**a, "strategy": "soup",
+                                                                    "weights": {"bold": 1.0}}).merge_key
+    joined = Request.concat([check(**a), check(**{**a, "class_labels": [4, 5], "num_images": 2, "seed": 9})])
+    assert joined.batch == 3 and joined.seeds == (1, 9, 10) and joined.class_labels == (3, 4, 5)
+    with pytest.raises(ValueError, match="cannot share one engine call"):
+        Request.concat([check(**a), check(**{**a, "steps": 3})])
 
 
 def test_generate_many_text_model_matches_direct_calls_bit_for_bit(tmp_path):
@@ -91,7 +100,7 @@ def test_generate_many_text_model_matches_direct_calls_bit_for_bit(tmp_path):
     calls = [dict(prompt="a cat", weights={"a": 0.3, "b": 0.7}, seed=1, **common),
              dict(prompt=["the dog", "of and"], weights={"a": 1.0}, num_images=2, seed=4, **common),
              dict(prompt="zz", weights={"a": 0.5, "b": 0.5}, seed=19, **common)]
-    results = generate_many(engine, calls)
+    results = generate_many(engine, [engine.check_request(**call) for call in calls])
     assert [r.batch_size for r in results] == [4, 4, 4]
     for call, result in zip(calls, results):
         direct = engine.generate(**call)

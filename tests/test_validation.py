@@ -87,8 +87,22 @@ def test_check_request_runs_no_network(engine, monkeypatch):
     monkeypatch.setattr(engine.backend, "forward", forbidden)
     req = engine.check_request(weights={"a": 1.0, "b": 3.0}, normalize=True, num_images=3, steps=4, seed=7,
                                class_labels=3)
-    assert req.batch == 3 and req.seeds == [7, 8, 9] and req.steps == 4
+    assert req.batch == 3 and req.seeds == (7, 8, 9) and req.steps == 4 and req.class_labels == (3, 3, 3)
     torch.testing.assert_close(req.plan.coeff[0], torch.tensor([0.25, 0.75], dtype=torch.float64))
+    # the request runs as it is: generate(req) equals generate(**the same arguments), and trusts it (no re-check)
+    monkeypatch.undo()
+    out = engine.generate(req)
+    direct = engine.generate(weights={"a": 1.0, "b": 3.0}, normalize=True, num_images=3, steps=4, seed=7,
+                             class_labels=3)
+    assert torch.equal(out.latents, direct.latents) and out.seeds == [7, 8, 9]
+    def checked_again(*a, **k):
+        raise AssertionError("a checked request was checked again")
+
+    monkeypatch.setattr(engine, "check_request", checked_again)
+    engine.generate(req.take([1]))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="a Request or generate's arguments, not both"):
+        engine.generate(req, steps=3)
     with pytest.raises(ValueError, match="class labels"):
         engine.check_request(class_labels=10, steps=2)
 
