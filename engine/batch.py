@@ -235,11 +235,6 @@ def _read_records(out: Path) -> list[dict]:
     return records
 
 
-def _image_ok(path: Path, sha256: str | None) -> bool:
-    """A row's image is done when its manifest records its hash and the file has exactly those bytes."""
-    return sha256 is not None and image_intact(path, sha256)
-
-
 def pending_rows(rows: list[dict], out: Path) -> tuple[list[dict], dict]:
     """(rows still to make, {id: record} of rows already done: made and verified, or refused by the engine as
     input with the same job fields, which would be refused again)."""
@@ -250,7 +245,8 @@ def pending_rows(rows: list[dict], out: Path) -> tuple[list[dict], dict]:
     for row in rows:
         rec = latest.get(row["id"])
         same = rec is not None and all(rec.get(k) == row[k] for k in JOB_FIELDS)
-        if same and rec.get("error") is None and _image_ok(out / "images" / f"{row['id']}.png", rec.get("file_sha256")):
+        if same and rec.get("error") is None and rec.get("file_sha256") is not None and \
+                image_intact(out / "images" / f"{row['id']}.png", rec["file_sha256"]):
             done[row["id"]] = rec
         elif same and rec.get("error") is not None and rec.get("refused") is True:
             done[row["id"]] = rec

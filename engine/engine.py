@@ -26,7 +26,7 @@ from msdda.export.artifacts import ArtifactMismatch
 from msdda.graphs import StepGraphCache, StepInputs, sample_graphed
 from msdda.kernels import (StepScalars, fused_expert_step, fused_expert_step_ref, philox_normal, prepare_fused_step,
                            raise_if_bad)
-from msdda.loading import (MAX_SAMPLE_SIZE, TIME_IDS, BaseModel, LoadError, LoraAdapter, bare_text_unet,
+from msdda.loading import (MAX_SAMPLE_SIZE, SDXL_TIME_IDS, BaseModel, LoadError, LoraAdapter, bare_text_unet,
                            check_base_parts, check_compatible, check_scheduler_config, check_unet_config, load_base,
                            load_expert_weights, merged_network, pooled_embeds_width, sampling_defaults,
                            unet_weight_files)
@@ -324,7 +324,7 @@ class Engine:
         original_size, crops_coords_top_left, target_size = sizes
         pixels = (latent_size[0] * self.vae_scale_factor, latent_size[1] * self.vae_scale_factor)
         values = tuple(original_size or pixels) + tuple(crops_coords_top_left) + tuple(target_size or pixels)
-        assert len(values) == TIME_IDS
+        assert len(values) == SDXL_TIME_IDS
         return torch.tensor([values], dtype=self.dtype, device=self.device).repeat(rows, 1)
 
     def conditioning(self, batch: int, *, cfg: bool, prompt=None, prompt_embeds=None, negative_prompt=None,

@@ -33,6 +33,7 @@ import torch
 
 from msdda.atomic import MAX_JSON_BYTES, read_regular
 from msdda.errors import one_line
+from msdda.export.onnx import SDXL_TIME_IDS    # original (h, w), crop top-left (y, x), target (h, w)
 from msdda.hashing import file_sha256
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -346,19 +347,15 @@ def check_base_parts(base: BaseModel) -> None:
         raise LoadError(f"{base.path}: text_encoder_2 must be a CLIPTextModelWithProjection (its pooled "
                         "projection is the UNet's text_embeds)")
     expected = base.unet.add_embedding.linear_1.in_features
-    given = config["addition_time_embed_dim"] * TIME_IDS + projection
+    given = config["addition_time_embed_dim"] * SDXL_TIME_IDS + projection
     if given != expected:
         raise LoadError(f"{base.path}: the UNet's added embedding takes {expected} inputs, but "
-                        f"{TIME_IDS} time ids x addition_time_embed_dim {config['addition_time_embed_dim']} + "
+                        f"{SDXL_TIME_IDS} time ids x addition_time_embed_dim {config['addition_time_embed_dim']} + "
                         f"text_encoder_2 projection_dim {projection} = {given} (an SDXL refiner is not supported)")
     width = base.text_encoder.config.hidden_size + base.text_encoder_2.config.hidden_size
     if config.get("cross_attention_dim") != width:
         raise LoadError(f"{base.path}: the UNet's cross_attention_dim {config.get('cross_attention_dim')} differs "
                         f"from the two text encoders' hidden sizes together ({width})")
-
-
-# SDXL micro-conditioning: original (h, w), crop top-left (y, x), target (h, w).
-TIME_IDS = 6
 
 
 # A base's own sampling defaults, in diffusers' argument names, in an optional file beside its UNet (the zoo's
@@ -427,11 +424,11 @@ def bare_text_unet(base: BaseModel) -> bool:
 
 def pooled_embeds_width(base: BaseModel) -> int | None:
     """The width of SDXL's pooled text embedding (``pooled_prompt_embeds``'s last dimension), read from the UNet's
-    added embedding: its inputs are the pooled embedding and TIME_IDS x addition_time_embed_dim. None for other
+    added embedding: its inputs are the pooled embedding and SDXL_TIME_IDS x addition_time_embed_dim. None for other
     bases."""
     if base.kind != "sdxl":
         return None
-    return base.unet.add_embedding.linear_1.in_features - base.unet_config["addition_time_embed_dim"] * TIME_IDS
+    return base.unet.add_embedding.linear_1.in_features - base.unet_config["addition_time_embed_dim"] * SDXL_TIME_IDS
 
 
 def _lora_file(path: Path) -> Path | None:

@@ -46,8 +46,6 @@ from msdda.kernels import StepScalars, VarMode
 from msdda.schedule import (
     SchedulerOptions,
     TrainSchedule,
-    gaussian_kl,
-    gaussian_log_prob,
     gaussian_step,
     inference_timesteps,
     make_schedule,
@@ -56,6 +54,7 @@ from msdda.schedule import (
     schedule_from_diffusers_config,
     step_scalars,
 )
+from bench.zoo.gaussians import gaussian_kl, gaussian_log_prob
 from tolerance import assert_within, rounding_bound
 
 # Roundings on the longest dependency path of one step, counted in units of eps = 2u (so each count is twice the

@@ -29,7 +29,8 @@ import torch
 
 from msdda import Engine
 from msdda.loading import BaseModel
-from msdda.schedule import gaussian_kl, inference_timesteps, previous_timesteps, schedule_from_diffusers_config
+from bench.zoo.gaussians import gaussian_kl
+from msdda.schedule import inference_timesteps, previous_timesteps, schedule_from_diffusers_config
 
 __all__ = ["SCHEDULER_CONFIG", "SAMPLE_SHAPE", "GaussianMixture", "QuadraticRewards", "Problem", "StepGaussian",
            "make_problem", "step_timesteps", "base_step", "tilted_step", "optimum_step", "TiltedMixtureNet",

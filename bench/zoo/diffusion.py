@@ -24,7 +24,9 @@ import torch
 
 from msdda.kernels import apply_guidance
 from msdda.sampling import sample
-from msdda.schedule import TrainSchedule, gaussian_kl, make_schedule
+from msdda.schedule import TrainSchedule, make_schedule
+
+from .gaussians import gaussian_kl
 from msdda.zoo import NULL_CLASS
 
 NUM_TRAIN_TIMESTEPS = 1000

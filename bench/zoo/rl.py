@@ -42,13 +42,14 @@ import torch
 
 from msdda.kernels import VarMode, gaussian_step
 from msdda.sampling import sample
-from msdda.schedule import gaussian_kl, gaussian_log_prob, schedule_from_diffusers_config, step_plan
+from msdda.schedule import schedule_from_diffusers_config, step_plan
 from msdda.zoo import (DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, KL_BETA, NUM_CLASSES, OBJECTIVES, ORACLE_PAIR,
                        ORACLE_WEIGHTS, oracle_name, zoo_paths)
 
 from .ckpt import load_checkpoint, save_checkpoint
 from .common import format_seconds, log, read_json, record_duration, seeded_generator, write_card, write_json
 from .diffusion import guided_output
+from .gaussians import gaussian_kl, gaussian_log_prob
 
 __all__ = ["RLConfig", "StepTable", "rollout", "train_rl", "train_experts", "train_oracles", "evaluate_member",
            "reward_scales", "VAR_PROBE_T"]

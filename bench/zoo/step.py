@@ -353,7 +353,7 @@ def composition_gap(pairs: dict[str, tuple[Path, Path]], base_dir: Path, *, n: i
     the kernels' float64 reference); mpa's is gaussian_step of the averaged guided raw outputs (what the Engine's
     "mix" strategy steps with). Equal variances and no x0 clipping make the two identical (KL 0)."""
     from msdda.kernels.errors import product_moments_ref
-    from msdda.schedule import gaussian_kl
+    from .gaussians import gaussian_kl
 
     table = StepTable(json.loads((base_dir / "scheduler" / "scheduler_config.json").read_text()), steps)
     labels = torch.arange(n) % NUM_CLASSES
