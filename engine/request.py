@@ -27,49 +27,11 @@ from typing import Mapping, Sequence
 
 import torch
 
+from msdda.conditioning import NO_MICRO, MicroConditioning
 from msdda.strategies import Plan, resolve
-from msdda.validation import check_size_pair, prompt_rows
+from msdda.validation import prompt_rows
 
-__all__ = ["MicroConditioning", "Request"]
-
-
-@dataclass(frozen=True)
-class MicroConditioning:
-    """SDXL's micro-conditioning, as ``StableDiffusionXLPipeline`` names it, in pixels: the original size, the
-    crop's top-left corner and the target size; sizes None mean the image's own. The ``negative_`` values
-    condition the unconditional half under guidance (used only when both negative sizes are given, as in the
-    pipeline)."""
-    original_size: tuple[int, int] | None = None
-    crops_coords_top_left: tuple[int, int] = (0, 0)
-    target_size: tuple[int, int] | None = None
-    negative_original_size: tuple[int, int] | None = None
-    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
-    negative_target_size: tuple[int, int] | None = None
-
-    @classmethod
-    def checked(cls, **values) -> "MicroConditioning":
-        """From the pipeline's keyword values, each a (height, width) pair of ints (sizes >= 1; None allowed
-        for sizes); anything else is a one-line ValueError."""
-        out = {}
-        for name, value in values.items():
-            if value is None and name.endswith("size"):
-                out[name] = None
-            else:
-                out[name] = check_size_pair(name, value, lo=0 if "crops" in name else 1)
-        return cls(**out)
-
-    def sizes(self, negative: bool = False) -> tuple:
-        """(original_size, crops_coords_top_left, target_size) of the conditional (or negative) half."""
-        if negative:
-            return self.negative_original_size, self.negative_crops_coords_top_left, self.negative_target_size
-        return self.original_size, self.crops_coords_top_left, self.target_size
-
-    @property
-    def has_negative(self) -> bool:
-        return self.negative_original_size is not None and self.negative_target_size is not None
-
-
-NO_MICRO = MicroConditioning()
+__all__ = ["Request"]
 
 
 @dataclass(frozen=True, eq=False)
