@@ -81,10 +81,6 @@ def encode_png(image) -> bytes:
     return buf.getvalue()
 
 
-def atomic_save_image(path, image) -> Path:
-    return atomic_write_bytes(path, encode_png(image))
-
-
 # ---------------------------------------------------------------------- the files msdda may read
 #: the largest JSON file msdda reads (manifests, configs, jobs files are far smaller)
 MAX_JSON_BYTES = 64 * 1024 * 1024

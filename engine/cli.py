@@ -411,45 +411,50 @@ def generate_into(engine, run, request, *, batch_size: int, desc: str, quiet: bo
     recorded = _recorded_sha256(run.previous)
     todo = [i for i, name in enumerate(names) if not image_intact(run.path / name, recorded.get(name))]
     bar = Progress(len(todo) * request.steps, desc, quiet=quiet)
+    made = {}                     # name -> the image this run made (kept for the grid: never read back)
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             out = engine.generate(request.take(chunk), callback=lambda i, n: bar.update(1))
             for i, image in zip(chunk, out.images):
                 run.write_image(names[i], image)
+                made[names[i]] = image
     finally:
         bar.close()
-    made = [names[i] for i in todo]
     _finish(run, names, made)
-    return made
+    return list(made)
 
 
-def _finish(run, names: list[str], made: list[str]) -> None:
+def _finish(run, names: list[str], made: dict) -> None:
     """Record every image's sha256, remake the grid if anything changed, and write the finished manifest
-    (only when it differs from the one on disk: a rerun of a finished, intact folder writes nothing)."""
+    (only when it differs from the one on disk: a rerun of a finished, intact folder writes nothing). The
+    hashes of what this run wrote come from the bytes it wrote; only images an interrupted run left (verified
+    by decoding, not recorded) are read to hash them."""
     from msdda.loading import file_sha256
     from msdda.runfolder import MANIFEST, image_intact
 
     recorded = _recorded_sha256(run.previous)
-    made_set = set(made)
     sha = {}
     try:
         for name in names:
-            sha[name] = recorded[name] if name in recorded and name not in made_set else file_sha256(run.path / name)
+            sha[name] = (run.written_sha256[name] if name in made else recorded[name] if name in recorded
+                         else file_sha256(run.path / name))
     except OSError as exc:
         raise CliError(f"cannot read {exc.filename}: {exc.strerror}") from None
     if made or GRID not in recorded or not image_intact(run.path / GRID, recorded[GRID]):
-        save_grid(run, names)
-        sha[GRID] = file_sha256(run.path / GRID)
+        save_grid(run, names, made)
+        sha[GRID] = run.written_sha256[GRID]
     else:
         sha[GRID] = recorded[GRID]
     run.write_json(MANIFEST, {**run.params, "complete": True, "images": names, "grid": GRID, "sha256": sha})
 
 
-def save_grid(run, names: list[str]) -> None:
+def save_grid(run, names: list[str], in_memory: dict) -> None:
+    """The grid of the run's images: those in ``in_memory`` (made by this run) as they are, the others read
+    from the folder."""
     from PIL import Image
 
-    images = [Image.open(run.path / n).convert("RGB") for n in names]
+    images = [(in_memory[n] if n in in_memory else Image.open(run.path / n)).convert("RGB") for n in names]
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size

@@ -40,8 +40,8 @@ import stat
 from pathlib import Path
 from typing import Callable, Mapping
 
-from msdda.atomic import (MAX_JSON_BYTES, UnsafeFileError, atomic_save_image, atomic_write_json, open_regular,
-                          read_json, read_regular, temp_file_target)
+from msdda.atomic import (MAX_JSON_BYTES, UnsafeFileError, atomic_write_bytes, atomic_write_json, encode_png,
+                          open_regular, read_json, read_regular, temp_file_target)
 
 __all__ = ["RunFolder", "RunFolderError", "LOCK_NAME", "MANIFEST", "check_target", "image_intact"]
 
@@ -160,6 +160,7 @@ class RunFolder:
         self.owns = owns
         self.previous: dict | None = None       # the manifest found on entry (a resumed run)
         self.finished: list[str] = []           # files this run completed
+        self.written_sha256: dict[str, str] = {}  # sha256 of the bytes this run wrote, by file name (images)
         self._created: list[Path] = []          # folders this run created, deepest last
         self._lock_fd: int | None = None
         self._created_lock = False
@@ -300,7 +301,13 @@ class RunFolder:
         return path
 
     def write_image(self, name: str, image) -> Path:
-        path = self._write(name, lambda p: atomic_save_image(p, image))
+        """Write ``image`` as PNG; its sha256 (of the bytes written, so never read back) goes into
+        ``written_sha256``."""
+        import hashlib
+
+        data = encode_png(image)
+        path = self._write(name, lambda p: atomic_write_bytes(p, data))
+        self.written_sha256[name] = hashlib.sha256(data).hexdigest()
         self.finished.append(name)
         return path
 
