@@ -10,7 +10,7 @@ Every way in builds one through that one check, each from its own format:
 
 - ``msdda generate`` / ``msdda sweep``: ``msdda.cli`` checks the flags' conditioning against the base, then
   ``check_request`` builds the run's request (image i with seed ``--seed`` + i), run in chunks (``take``);
-- ``msdda serve``: ``msdda.serve.parse_request`` turns a ``POST /v1/generate`` body (its JSON shape checked by
+- ``msdda serve``: ``msdda.http_api.parse_request`` turns a ``POST /v1/generate`` body (its JSON shape checked by
   pydantic) into ``check_request``'s arguments, and the replica checks them once;
 - ``Request.from_job_row(row, engine)``: one row of an ``msdda batch`` jobs file (shape checked by
   ``msdda.batch.read_jobs``).

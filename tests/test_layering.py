@@ -123,7 +123,7 @@ LAYERS = (
     ("msdda.runfolder", "msdda.exporting", "msdda.coalesce", "msdda.zoo", "msdda.benchmark", "msdda.http_limits",
      "msdda.scheduler"),
     ("msdda.cli_common", "msdda.ray_runtime"),
-    ("msdda.serve", "msdda.batch"),
+    ("msdda.http_api", "msdda.serve", "msdda.batch"),
     ("msdda.cli",),
 )
 

@@ -24,7 +24,8 @@ from msdda.atomic import encode_png
 from msdda.coalesce import generate_many
 from msdda.request import Request
 from msdda.ray_runtime import ModelSpec
-from msdda.serve import DEFAULT_ROW_BLOCK, parse_request
+from msdda.http_api import parse_request
+from msdda.serve import DEFAULT_ROW_BLOCK
 from msdda.validation import Limits
 from processes import tagged
 from serving import ServeProcess
