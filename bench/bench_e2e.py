@@ -207,7 +207,8 @@ def run(ks, batches, backends, steps, repeats, models=MODELS, log=print):
     from diffusers.schedulers import SchedulerMixin
 
     import msdda
-    from msdda.loading import load_base, load_expert
+    from msdda.loading import load_base
+    from msdda.lora import load_expert
 
     rows = []
     device = "cuda" if torch.cuda.is_available() else "cpu"

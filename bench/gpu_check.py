@@ -521,7 +521,8 @@ def _models(args, tmp: Path):
     """{name: module}, spec, the base's scheduler config."""
     import torch
 
-    from msdda.loading import load_base, load_expert
+    from msdda.loading import load_base
+    from msdda.lora import load_expert
 
     if args.base is None:
         sys.path.insert(0, str(REPO / "tests"))

@@ -21,16 +21,15 @@ import torch
 from msdda import schedule as sch
 from msdda.backend_artifacts import backend_source
 from msdda.backends import Conditioning, make_backend
+from msdda.conditioning import NO_MICRO, Conditioner, MicroConditioning, prompt_pipeline
 from msdda.export.artifacts import ArtifactMismatch
 from msdda.graphs import StepGraphCache, StepInputs, sample_graphed
 from msdda.kernels import (StepScalars, fused_expert_step, fused_expert_step_ref, philox_normal, prepare_fused_step,
                            raise_if_bad)
-from msdda.loading import (MAX_SAMPLE_SIZE, BaseModel, LoadError, LoraAdapter, bare_text_unet,
-                           check_base_parts, check_compatible, check_scheduler_config, check_unet_config, load_base,
-                           load_expert_weights, merged_network, sampling_defaults,
-                           unet_weight_files)
+from msdda.loading import (MAX_SAMPLE_SIZE, BaseModel, LoadError, bare_text_unet, check_base_parts, check_compatible,
+                           check_scheduler_config, check_unet_config, load_base, sampling_defaults)
+from msdda.lora import LoraAdapter, load_expert_weights, merged_network, unet_weight_files
 from msdda.precision import all_finite, default_dtype, vae_decode_dtype
-from msdda.conditioning import NO_MICRO, Conditioner, MicroConditioning, prompt_pipeline
 from msdda.request import Request
 from msdda.sampling import Denoise, sample
 from msdda.strategies import Plan, coefficient_matrix, mix_outputs, resolve
@@ -233,7 +232,7 @@ class Engine(Conditioner):
         ``force_upcast`` decodes in float32, as diffusers' own pipeline does).
 
         experts: {name: a folder (as in ``from_pretrained``), a UNet module of the pipeline's architecture, or a
-        ``msdda.loading.LoraAdapter``}. The scheduler config is ``pipe.scheduler``'s.
+        ``msdda.lora.LoraAdapter``}. The scheduler config is ``pipe.scheduler``'s.
         """
         unet = getattr(pipe, "unet", None)
         if unet is None or not hasattr(pipe, "scheduler"):

@@ -17,7 +17,8 @@ from msdda.export import (OUTPUT_NAME, ExportError, check_export_options, export
                           unet_export_spec)
 from msdda.export.artifacts import EXPORT_KIND, exporter_id
 from msdda.export.onnx import SDXL_TIME_IDS, TEXT_CONDS, cleanup_tool, pooled_text_width
-from msdda.loading import LoadError, load_base, load_expert
+from msdda.loading import LoadError, load_base
+from msdda.lora import load_expert
 from msdda.runfolder import MANIFEST, RunFolder, RunFolderError, check_target
 from msdda.validation import check_expert_name
 

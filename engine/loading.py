@@ -11,8 +11,8 @@ An *expert* is a UNet folder of the base's architecture (any of the layouts abov
 LoRA adapter of the base's UNet: a diffusers (``pytorch_lora_weights.safetensors``), kohya-ss / A1111
 (``lora_unet_..._lora_down.weight`` + ``.alpha``: the folder's one ``.safetensors`` file) or PEFT
 (``adapter_model.safetensors`` + ``adapter_config.json``) file, read through diffusers' own LoRA state-dict
-conversion and PEFT's scaling rules (:func:`read_lora_adapter`), and kept as low-rank factors
-(:class:`LoraAdapter`) until a backend needs a merged network.
+conversion and PEFT's scaling rules, and kept as low-rank factors until a backend needs a merged network: that half,
+with how an expert folder loads, is ``msdda.lora``.
 
 Loading is strict: a missing, unexpected or misshapen tensor in any network is a one-line LoadError naming the
 file and a key, never a random initialisation (diffusers and transformers only warn). Networks are built in the
@@ -22,12 +22,10 @@ requested dtype by the loaders themselves (``dtype=``; accelerate's low-memory p
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -40,7 +38,6 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 UNET_STEM = "diffusion_pytorch_model"
 UNET_WEIGHTS = UNET_STEM + ".safetensors"
 TRANSFORMERS_STEM = "model"
-LORA_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 # The pipeline components msdda loads, by the class model_index.json names for them.
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
@@ -90,7 +87,7 @@ def _one_line(exc: BaseException) -> str:
     return one_line(exc, 200)    # leaves room in the 300-character line for the path it is quoted with
 
 
-def _require_dir(path) -> Path:
+def require_dir(path) -> Path:
     path = Path(path)
     if not path.exists():
         raise LoadError(f"model folder not found: {path}")
@@ -99,7 +96,7 @@ def _require_dir(path) -> Path:
     return path
 
 
-def _refuse_pickles(folder: Path) -> None:
+def refuse_pickles(folder: Path) -> None:
     pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles and not any(p.suffix == ".safetensors" for p in folder.iterdir()):
         raise LoadError(f"{folder}: only pickle checkpoints ({', '.join(sorted(pickles))}); refusing to unpickle, "
@@ -108,10 +105,10 @@ def _refuse_pickles(folder: Path) -> None:
 
 def unet_folder(path) -> Path:
     """The folder holding the UNet's config.json inside any supported layout."""
-    path = _require_dir(path)
+    path = require_dir(path)
     for candidate in (path / "unet", path):
         if (candidate / "config.json").is_file():
-            _refuse_pickles(candidate)
+            refuse_pickles(candidate)
             return candidate
     raise LoadError(f"{path}: no UNet found (expected model_index.json, unet/config.json or config.json)")
 
@@ -210,7 +207,7 @@ def load_strict(cls, folder: Path, *, what: str, stem: str, dtype=None, variant:
     transformers' name for it), so networks are built in it: no cast afterwards."""
     files = weight_files(folder, stem, variant)
     if not files:
-        _refuse_pickles(folder)
+        refuse_pickles(folder)
         raise _no_variant(folder, what, stem, variant)
     where = files[0] if len(files) == 1 else folder
     # ignore_mismatched_sizes: transformers then reports a misshapen tensor by name (instead of raising a message
@@ -264,7 +261,7 @@ def scheduler_config_for(path: Path, unet_dir: Path) -> dict | None:
 def load_base(path, dtype=None, variant: str | None = None) -> BaseModel:
     """Load a base model folder (see the module docstring) in ``dtype`` (float32 when None), from the
     ``variant`` weights when given (e.g. "fp16": ``*.fp16.safetensors``)."""
-    path = _require_dir(path)
+    path = require_dir(path)
     udir = unet_folder(path)
     unet, config, sha = load_unet(udir, dtype, variant)
     sched = scheduler_config_for(path, udir)
@@ -301,7 +298,7 @@ def load_pipeline_parts(path: Path, dtype=None, variant: str | None = None) -> t
             if cls_name not in TEXT_ENCODER_CLASSES:
                 raise LoadError(f"{folder}: unsupported text encoder class {cls_name!r} (msdda loads "
                                 f"{', '.join(TEXT_ENCODER_CLASSES)})")
-            _refuse_pickles(folder)
+            refuse_pickles(folder)
             parts[key], _ = load_strict(getattr(transformers, cls_name), folder, what="text encoder",
                                         stem=TRANSFORMERS_STEM, dtype=dtype, variant=variant)
         elif key in ("tokenizer", "tokenizer_2"):
@@ -314,7 +311,7 @@ def load_pipeline_parts(path: Path, dtype=None, variant: str | None = None) -> t
         elif key == "vae":
             if cls_name not in VAE_CLASSES:
                 raise LoadError(f"{folder}: unsupported VAE class {cls_name!r}")
-            _refuse_pickles(folder)
+            refuse_pickles(folder)
             parts[key], _ = load_strict(getattr(diffusers, cls_name), folder, what="VAE", stem=UNET_STEM,
                                         dtype=dtype, variant=variant)
     return parts, settings
@@ -405,7 +402,7 @@ class BaseConditioning:
 def base_conditioning(path) -> BaseConditioning:
     """A base folder's :class:`BaseConditioning`, from its UNet config and model_index.json (LoadError when
     they are missing or unreadable, as loading would say)."""
-    path = _require_dir(path)
+    path = require_dir(path)
     config = read_json(unet_folder(path) / "config.json")
     kind = unet_kind(config)
     index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
@@ -431,59 +428,6 @@ def pooled_embeds_width(base: BaseModel) -> int | None:
     return base.unet.add_embedding.linear_1.in_features - base.unet_config["addition_time_embed_dim"] * SDXL_TIME_IDS
 
 
-def _lora_file(path: Path) -> Path | None:
-    for name in LORA_FILES:
-        if (path / name).is_file():
-            return path / name
-    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
-    # A folder holding one .safetensors file and no config.json: a LoRA file as kohya-ss and A1111 name them.
-    if len(files) == 1 and not (path / "config.json").is_file() and not (path / "unet").is_dir():
-        return files[0]
-    return None
-
-
-def unet_weight_files(base, experts, variant: str | None = None) -> list[Path]:
-    """The UNet weight files of a base and its full-weight experts (a LoRA adapter loads in the base's dtype): what
-    the precision default reads. A folder that is not a model is left to the loader, which reports it."""
-    files = []
-    for path in (base, *experts):
-        try:
-            if _lora_file(_require_dir(path)) is None:
-                files += [f for f in weight_files(unet_folder(path), UNET_STEM, variant) if f.suffix == ".safetensors"]
-        except LoadError:
-            pass
-    return files
-
-
-def load_expert_weights(name: str, path, base: BaseModel, dtype=None, variant: str | None = None
-                        ) -> tuple["torch.nn.Module | LoraAdapter", str]:
-    """Load expert ``name`` and check it against the base. Returns (a full UNet, or a :class:`LoraAdapter` of
-    the base's UNet; the sha256 of its weights)."""
-    path = _require_dir(path)
-    lora = _lora_file(path)
-    if lora is not None:
-        adapter = read_lora_adapter(base, lora)
-        return adapter, adapter.sha256
-    _refuse_pickles(path)
-    udir = unet_folder(path)
-    unet, config, sha = load_unet(udir, dtype, variant)
-    check_compatible(name, config, base.unet_config)
-    sched = scheduler_config_for(path, udir)
-    if sched is not None:
-        check_scheduler_compatible(name, sched, base.scheduler_config)
-    return unet, sha
-
-
-def load_expert(name: str, path, base: BaseModel, dtype=None, variant: str | None = None
-                ) -> tuple[torch.nn.Module, str]:
-    """Expert ``name`` as a full network (a LoRA adapter merged onto a copy of the base's UNet) and the sha256 of
-    its weights: for tools that need one module per expert (ONNX export, benchmarks)."""
-    expert, sha = load_expert_weights(name, path, base, dtype, variant)
-    if isinstance(expert, LoraAdapter):
-        expert = merged_network(base.unet, expert)
-    return expert, sha
-
-
 def check_compatible(name: str, config: dict, base_config: dict) -> None:
     a, b = structural_config(config), structural_config(base_config)
     if config.get("_class_name") != base_config.get("_class_name"):
@@ -506,252 +450,3 @@ def check_scheduler_compatible(name: str, sched: dict, base_sched: dict) -> None
             label = "prediction type" if key == "prediction_type" else "scheduler"
             raise LoadError(f"expert {name!r} has a different {label} from the base: {key}={sched[key]!r} vs "
                             f"{base_sched[key]!r}")
-
-
-# ---------------------------------------------------------------------------------------------------- LoRA
-@dataclass(frozen=True)
-class LoraFactor:
-    """One adapted layer's low-rank update, delta W = up @ down (PEFT's scale, alpha / r, already folded into up).
-
-    down: [r, in] for a Linear, [r, in, kh, kw] for a Conv2d (it runs with the layer's stride and padding);
-    up: [out, r] (a 1x1 convolution for a Conv2d)."""
-    down: torch.Tensor
-    up: torch.Tensor
-
-
-@dataclass(frozen=True)
-class LoraAdapter:
-    """A LoRA expert as its low-rank factors on the base UNet's layers ({module name: LoraFactor}), never merged
-    here: a backend merges only where it needs a full network (``merged_network``)."""
-    path: Path
-    sha256: str
-    factors: Mapping[str, LoraFactor]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(f.down.nbytes + f.up.nbytes for f in self.factors.values())
-
-
-# The adapter name msdda gives a LoRA while PEFT resolves its scales on a weightless copy of the base.
-_ADAPTER = "msdda"
-# Where a LoRA file's keys point: diffusers' prefixes (the same names its pipelines use).
-_UNET_PREFIX = "unet."
-_TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.")
-_PEFT_PREFIX = "base_model.model."
-
-
-def read_lora_adapter(base: BaseModel, lora_path: Path) -> LoraAdapter:
-    """A LoRA file of the base's UNet as a :class:`LoraAdapter`, read the way diffusers' ``load_lora_weights``
-    reads it, so that merging it gives diffusers' ``fuse_lora`` weights:
-
-    - the file goes through ``StableDiffusionPipeline.lora_state_dict`` (``StableDiffusionXLPipeline``'s for an
-      SDXL base), which converts the kohya-ss / A1111 layout and returns its network alphas; a PEFT
-      ``adapter_model.safetensors`` (``base_model.model.<module>`` keys) takes its LoRA config from
-      ``adapter_config.json``;
-    - the per-layer scale (alpha / r, rank and alpha patterns, rsLoRA) is the one PEFT computes when diffusers
-      injects the adapter, found on a weightless (meta-device) copy of the base UNet.
-
-    Refused with a one-line LoadError: text-encoder weights (msdda adapts the UNet only; the error names the
-    keys), DoRA or LoRA bias terms, a layer the base does not have or that is not a Linear / Conv2d, a down
-    without its up (or the reverse), and shapes that do not fit the base's weights."""
-    from safetensors import safe_open
-
-    folder = lora_path.parent
-    try:
-        with safe_open(lora_path, framework="pt") as fh:
-            raw_keys = list(fh.keys())
-            # dtypes and shapes from the header, before diffusers sees a tensor (it would print a whole dump)
-            headers = {k: (fh.get_slice(k).get_dtype(), fh.get_slice(k).get_shape()) for k in raw_keys}
-    except Exception as exc:
-        raise LoadError(f"{lora_path}: unreadable LoRA weights ({_one_line(exc)})") from None
-    bad = [k for k in raw_keys if "dora_scale" in k or "lora_magnitude_vector" in k]
-    if bad:
-        raise LoadError(f"{lora_path}: DoRA adapters are not supported ({bad[0]!r})")
-    _check_lora_header(headers, lora_path)
-    state, alphas, metadata = _lora_state_dict(base, lora_path, raw_keys)
-    text = sorted(k for k in state if k.startswith(_TEXT_PREFIXES))
-    if text:
-        raise LoadError(f"{lora_path}: this LoRA also adapts the text encoder ({len(text)} keys, e.g. {text[0]!r}); "
-                        "msdda applies LoRA experts to the UNet only: save the UNet part alone (diffusers: "
-                        "keys starting with 'unet.')")
-    foreign = sorted(k for k in state if not k.startswith(_UNET_PREFIX))
-    if foreign:
-        raise LoadError(f"{lora_path}: unexpected LoRA key {foreign[0]!r} (neither 'unet.' nor a text encoder)")
-    pairs = _lora_pairs(base.unet, state, lora_path)
-    scales = _peft_scales(base.unet, state, alphas, metadata, lora_path)
-    missing = sorted(set(pairs) - set(scales))
-    if missing:
-        raise LoadError(f"{lora_path}: PEFT did not place the LoRA for {missing[0]!r} on the base UNet")
-    factors = {}
-    for target, (a, b) in pairs.items():
-        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-            raise LoadError(f"{lora_path}: the LoRA for {target} holds NaN or Inf values; this file cannot be used")
-        weight = dict(base.unet.named_modules())[target].weight
-        rank = a.shape[0]
-        factors[target] = LoraFactor(down=a.float().reshape(rank, *weight.shape[1:]),
-                                     up=b.float().reshape(b.shape[0], rank) * scales[target])
-    return LoraAdapter(path=folder, sha256=file_sha256(lora_path), factors=factors)
-
-
-_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-
-
-def _check_lora_header(headers: Mapping[str, tuple[str, list]], lora_path: Path) -> None:
-    """A LoRA file's tensors, from its header: floating point (network alphas may be any number), and no empty
-    factor (rank 0)."""
-    for key, (dtype, shape) in headers.items():
-        if dtype not in _FLOAT_DTYPES and not key.endswith("alpha"):
-            raise LoadError(f"{lora_path}: LoRA tensor {key!r} has dtype {dtype}; LoRA weights must be floating point "
-                            "(F16, BF16, F32 or F64)")
-        if 0 in shape:
-            raise LoadError(f"{lora_path}: LoRA tensor {key!r} has shape {list(shape)}: a rank-0 (empty) factor")
-
-
-def _lora_state_dict(base: BaseModel, lora_path: Path, raw_keys: list[str]):
-    """(state dict with diffusers' 'unet.' / 'text_encoder.' prefixes, network alphas or None, LoRA config
-    metadata or None) of one LoRA file, through diffusers' converter."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    pipeline = StableDiffusionXLPipeline if base.kind == "sdxl" else StableDiffusionPipeline
-    try:
-        state, alphas, metadata = pipeline.lora_state_dict(
-            str(lora_path.parent), weight_name=lora_path.name, use_safetensors=True, local_files_only=True,
-            unet_config=base.unet_config, return_lora_metadata=True)
-    except Exception as exc:
-        raise LoadError(f"{lora_path}: unreadable LoRA weights ({_one_line(exc)})") from None
-    if raw_keys and all(k.startswith(_PEFT_PREFIX) for k in raw_keys):
-        # PEFT's own layout (PeftModel.save_pretrained on a UNet): the LoRA config lives in adapter_config.json.
-        state = {_UNET_PREFIX + k[len(_PEFT_PREFIX):]: v for k, v in state.items()}
-        config_path = lora_path.parent / "adapter_config.json"
-        # diffusers reads LoRA metadata per component, under the same prefixes as the tensors
-        metadata = {_UNET_PREFIX + k: v for k, v in _peft_config(read_json(config_path), config_path).items()} \
-            if config_path.is_file() else None
-    elif state and not any(k.startswith((_UNET_PREFIX, *_TEXT_PREFIXES)) for k in state):
-        # diffusers' older UNet-only layout (save_attn_procs): module names with no component prefix.
-        state = {_UNET_PREFIX + k: v for k, v in state.items()}
-    if not state:
-        raise LoadError(f"{lora_path}: holds no LoRA weights")
-    return state, alphas, metadata
-
-
-def _peft_config(config: dict, path: Path) -> dict:
-    """The LoraConfig arguments of a PEFT adapter_config.json (the fields LoraConfig takes)."""
-    import dataclasses
-
-    from peft import LoraConfig
-
-    if config.get("peft_type", "LORA") != "LORA":
-        raise LoadError(f"{path}: a {config.get('peft_type')} adapter, not LoRA")
-    names = {f.name for f in dataclasses.fields(LoraConfig)}
-    return {k: v for k, v in config.items() if k in names}
-
-
-def _lora_pairs(unet: torch.nn.Module, state: dict, lora_path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module name: (A [r, in, ...], B [out, r, ...])} of the UNet keys in PEFT naming (diffusers'
-    ``convert_unet_state_dict_to_peft``), checked against the base's layers."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
-    unet_state = {k[len(_UNET_PREFIX):]: v for k, v in state.items()}
-    if not any(".lora_A." in k or ".lora_B." in k for k in unet_state):
-        unet_state = convert_unet_state_dict_to_peft(unet_state)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in unet_state.items():
-        target, sep, role = key.rpartition(".lora_")
-        if not sep or role not in ("A.weight", "B.weight"):
-            raise LoadError(f"{lora_path}: unsupported LoRA tensor {key!r} (msdda reads lora_A / lora_B weights of "
-                            "Linear and Conv2d layers)")
-        parts.setdefault(target, {})[role[0]] = tensor
-    modules = dict(unet.named_modules())
-    pairs = {}
-    for target, ab in sorted(parts.items()):
-        if "A" not in ab or "B" not in ab:
-            raise LoadError(f"{lora_path}: incomplete LoRA pair for {target} (has only lora_{next(iter(ab))})")
-        module = modules.get(target)
-        if module is None or not hasattr(module, "weight"):
-            raise LoadError(f"{lora_path}: LoRA targets {target!r}, which the base UNet does not have")
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or getattr(module, "groups", 1) != 1:
-            raise LoadError(f"{lora_path}: LoRA on {target} ({type(module).__name__}) is not supported; msdda adapts "
-                            "Linear and Conv2d layers")
-        a, b = ab["A"], ab["B"]
-        weight = module.weight
-        rank = a.shape[0]
-        if a.dim() >= 2 and b.dim() >= 2 and b.shape[1] != rank:
-            raise LoadError(f"{lora_path}: LoRA for {target} has rank {rank} in its down factor (lora_A) but rank "
-                            f"{b.shape[1]} in its up factor (lora_B); the two ranks must match")
-        if a.dim() < 2 or b.dim() < 2 or b.shape[0] != weight.shape[0] or b.shape[1] != rank \
-                or b[0, 0].numel() != 1 or tuple(a.shape[1:]) != tuple(weight.shape[1:]):
-            raise LoadError(f"{lora_path}: LoRA for {target} has shape {(b.shape[0], a[0].numel())}, weight is "
-                            f"{tuple(weight.shape)}")
-        pairs[target] = (a, b)
-    return pairs
-
-
-def _peft_scales(unet: torch.nn.Module, state: dict, alphas, metadata, lora_path: Path) -> dict[str, float]:
-    """{module name: scale} as PEFT sets it when diffusers loads this LoRA (``load_lora_adapter``: LoraConfig
-    from the file's ranks and network alphas, or from its metadata), found on a meta-device copy of the UNet so
-    that no weight is allocated. UNet2DModel has no diffusers LoRA loader; PEFT is driven directly there, with
-    the same config diffusers would build."""
-    import accelerate
-    from peft.tuners.lora import LoraLayer
-
-    with accelerate.init_empty_weights():
-        skeleton = type(unet).from_config(unet.config)
-    try:
-        if hasattr(skeleton, "load_lora_adapter"):
-            skeleton.load_lora_adapter(state, prefix="unet", network_alphas=alphas, metadata=metadata,
-                                       adapter_name=_ADAPTER, low_cpu_mem_usage=True)
-        else:
-            _inject_with_peft(skeleton, state, alphas, metadata)
-    except LoadError:
-        raise
-    except Exception as exc:
-        raise LoadError(f"{lora_path}: diffusers cannot place this LoRA on the base UNet ({_one_line(exc)})") from None
-    scales = {}
-    for name, module in skeleton.named_modules():
-        if isinstance(module, LoraLayer) and _ADAPTER in module.scaling:
-            if module.use_dora.get(_ADAPTER) or module.lora_bias.get(_ADAPTER):
-                raise LoadError(f"{lora_path}: DoRA / LoRA bias on {name} is not supported")
-            scales[name] = float(module.scaling[_ADAPTER])
-    return scales
-
-
-def _inject_with_peft(skeleton: torch.nn.Module, state: dict, alphas, metadata) -> None:
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from diffusers.utils.peft_utils import get_peft_kwargs
-    from peft import LoraConfig, inject_adapter_in_model
-
-    unet_state = {k[len(_UNET_PREFIX):]: v for k, v in state.items()}
-    if not any(".lora_A." in k for k in unet_state):
-        unet_state = convert_unet_state_dict_to_peft(unet_state)
-    if metadata is None:
-        ranks = {f"^{k}": v.shape[1] for k, v in unet_state.items() if "lora_B" in k and v.ndim > 1}
-        alphas = {k[len(_UNET_PREFIX):]: v for k, v in (alphas or {}).items() if k.startswith(_UNET_PREFIX)}
-        config = get_peft_kwargs(ranks, alphas or None, unet_state, is_unet=True)
-    else:
-        config = {k[len(_UNET_PREFIX):]: v for k, v in metadata.items() if k.startswith(_UNET_PREFIX)}
-    inject_adapter_in_model(LoraConfig(**config), skeleton, adapter_name=_ADAPTER, state_dict=unet_state)
-
-
-def lora_delta(factor: LoraFactor, weight_shape) -> torch.Tensor:
-    """delta W = up @ down, shaped like the layer's weight (float32)."""
-    return (factor.up @ factor.down.flatten(1)).reshape(weight_shape)
-
-
-def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A structural copy of ``module`` whose parameters and buffers *are* the original's (no weight is copied):
-    its layers may be wrapped or replaced without touching the original module."""
-    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    return copy.deepcopy(module, memo)
-
-
-def merged_network(base_unet: torch.nn.Module, adapter: LoraAdapter) -> torch.nn.Module:
-    """A full copy of the base UNet with the adapter merged, W' = W + up @ down, in the base's dtype: what
-    diffusers' ``fuse_lora`` computes. Shares every tensor the adapter does not change with the base."""
-    merged = shared_copy(base_unet)
-    modules = dict(merged.named_modules())
-    for target, f in adapter.factors.items():
-        layer = modules[target]
-        w = layer.weight
-        layer.weight = torch.nn.Parameter((w.float() + lora_delta(f, w.shape).to(w.device)).to(w.dtype),
-                                          requires_grad=False)
-    return merged.eval().requires_grad_(False)

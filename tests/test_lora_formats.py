@@ -97,7 +97,8 @@ def test_the_three_layouts_give_the_same_expert(sd):
     the PEFT folder gives the same weights."""
     from peft import PeftModel
 
-    from msdda.loading import load_base, load_expert
+    from msdda.loading import load_base
+    from msdda.lora import load_expert
 
     base, files = sd
     model = load_base(base)
@@ -155,7 +156,8 @@ def test_group_lora_holds_the_base_weights_once(sd, tmp_path):
     the base UNet's own plus the adapters' factors (no merged copy, no stacked copy), and the group network's
     layers are the base's own tensors."""
     from msdda.backends.torch_backend import storage_bytes
-    from msdda.loading import load_base, read_lora_adapter
+    from msdda.loading import load_base
+    from msdda.lora import read_lora_adapter
 
     base, files = sd
     experts = {f"e{k}": write_lora_adapter(base, tmp_path / f"e{k}", seed=10 + k, rank=4) for k in range(3)}

@@ -104,7 +104,7 @@ def test_from_pipe_wraps_a_loaded_pipeline_without_copying(sd):
     from diffusers import StableDiffusionPipeline
 
     from msdda.backends.torch_backend import storage_bytes
-    from msdda.loading import read_lora_adapter
+    from msdda.lora import read_lora_adapter
 
     base, lora = sd
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)

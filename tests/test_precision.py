@@ -73,7 +73,7 @@ def test_the_default_dtype_reads_the_unet_files_of_full_networks_only(sd, tmp_pa
     and kohya layouts) and folders that are not models contribute nothing (the loader reports those)."""
     import shutil
 
-    from msdda.loading import unet_weight_files
+    from msdda.lora import unet_weight_files
     from tiny_models import write_lora_adapter
 
     base, experts = sd

@@ -9,10 +9,10 @@ from contextvars import ContextVar
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from msdda.loading import LoraAdapter, merged_network
+from msdda.lora import (LoraAdapter, forward_members, lora_group_network, member_selection, merged_network,
+                        soup_parameters)
 
 from .conditioning import Conditioning
-from .lora import forward_members, lora_group_network, member_selection, soup_parameters
 
 
 # Whether this thread (or task) is inside ``concurrent_members()``.
@@ -177,7 +177,7 @@ class TorchBackend:
         return forward_members(self._lora_call, x, timestep, kwargs, members, self.member_index(members, x.device))
 
     def member_index(self, members: tuple[int, ...], device) -> tuple:
-        """``members``' LoRA factor selection on ``device`` (``lora.member_selection``), made once per member
+        """``members``' LoRA factor selection on ``device`` (``msdda.lora.member_selection``), made once per member
         tuple: made inside a CUDA graph capture it would be a host-to-device copy, which a capture cannot hold."""
         sel = self._selections.get(members)
         if sel is None:
