@@ -137,7 +137,8 @@ class Conditioner:
                 negative_target_size=negative_target_size) if self.is_sdxl else NO_MICRO
             return self._text_conditioning(
                 batch, cfg, prompt=prompt, prompt_embeds=prompt_embeds, negative_prompt=negative_prompt,
-                negative_prompt_embeds=negative_prompt_embeds, num_images_per_prompt=num_images_per_prompt,
+                negative_prompt_embeds=negative_prompt_embeds,
+                num_images_per_prompt=check_num_images_per_prompt(num_images_per_prompt, self.limits),
                 pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                 latent_size=latent_size or tuple(self.sample_shape[1:]), micro=micro)
         labels = self.check_label_conditioning(batch, prompt=prompt, prompt_embeds=prompt_embeds,
@@ -183,7 +184,7 @@ class Conditioner:
             raise ValueError("an SDXL base needs negative_pooled_prompt_embeds= with negative_prompt_embeds=")
         if not self.is_sdxl and (pooled_prompt_embeds is not None or negative_pooled_prompt_embeds is not None):
             raise ValueError("pooled prompt embeddings are for SDXL bases")
-        per_prompt = check_num_images_per_prompt(num_images_per_prompt, self.limits)
+        per_prompt = num_images_per_prompt            # checked by the caller (conditioning, or check_request)
         if self.bare_unet:
             return self._bare_conditioning(
                 batch, cfg, per_prompt, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,

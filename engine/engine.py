@@ -550,7 +550,7 @@ class Engine(Conditioner):
             noise = check_noise(noise, steps, torch.empty(shape, device="meta"))
         return Request(
             batch=batch, seeds=tuple(seeds), weights=tuple(per_sample_w), strategy=strategy, coefficients=coeff,
-            members=self.members, plan=resolve(strategy, self.members, coeff), steps=steps, eta=eta,
+            members=self.members, steps=steps, eta=eta,
             guidance_scale=guidance_scale, latent_size=latent_size, output_type=output_type,
             prompt=tuple(prompt) if isinstance(prompt, list) else prompt,
             negative_prompt=tuple(negative_prompt) if isinstance(negative_prompt, list) else negative_prompt,

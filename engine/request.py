@@ -21,6 +21,7 @@ request is trusted only by the Engine that checked it (``Engine.generate`` refus
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
@@ -48,7 +49,6 @@ class Request:
     strategy: str
     coefficients: torch.Tensor          # [batch, members] float64 on the host
     members: tuple[str, ...]            # the Engine's networks, base first
-    plan: Plan
     steps: int
     eta: float
     guidance_scale: float
@@ -66,6 +66,11 @@ class Request:
     latents: torch.Tensor | None = None
     noise: torch.Tensor | None = None
     checked_by: int = field(default=0, repr=False)     # Engine.request_token of the Engine that checked it
+
+    @functools.cached_property
+    def plan(self) -> Plan:
+        """Which networks run, with which coefficients: derived from the strategy and the coefficients, once."""
+        return resolve(self.strategy, self.members, self.coefficients)
 
     # ------------------------------------------------------------------ from a batch job row
     @classmethod
@@ -118,7 +123,6 @@ class Request:
         return replace(first, batch=sum(r.batch for r in requests),
                        seeds=tuple(s for r in requests for s in r.seeds),
                        weights=tuple(w for r in requests for w in r.weights), coefficients=coeff,
-                       plan=resolve(first.strategy, first.members, coeff),
                        class_labels=None if first.class_labels is None else
                        tuple(c for r in requests for c in r.class_labels),
                        prompt=prompts, num_images_per_prompt=1)
@@ -127,7 +131,7 @@ class Request:
         """The request of samples ``rows`` of this one (each keeps its seed, weights, label and prompt)."""
         rows = list(rows)
         if self.merge_key is None:
-            raise ValueError("a request with tensors or per-prompt image counts cannot be split by sample")
+            raise ValueError("a request with tensors or per-prompt negative prompts cannot be split by sample")
         if not rows or not all(0 <= i < self.batch for i in rows):
             raise ValueError(f"rows must be sample indices in 0..{self.batch - 1}")
         coeff = self.coefficients[rows]
@@ -138,6 +142,6 @@ class Request:
             prompt = None if per_sample is None else tuple(per_sample[i] for i in rows)
         return replace(self, batch=len(rows), seeds=tuple(self.seeds[i] for i in rows),
                        weights=tuple(self.weights[i] for i in rows) if self.weights else (),
-                       coefficients=coeff, plan=resolve(self.strategy, self.members, coeff),
+                       coefficients=coeff,
                        class_labels=None if self.class_labels is None else tuple(self.class_labels[i] for i in rows),
                        prompt=prompt, num_images_per_prompt=1)
