@@ -110,6 +110,27 @@ def test_generate_many_text_model_matches_direct_calls_bit_for_bit(tmp_path):
         assert result.seeds == direct.seeds and result.weights == direct.weights
 
 
+def test_generate_many_keeps_each_engine_call_within_the_engines_limit():
+    """Requests that could share one call are joined only up to the Engine's max_images (each request met it
+    alone when it was checked): three 2-image requests on an Engine allowing 3 images per call run as three
+    calls, each equal to its own generate."""
+    import msdda
+    from msdda.validation import Limits
+    from msdda.zoo import zoo_paths
+
+    paths = zoo_paths()
+    engine = msdda.Engine.from_pretrained(str(paths["base"]), {"legible": str(paths["legible"])},
+                                          limits=Limits(max_images=3), row_block=DEFAULT_ROW_BLOCK)
+    calls = [dict(class_labels=[k, k + 1], num_images=2, seed=10 * k, steps=2, output_type="latent",
+                  weights={"legible": 1.0}) for k in range(3)]
+    requests = [engine.check_request(**call) for call in calls]
+    assert len({r.merge_key for r in requests}) == 1
+    results = generate_many(engine, requests)
+    assert [r.batch_size for r in results] == [2, 2, 2]
+    for call, result in zip(calls, results):
+        assert torch.equal(result.latents, engine.generate(**call).latents)
+
+
 def test_parse_request_errors_are_one_line():
     spec = ModelSpec(base="b", default_steps=10, default_guidance_scale=2.0)
     limits = Limits(max_images=4, max_steps=20)
