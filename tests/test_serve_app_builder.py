@@ -1,9 +1,11 @@
 """``msdda.serve:app_builder``, Ray Serve's own way in: ``serve run`` with a config file, and ``serve run`` with the
 import path and ``key=value`` arguments; both answer POST /v1/generate on 127.0.0.1.
 
-Each test starts a local Ray of its own with Serve on a free port (``serve run --address`` deploys into it, so
-neither a stranger's ``ray start`` cluster on this machine nor port 8000 is touched), stops it, and checks that
-no process tagged with its environment is left. Bounded in time; the zoo, 2-step requests.
+The module starts one local Ray of its own with Serve on a free port (``serve run --address`` deploys into it, so
+neither a stranger's ``ray start`` cluster on this machine nor port 8000 is touched); each test deploys its own
+application under its own name and route prefix, so the two run side by side in that Serve (as two applications
+of one cluster would). At the end the holder stops Serve and Ray, and no process tagged with its environment may
+be left. Bounded in time; the zoo, 2-step requests.
 """
 from __future__ import annotations
 
@@ -106,15 +108,17 @@ class RayHolder:
             self.close()
             pytest.fail(f"the Ray holder did not start; see {self.log}")
 
-    def serve_run(self, tmp_path: Path, *args: str) -> None:
-        """``serve run --address <ours> --non-blocking ARGS``; fails the test unless it deploys."""
+    def serve_run(self, tmp_path: Path, *args: str, route_prefix: str = "") -> str:
+        """``serve run --address <ours> --non-blocking ARGS``; fails the test unless it deploys and answers under
+        ``route_prefix``, whose URL it returns."""
         run_log = tmp_path / "serve_run.log"
         with open(run_log, "w") as out:
             done = subprocess.run([SERVE, "run", "--address", self.address, "--non-blocking", *args],
                                   stdout=out, stderr=subprocess.STDOUT, env=_env(self.tag), cwd=tmp_path,
                                   timeout=STARTUP_S)
         assert done.returncode == 0, run_log.read_text()[-2000:]
-        _wait_answering(self.url, self.proc, self.log)
+        _wait_answering(self.url + route_prefix, self.proc, self.log)
+        return self.url + route_prefix
 
     def close(self) -> None:
         self.proc.stdin.close()                  # the holder shuts Serve and its Ray down
@@ -130,44 +134,43 @@ def _models(url: str) -> dict:
         return json.loads(resp.read())
 
 
-def test_serve_run_config_file(tmp_path):
-    holder = RayHolder(tmp_path)
-    try:
-        config = tmp_path / "msdda-serve.yaml"
-        config.write_text(textwrap.dedent(f"""\
-            proxy_location: EveryNode
-            http_options:
-              host: 127.0.0.1
-              port: {holder.port}
-            applications:
-              - name: msdda
-                route_prefix: /
-                import_path: msdda.serve:app_builder
-                args:
-                  max_images: 2
-                  max_steps: 60
-                  num_cpus: 1
-                  batching: step
-            """))
-        holder.serve_run(tmp_path, str(config))
-        status, answer = _post(holder.url, BODY)
-        assert status == 200 and len(answer["images"]) == 1 and answer["seeds"] == [1]
-        info = _models(holder.url)
-        assert info["limits"] == {"max_images": 2, "max_steps": 60} and info["batching"] == "step"
-    finally:
-        holder.close()
+@pytest.fixture(scope="module")
+def holder(tmp_path_factory):
+    ray_serve = RayHolder(tmp_path_factory.mktemp("ray_serve"))
+    yield ray_serve
+    ray_serve.close()
 
 
-def test_serve_run_import_path_with_arguments(tmp_path):
+def test_serve_run_config_file(holder, tmp_path):
+    config = tmp_path / "msdda-serve.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        proxy_location: EveryNode
+        http_options:
+          host: 127.0.0.1
+          port: {holder.port}
+        applications:
+          - name: msdda
+            route_prefix: /
+            import_path: msdda.serve:app_builder
+            args:
+              max_images: 2
+              max_steps: 60
+              num_cpus: 1
+              batching: step
+        """))
+    url = holder.serve_run(tmp_path, str(config))
+    status, answer = _post(url, BODY)
+    assert status == 200 and len(answer["images"]) == 1 and answer["seeds"] == [1]
+    info = _models(url)
+    assert info["limits"] == {"max_images": 2, "max_steps": 60} and info["batching"] == "step"
+
+
+def test_serve_run_import_path_with_arguments(holder, tmp_path):
     """``serve run msdda.serve:app_builder key=value ...`` (Serve's HTTP port set by the running Serve: ``serve
-    run`` with an import path alone would listen on 8000)."""
-    holder = RayHolder(tmp_path)
-    try:
-        holder.serve_run(tmp_path, "msdda.serve:app_builder", "max_images=2", "max_steps=60", "num_cpus=1",
-                         "batching=gather")
-        status, answer = _post(holder.url, BODY)
-        assert status == 200 and len(answer["images"]) == 1
-        info = _models(holder.url)
-        assert info["batching"] == "gather" and info["limits"]["max_steps"] == 60
-    finally:
-        holder.close()
+    run`` with an import path alone would listen on 8000), as a second application of the same Serve."""
+    url = holder.serve_run(tmp_path, "--name", "second", "--route-prefix", "/second", "msdda.serve:app_builder",
+                           "max_images=2", "max_steps=60", "num_cpus=1", "batching=gather", route_prefix="/second")
+    status, answer = _post(url, BODY)
+    assert status == 200 and len(answer["images"]) == 1
+    info = _models(url)
+    assert info["batching"] == "gather" and info["limits"]["max_steps"] == 60
