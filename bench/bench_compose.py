@@ -1,6 +1,6 @@
 """Benchmark of the composed step x_prev = mu + z / sqrt(P) over K experts, and of the fused step from raw outputs.
 
-    pytest bench/bench_compose.py --benchmark-enable [-k 8x4x64x64]
+    pytest bench/bench_compose.py --benchmark-enable -n 0 [-k 8x4x64x64]
 
 ``test_compose`` (float32, noise given) implementations: ``torch_path`` (kernels.compose.compose_torch with
 validation: what compose_gaussians runs on CPU), ``naive`` (the obvious separate-torch-ops expression),

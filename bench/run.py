@@ -34,8 +34,9 @@ import bench_networks  # noqa: E402
 def compose_benchmarks(quick: bool, select: str | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "compose.json"
+        # -n 0: the project's addopts run tests on xdist workers, under which pytest-benchmark measures nothing
         cmd = [sys.executable, "-m", "pytest", str(ROOT / "bench" / "bench_compose.py"), "--benchmark-enable",
-               "-q", "-p", "no:cacheprovider", f"--benchmark-json={out}"]
+               "-n", "0", "-q", "-p", "no:cacheprovider", f"--benchmark-json={out}"]
         if quick:
             cmd += ["-k", "8x4x64x64 and (torch_path or naive or copy) and not 8-"]
         elif select:

@@ -6,8 +6,9 @@ what an earlier one wrote), in one temporary working directory that looks like a
 repository's top-level files and folders, ``.venv`` included, so ``.venv/bin/msdda``, ``bench/...`` and
 ``tests/...`` resolve as they do in a checkout, while everything a block writes stays in the temp directory.
 Bash blocks run with the virtual environment's bin/ first on PATH; both kinds run without the test suite's
-TRITON_INTERPRET, as a user runs them. Blocks that set up an environment (``python3 -m venv``, ``pip install``)
-must not be marked runnable: that is checked too.
+TRITON_INTERPRET, as a user runs them (with the suite's one OpenMP thread, conftest.py, as files run side by side
+on the test workers). Blocks that set up an environment (``python3 -m venv``, ``pip install``) must not be marked
+runnable: that is checked too.
 """
 import os
 import re
