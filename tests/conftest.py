@@ -47,9 +47,10 @@ def scheduling_group(nodeid: str) -> str:
     (independent processes, so they spread over the workers), every other test with the rest of its file (so
     its module-scoped fixtures are built once)."""
     module = nodeid.split("::", 1)[0]
-    if Path(module).stem in RAY_GROUP:
+    stem = Path(module).stem
+    if stem in RAY_GROUP:
         return "ray"
-    return nodeid if Path(module).stem == "test_docs" else module
+    return nodeid if stem == "test_docs" else module
 
 
 def pytest_xdist_make_scheduler(config, log):
