@@ -257,18 +257,8 @@ def _raw_http(port: int, head: bytes, body: bytes = b"", timeout: float = 30) ->
     return sock
 
 
-def _status_of(sock: socket.socket) -> int:
-    data = b""
-    while b"\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return int(data.split(b" ", 2)[1])
-
-
-def _response_of(sock: socket.socket) -> tuple[int, dict]:
-    """The status and JSON body of the response on ``sock``, read up to its Content-Length."""
+def _read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The status line and headers of the response on ``sock``, and what of its body came with them."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
@@ -276,6 +266,16 @@ def _response_of(sock: socket.socket) -> tuple[int, dict]:
             break
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+def _status_of(sock: socket.socket) -> int:
+    return int(_read_head(sock)[0].split(b" ", 2)[1])
+
+
+def _response_of(sock: socket.socket) -> tuple[int, dict]:
+    """The status and JSON body of the response on ``sock``, read up to its Content-Length."""
+    head, body = _read_head(sock)
     length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
     while len(body) < length:
         chunk = sock.recv(65536)
@@ -408,12 +408,14 @@ def test_prometheus_metrics(server):
     missing = [w for w in wanted if w not in text]
     assert not missing, missing
     # exact sums beside the histograms (Ray exports a histogram's _sum from bucket midpoints: a one-sample
-    # iteration counts 0.5 there): every iteration steps a whole number of samples, at least one
+    # iteration counts 0.5 there): every iteration steps a whole number of samples, at least one. The sum and the
+    # histogram are two series that Ray's agent exports separately, so one scrape can hold a newer count than sum
+    # (seen: a sum of 8 samples against a larger count); the check waits for the export that brings them together.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         total = _metric(text, "ray_msdda_iteration_samples_observed_sum_total")
         count = _metric(text, "ray_msdda_iteration_samples_count")
-        if total is not None and count:
+        if total is not None and count and total == int(total) and total >= count:
             break
         time.sleep(1)
         with urllib.request.urlopen(url, timeout=10) as resp:
