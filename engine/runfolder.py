@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import stat
@@ -127,7 +128,6 @@ def image_intact(path: Path, sha256: str | None = None) -> bool:
     bounded size that, with ``sha256``, hashes to it (exact: the bytes msdda wrote); without, decodes completely
     (PNG chunk checksums verified and every pixel decoded, not just the header). The one image check of
     generate, sweep and batch."""
-    import hashlib
     import io
 
     try:
@@ -303,8 +303,6 @@ class RunFolder:
     def write_image(self, name: str, image) -> Path:
         """Write ``image`` as PNG; its sha256 (of the bytes written, so never read back) goes into
         ``written_sha256``."""
-        import hashlib
-
         data = encode_png(image)
         path = self._write(name, lambda p: atomic_write_bytes(p, data))
         self.written_sha256[name] = hashlib.sha256(data).hexdigest()

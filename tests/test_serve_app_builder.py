@@ -168,8 +168,9 @@ def test_serve_run_config_file(holder, tmp_path):
 def test_serve_run_import_path_with_arguments(holder, tmp_path):
     """``serve run msdda.serve:app_builder key=value ...`` (Serve's HTTP port set by the running Serve: ``serve
     run`` with an import path alone would listen on 8000), as a second application of the same Serve."""
-    url = holder.serve_run(tmp_path, "--name", "second", "--route-prefix", "/second", "msdda.serve:app_builder",
-                           "max_images=2", "max_steps=60", "num_cpus=1", "batching=gather", route_prefix="/second")
+    prefix = "/second"
+    url = holder.serve_run(tmp_path, "--name", "second", "--route-prefix", prefix, "msdda.serve:app_builder",
+                           "max_images=2", "max_steps=60", "num_cpus=1", "batching=gather", route_prefix=prefix)
     status, answer = _post(url, BODY)
     assert status == 200 and len(answer["images"]) == 1
     info = _models(url)
